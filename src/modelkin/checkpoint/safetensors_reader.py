@@ -1,0 +1,177 @@
+"""Safetensors checkpoints (one file, or shards with an index): headers parsed here, data via safe_open."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from modelkin.checkpoint.hf_config import load_hf_config
+from modelkin.checkpoint.source import TORCH_DTYPES, TensorInfo, TensorSource
+from modelkin.errors import CheckpointError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors spec's own limit
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    path: pathlib.Path
+    begin: int
+    info: TensorInfo
+
+
+def _header_error(path: pathlib.Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a valid safetensors file: {what}",
+        hint="re-download or re-save the file (it may be truncated or of another format)",
+    )
+
+
+def read_header(path: pathlib.Path) -> tuple[dict[str, Any], int]:
+    """Parse the 8-byte length and JSON header of a safetensors file, without touching tensor data.
+
+    Returns:
+        (header dict, size in bytes of the data section).
+
+    Raises:
+        CheckpointError: the file is too short, the header is not JSON, or it is truncated.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _header_error(path, f"only {size} bytes long")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                raise _header_error(path, f"header length {n} exceeds the file size {size}")
+            raw = f.read(n)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _header_error(path, f"header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise _header_error(path, "header is not a JSON object")
+    return header, size - 8 - n
+
+
+def _parse_entry(path: pathlib.Path, name: str, raw: Any, data_size: int) -> _Entry:
+    try:
+        dtype = str(raw["dtype"])
+        shape = tuple(int(d) for d in raw["shape"])
+        begin, end = (int(x) for x in raw["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise _header_error(path, f"bad header entry for tensor {name!r}") from None
+    if end > data_size:
+        raise CheckpointError(
+            f"{path} is truncated: tensor {name!r} ends at data byte {end} "
+            f"but the file holds {data_size} data bytes",
+            hint="re-download the file",
+        )
+    if not 0 <= begin <= end:
+        raise _header_error(path, f"tensor {name!r} has offsets {begin}..{end}")
+    if dtype in TORCH_DTYPES:
+        expected = math.prod(shape) * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+        if expected != end - begin:
+            raise _header_error(
+                path, f"tensor {name!r} ({dtype}{list(shape)}) needs {expected} bytes, has {end - begin}"
+            )
+    return _Entry(path, begin, TensorInfo(name, shape, dtype, end - begin))
+
+
+def scan_file(path: pathlib.Path) -> tuple[list[_Entry], dict[str, str]]:
+    """All tensor entries of one safetensors file in data order, plus its __metadata__."""
+    header, data_size = read_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise _header_error(path, "__metadata__ is not an object")
+    entries = [_parse_entry(path, name, raw, data_size) for name, raw in header.items()]
+    entries.sort(key=lambda e: e.begin)
+    return entries, {str(k): str(v) for k, v in metadata.items()}
+
+
+class SafetensorsSource(TensorSource):
+    """One or more safetensors files viewed as one checkpoint.
+
+    Args:
+        path: the user-given path (directory or file), used for messages and config lookup.
+        files: the data files, in order.
+        wanted: for sharded checkpoints, tensor name -> shard file from the index; None = all tensors.
+        index_metadata: the index file's ``metadata`` object.
+    """
+
+    format = "safetensors"
+
+    def __init__(
+        self,
+        path: pathlib.Path,
+        files: list[pathlib.Path],
+        *,
+        wanted: dict[str, pathlib.Path] | None = None,
+        index_metadata: dict[str, Any] | None = None,
+    ):
+        super().__init__(path)
+        self._files = files
+        self._entries: dict[str, _Entry] = {}
+        self._metadata: dict[str, Any] = dict(index_metadata or {})
+        self._handles: dict[pathlib.Path, Any] = {}
+        for file in files:
+            entries, meta = scan_file(file)
+            self._metadata.update(meta)
+            for entry in entries:
+                name = entry.info.name
+                if wanted is not None and wanted.get(name) != file:
+                    continue
+                if name in self._entries:
+                    raise CheckpointError(
+                        f"tensor {name!r} is stored twice: in {self._entries[name].path.name} "
+                        f"and {file.name}",
+                        hint="pass the intended file, or remove the duplicate",
+                    )
+                self._entries[name] = entry
+        if wanted is not None:
+            missing = sorted(set(wanted) - set(self._entries))
+            if missing:
+                raise CheckpointError(
+                    f"{len(missing)} tensor(s) listed in the index of {path} are not in their shard, "
+                    f"e.g. {missing[0]!r} (expected in {wanted[missing[0]].name})",
+                    hint="re-download the shards; the index and shards are from different versions",
+                )
+        self._keys = list(self._entries)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def _info(self, name: str) -> TensorInfo | None:
+        entry = self._entries.get(name)
+        return None if entry is None else entry.info
+
+    def _read(self, name: str) -> torch.Tensor:
+        file = self._entries[name].path
+        try:
+            handle = self._handles.get(file)
+            if handle is None:
+                handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            return handle.get_tensor(name)
+        except Exception as err:  # safetensors raises its own SafetensorError and OSError
+            raise CheckpointError(f"cannot read tensor {name!r} from {file}: {err}") from None
+
+    def config(self) -> dict[str, Any]:
+        return load_hf_config(self.path)
+
+    def metadata(self) -> dict[str, Any]:
+        return dict(self._metadata)
+
+    def files(self) -> list[pathlib.Path]:
+        return list(self._files)
+
+    def _release(self) -> None:
+        self._handles.clear()
