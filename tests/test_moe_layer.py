@@ -1,0 +1,302 @@
+"""The MoE layer (runtime/moe.py) against an independent float64 per-token reference, per router policy;
+dispatch paths against each other; routing telemetry; config errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from modelkin.errors import ConfigError
+from modelkin.runtime.layers import MLP
+from modelkin.runtime.moe import (
+    ExpertsImpl,
+    Router,
+    RouterPolicy,
+    SparseMoeBlock,
+    StackedExperts,
+    experts_gather,
+    experts_sorted,
+    stack_experts,
+    unstack_experts,
+)
+from modelkin.runtime.moe_telemetry import RoutingTelemetry
+
+D, F_, F_SHARED = 48, 24, 40
+
+
+# -- independent reference: plain Python over tokens, float64, written from the routing spec -----------
+
+
+def _silu(v: torch.Tensor) -> torch.Tensor:
+    return v / (1.0 + torch.exp(-v))
+
+
+def _expert(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return down @ (_silu(gate @ x) * (up @ x))
+
+
+def _choose(case: dict, logits: torch.Tensor) -> list[tuple[int, float]]:
+    """(expert, weight) pairs for one token."""
+    num_experts, k = logits.numel(), case["top_k"]
+    if case["policy"] == "sigmoid_bias":
+        s = [1.0 / (1.0 + math.exp(-float(v))) for v in logits]
+        bias = case["bias"]
+        chosen = sorted(range(num_experts), key=lambda e: -(s[e] + float(bias[e])))[:k]
+        w = [s[e] for e in chosen]
+        if case["renorm"]:
+            w = [v / sum(w) for v in w]
+        return [(e, v * case["scaling"]) for e, v in zip(chosen, w)]
+    m = max(float(v) for v in logits)
+    ex = [math.exp(float(v) - m) for v in logits]
+    p = [v / sum(ex) for v in ex]
+    if case["policy"] == "moge":
+        per = num_experts // case["groups"]
+        chosen = []
+        for g in range(case["groups"]):
+            best = g * per
+            for e in range(g * per, (g + 1) * per):  # argmax inside the group
+                if p[e] > p[best]:
+                    best = e
+            chosen.append(best)
+        return [(e, p[e] * float(case["scale"][e])) for e in chosen]
+    chosen = sorted(range(num_experts), key=lambda e: -p[e])[:k]
+    w = [p[e] for e in chosen]
+    if case["renorm"]:
+        w = [v / sum(w) for v in w]
+    return list(zip(chosen, w))
+
+
+def reference_moe(case: dict, state: dict[str, torch.Tensor], x_TD: torch.Tensor) -> torch.Tensor:
+    st = {k: v.double() for k, v in state.items()}
+    out = torch.zeros(x_TD.shape, dtype=torch.float64)
+    for t in range(x_TD.shape[0]):
+        x = x_TD[t].double()
+        for e, w in _choose(case, st["gate.weight"] @ x):
+            p = f"experts.{e}."
+            out[t] += w * _expert(x, st[p + "gate_proj.weight"], st[p + "up_proj.weight"], st[p + "down_proj.weight"])
+        if case["shared"]:
+            sh = _expert(x, st["shared_expert.gate_proj.weight"], st["shared_expert.up_proj.weight"],
+                         st["shared_expert.down_proj.weight"])
+            if case["shared_gate"]:
+                sh = sh / (1.0 + math.exp(-float(st["shared_expert_gate.weight"][0] @ x)))
+            out[t] += sh
+    return out
+
+
+# -- building blocks from HF-named per-expert tensors ------------------------------------------------------
+
+
+CASES = {
+    "softmax_renorm": dict(policy="softmax_topk", experts=16, top_k=4, renorm=True, shared=False, shared_gate=False),
+    "softmax_plain_gated_shared": dict(policy="softmax_topk", experts=12, top_k=3, renorm=False, shared=True,
+                                       shared_gate=True),
+    "moge": dict(policy="moge", experts=16, top_k=4, groups=4, shared=True, shared_gate=False),
+    "sigmoid_bias": dict(policy="sigmoid_bias", experts=16, top_k=4, renorm=True, scaling=2.5, shared=True,
+                         shared_gate=False),
+}
+
+
+def hf_state(case: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    num_experts = case["experts"]
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale / math.sqrt(shape[-1])
+
+    state = {"gate.weight": rnd(num_experts, D, scale=3.0)}
+    for e in range(num_experts):
+        state[f"experts.{e}.gate_proj.weight"] = rnd(F_, D)
+        state[f"experts.{e}.up_proj.weight"] = rnd(F_, D)
+        state[f"experts.{e}.down_proj.weight"] = rnd(D, F_)
+    if case["shared"]:
+        state["shared_expert.gate_proj.weight"] = rnd(F_SHARED, D)
+        state["shared_expert.up_proj.weight"] = rnd(F_SHARED, D)
+        state["shared_expert.down_proj.weight"] = rnd(D, F_SHARED)
+    if case["shared_gate"]:
+        state["shared_expert_gate.weight"] = rnd(1, D)
+    if case["policy"] == "moge":
+        state["router_scale"] = torch.rand(num_experts, generator=g) + 0.5
+    if case["policy"] == "sigmoid_bias":
+        state["gate.e_score_correction_bias"] = torch.rand(num_experts, generator=g) * 0.2
+    return state
+
+
+def build_block(case: dict, state: dict[str, torch.Tensor], impl: ExpertsImpl = ExpertsImpl.AUTO) -> SparseMoeBlock:
+    with torch.device("meta"):
+        block = SparseMoeBlock(
+            gate=Router(D, case["experts"], policy=RouterPolicy(case["policy"]), top_k=case["top_k"],
+                        num_groups=case.get("groups", 1), norm_topk_prob=case.get("renorm", False),
+                        routed_scaling_factor=case.get("scaling", 1.0)),
+            experts=StackedExperts(case["experts"], D, F_, impl=impl),
+            shared_expert=MLP(D, F_SHARED) if case["shared"] else None,
+            shared_expert_gate=case["shared_gate"],
+            router_scale=case["policy"] == "moge",
+            layer_idx=3,
+        )
+    remapped = stack_experts(dict(state), "experts", case["experts"])
+    block.load_state_dict(remapped, strict=True, assign=True)
+    return block.eval()
+
+
+def _ref_case(case: dict, state: dict[str, torch.Tensor]) -> dict:
+    return dict(case, scale=state.get("router_scale"), bias=state.get("gate.e_score_correction_bias"))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_block_matches_float64_reference(name: str) -> None:
+    case = CASES[name]
+    state = hf_state(case)
+    block = build_block(case, state)
+    x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = block(x)
+    want = reference_moe(_ref_case(case, state), state, x.view(-1, D)).view(2, 9, D)
+    assert got.shape == x.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_moge_routes_exactly_one_expert_per_group_without_renormalisation() -> None:
+    case = CASES["moge"]
+    state = hf_state(case)
+    block = build_block(case, state)
+    x = torch.randn(300, D, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        weights_TK, ids_TK, scores_TE = block.gate(x, block.router_scale)
+    per = case["experts"] // case["groups"]
+    assert torch.equal(torch.sort(ids_TK // per, dim=-1).values, torch.arange(case["groups"]).expand(300, -1))
+    # weight = p[e] × router_scale[e], exactly, and not renormalised
+    torch.testing.assert_close(weights_TK, scores_TE.gather(1, ids_TK) * state["router_scale"][ids_TK])
+    assert (weights_TK.sum(-1) - 1).abs().max() > 1e-3
+
+
+def test_moge_selects_on_probability_before_scaling() -> None:
+    router = Router(4, 4, policy=RouterPolicy.MOGE, top_k=2, num_groups=2)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(4))
+    x = torch.tensor([[2.0, 1.0, 0.0, 3.0]])
+    scale = torch.tensor([1.0, 100.0, 1.0, 1.0])  # would flip group 0 if applied before selection
+    weights, ids, scores = router(x, scale)
+    assert ids.tolist() == [[0, 3]]
+    torch.testing.assert_close(weights, scores[:, [0, 3]])
+
+
+def test_sigmoid_router_selects_with_bias_but_weights_without() -> None:
+    router = Router(3, 3, policy=RouterPolicy.SIGMOID_BIAS, top_k=1, norm_topk_prob=False, routed_scaling_factor=2.0)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(3))
+        router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+    weights, ids, _ = router(torch.tensor([[2.0, 1.0, 0.0]]))
+    assert ids.tolist() == [[2]]
+    torch.testing.assert_close(weights, torch.tensor([[2.0 * 0.5]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 7, 64])
+def test_dispatch_paths_agree(dtype: torch.dtype, num_tokens: int) -> None:
+    g = torch.Generator().manual_seed(num_tokens)
+    num_experts, k = 32, 4
+    gate_up = (torch.randn(num_experts, 2 * F_, D, generator=g) / D**0.5).to(dtype)
+    down = (torch.randn(num_experts, D, F_, generator=g) / F_**0.5).to(dtype)
+    x = torch.randn(num_tokens, D, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(num_experts, generator=g)[:k] for _ in range(num_tokens)])
+    ids[:, 0] = 5  # one popular expert, several unused ones
+    w = torch.rand(num_tokens, k, generator=g)
+    with torch.no_grad():
+        loop = experts_sorted(x, w, ids, gate_up, down)
+        grouped = experts_sorted(x, w, ids, gate_up, down, grouped=True)
+        gather = experts_gather(x, w, ids, gate_up, down)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grouped, loop, **tol)
+    torch.testing.assert_close(gather, loop, **tol)
+    assert loop.dtype == dtype and loop.shape == (num_tokens, D)
+    # per-pair reference from the unstacked expert tensors
+    ref = torch.zeros(num_tokens, D, dtype=torch.float64)
+    experts = unstack_experts(gate_up.double(), down.double())
+    for t in range(num_tokens):
+        for j in range(k):
+            ref[t] += w[t, j].item() * _expert(x[t].double(), *experts[ids[t, j]])
+    torch.testing.assert_close(loop.double(), ref, **tol)
+
+
+def test_block_impls_and_grad_mode_give_identical_outputs() -> None:
+    case = CASES["softmax_renorm"]
+    state = hf_state(case)
+    x = torch.randn(20, D, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for impl in (ExpertsImpl.LOOP, ExpertsImpl.GROUPED_MM, ExpertsImpl.GATHER):
+        block = build_block(case, state, impl)
+        with torch.no_grad():
+            outs.append(block(x))
+    block = build_block(case, {k: v.clone().requires_grad_() for k, v in state.items()}, ExpertsImpl.LOOP)
+    with_grad = block(x)
+    with_grad.sum().backward()  # the loop path stays differentiable
+    assert block.experts.gate_up_proj.grad is not None
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(with_grad.detach(), outs[0], rtol=0, atol=0)
+    with torch.no_grad():
+        assert torch.equal(build_block(case, state, ExpertsImpl.LOOP)(x), outs[0])  # deterministic
+
+
+def test_telemetry_counts_entropy_and_padding_mask() -> None:
+    case = CASES["moge"]
+    state = hf_state(case)
+    block = build_block(case, state)
+    model = torch.nn.Sequential(block)
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(4))
+    tele = RoutingTelemetry()
+    with torch.no_grad(), tele.recording(model):
+        model(x)
+        tele.token_mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+        model(x)
+    with torch.no_grad():
+        model(x)  # hooks are gone: not recorded
+        _, ids, scores = block.gate(x.view(-1, D), block.router_scale)
+    (layer,) = tele.layers()
+    k = case["top_k"]
+    assert layer.layer == 3 and layer.top_k == k and layer.num_tokens == 10 + 7
+    assert sum(layer.expert_counts) == (10 + 7) * k
+    keep = torch.tensor([1] * 10 + [1] * 5 + [1, 1, 0, 0, 0], dtype=torch.bool)
+    ids_all = torch.cat([ids, ids])
+    want_counts = torch.bincount(ids_all[keep].reshape(-1), minlength=case["experts"])
+    assert layer.expert_counts == want_counts.tolist()
+    p = torch.cat([scores, scores])[keep].double()
+    want_token_entropy = float((-(p * p.log()).sum(-1)).mean())
+    assert layer.token_entropy == pytest.approx(want_token_entropy, rel=1e-9)
+    load = want_counts.double() / want_counts.sum()
+    load = load[load > 0]
+    assert layer.load_entropy == pytest.approx(float(-(load * load.log()).sum()), rel=1e-9)
+    assert layer.max_entropy == pytest.approx(math.log(case["experts"]))
+    assert 0 < layer.token_entropy < layer.max_entropy and 0 < layer.load_entropy <= layer.max_entropy
+    js = tele.to_json()
+    assert js["layers"][0]["expert_counts"] == layer.expert_counts
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_experts=12, top_k=5, num_groups=5), "split evenly into 5 groups"),
+        (dict(num_experts=16, top_k=8, num_groups=4), "must equal the groups"),
+        (dict(num_experts=4, top_k=6, num_groups=1), "between 1 and num_experts=4"),
+    ],
+)
+def test_router_config_errors(kwargs: dict, message: str) -> None:
+    policy = RouterPolicy.MOGE if kwargs["num_groups"] > 1 else RouterPolicy.SOFTMAX_TOPK
+    with pytest.raises(ConfigError, match=message):
+        Router(D, kwargs["num_experts"], policy=policy, top_k=kwargs["top_k"], num_groups=kwargs["num_groups"])
+
+
+def test_stack_experts_round_trip_and_missing_expert() -> None:
+    state = hf_state(CASES["softmax_renorm"])
+    stacked = stack_experts(dict(state), "experts", 16)
+    assert stacked["experts.gate_up_proj"].shape == (16, 2 * F_, D)
+    assert stacked["experts.down_proj"].shape == (16, D, F_)
+    assert not any(k.startswith("experts.3.") for k in stacked)
+    for e, (gate, up, down) in enumerate(unstack_experts(stacked["experts.gate_up_proj"], stacked["experts.down_proj"])):
+        assert torch.equal(gate, state[f"experts.{e}.gate_proj.weight"])
+        assert torch.equal(up, state[f"experts.{e}.up_proj.weight"])
+        assert torch.equal(down, state[f"experts.{e}.down_proj.weight"])
+    with pytest.raises(ConfigError, match="num_experts=20"):
+        stack_experts(dict(state), "experts", 20)
