@@ -43,3 +43,10 @@ def run_cli(*args: str, env: dict | None = None, cwd: str | None = None, timeout
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_gguf):
+    """transformers' tokenizer built from the SmolLM2 GGUF (takes ~15 s, so it is built once per session)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)

@@ -29,7 +29,7 @@ PANGU_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '[unused9]助手：' }}{% endif %}"
 )
 
-PANGU_MODEL_TYPES = frozenset({"panguprome", "panguembedded", "pangu_pro_moe", "pangu_embedded", "pangumoe"})
+PANGU_MODEL_TYPES = frozenset({"pangupromoe", "panguembedded", "pangu_pro_moe", "pangu_embedded", "pangumoe"})
 PANGU_ARCHITECTURES = frozenset({"PanguProMoEForCausalLM", "PanguEmbeddedForCausalLM"})
 
 
@@ -78,14 +78,13 @@ class ChatTemplate:
     def render(self, messages: list[dict], *, add_generation_prompt: bool, variables: Mapping[str, Any],
                template_name: str | None = None, **extra: Any) -> str:
         """Render ``messages``; extra keyword arguments override ``variables`` (special tokens)."""
+        messages = _check_messages(messages)
         name = self.pick(template_name, tools=extra.get("tools"))
         template = self._compile(name)
         context = {"tools": None, "documents": None, **dict(variables), **extra}
         context = {key: _plain(value) for key, value in context.items()}
         try:
-            return template.render(
-                messages=_check_messages(messages), add_generation_prompt=bool(add_generation_prompt), **context
-            )
+            return template.render(messages=messages, add_generation_prompt=bool(add_generation_prompt), **context)
         except TokenizerError:
             raise
         except Exception as err:  # jinja2 errors, and whatever a template's own code raises

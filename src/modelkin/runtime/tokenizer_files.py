@@ -17,6 +17,7 @@ from modelkin.runtime.tokenizer_fast import FastBackend
 from modelkin.runtime.tokenizer_sp import SentencePieceBackend, load_processor
 
 _NAMED = ("bos", "eos", "unk", "pad")
+_LLAMA_CLASSES = frozenset({"LlamaTokenizer", "LlamaTokenizerFast"})
 
 
 def hf_tokenizer_parts(folder: Path) -> TokenizerParts | None:
@@ -79,7 +80,26 @@ def _fast_backend(path: Path, config: dict[str, Any]) -> FastBackend:
                            rstrip=bool(t.get("rstrip")), normalized=bool(t.get("normalized", False)),
                            special=bool(t.get("special", True)))
         (tk.add_special_tokens if token.special else tk.add_tokens)([token])
+    if config.get("tokenizer_class") in _LLAMA_CLASSES:
+        _llama_pipeline(tk, config)
     return FastBackend(tk, clean_up_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
+
+
+def _llama_pipeline(tk: Any, config: dict[str, Any]) -> None:
+    """Rebuild the text pipeline the way transformers 5's LlamaTokenizer does, whatever tokenizer.json says.
+
+    transformers keeps only the vocabulary, merges and post-processor of the file; the prefix space then
+    goes on the first text run only unless tokenizer_config says ``legacy: true``.
+    """
+    from tokenizers import decoders, pre_tokenizers
+
+    add_prefix_space = config.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+    scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
+    tk.normalizer = None
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if add_prefix_space else []))
 
 
 def _sentencepiece_backend(path: Path, config: dict[str, Any], special_map: dict[str, Any],

@@ -115,7 +115,8 @@ class SentencePieceBackend:
             flush()
             if not (skip_special_tokens and special):
                 out.append(self.id_to_token(i))
-            after_special = True
+            # a BOS before any text is the one encode() added: the text after it still starts the string
+            after_special = after_special or i != self.bos_id or len(out) > 1
         flush()
         return "".join(out)
 
