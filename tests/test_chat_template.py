@@ -64,8 +64,11 @@ TOOLS {{ tools | tojson }} {{ tools | tojson(indent=2) }}
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     tok = load_tokenizer(None, tmp_path)
     tools = [{"name": "météo", "description": "<b>weather</b> & more", "parameters": {"city": "string"}}]
-    messages = [{"role": "system", "content": "skip me"}, {"role": "user", "content": "Ça va? 你好"},
-                {"role": "assistant", "content": "oui", "tool_calls": None}]
+    messages = [
+        {"role": "system", "content": "skip me"},
+        {"role": "user", "content": "Ça va? 你好"},
+        {"role": "assistant", "content": "oui", "tool_calls": None},
+    ]
     for gen in (True, False):
         for extra in ({}, {"tools": tools, "custom": "x"}):
             ours = tok.apply_chat_template(messages, add_generation_prompt=gen, **extra)
@@ -75,10 +78,14 @@ TOOLS {{ tools | tojson }} {{ tools | tojson(indent=2) }}
 
 
 def test_raise_exception_and_bad_messages():
-    template = ChatTemplate("{% if messages[0].role != 'user' %}{{ raise_exception('roles must alternate') }}"
-                            "{% endif %}ok", source="t.json")
+    template = ChatTemplate(
+        "{% if messages[0].role != 'user' %}{{ raise_exception('roles must alternate') }}{% endif %}ok",
+        source="t.json",
+    )
     assert template.render(USER, add_generation_prompt=False, variables={}) == "ok"
-    with pytest.raises(TokenizerError, match="chat template from t.json failed: TemplateError: roles must alternate"):
+    with pytest.raises(
+        TokenizerError, match="chat template from t.json failed: TemplateError: roles must alternate"
+    ):
         template.render([{"role": "assistant", "content": "x"}], add_generation_prompt=False, variables={})
     with pytest.raises(InputError, match="non-empty list"):
         template.render([], add_generation_prompt=False, variables={})
@@ -101,7 +108,9 @@ def test_named_templates_and_generation_tag(tmp_path):
     assert tok.apply_chat_template(USER, tools=[{"name": "a"}, {"name": "b"}]) == "T2"
     assert tok.apply_chat_template(USER, chat_template="tool_use", tools=[]) == "T0"
     assert tok.apply_chat_template(USER, chat_template="inline {{ messages | length }}") == "inline 1"
-    (tmp_path / "chat_template.jinja").write_text("J{{ messages[0].content }}")  # the file wins, as in transformers
+    (tmp_path / "chat_template.jinja").write_text(
+        "J{{ messages[0].content }}"
+    )  # the file wins, as in transformers
     assert load_tokenizer(None, tmp_path).apply_chat_template(USER) == "Jhi"
 
 

@@ -14,9 +14,23 @@ from modelkin.runtime.tokenizer import load_tokenizer, write_tiny_tokenizer
 transformers = pytest.importorskip("transformers")
 
 TEXTS = [
-    "Hello world", "The quick brown fox, 1234 times!", "naïve café 😀", "你好，世界！机器学习", "def f(x):\n\treturn x",
-    "a\n\nb", "tabs\tand  double  spaces", "", "x", "[unused9]系统：你好[unused10][unused9]助手：", "x<s>y [unused9]z",
-    "end</s>", "<pad><unk>", "Ünïcödé ß", "3.14 + 2.71 = 5.85", "[unused10][unused10]", "<s>already bos",
+    "Hello world",
+    "The quick brown fox, 1234 times!",
+    "naïve café 😀",
+    "你好，世界！机器学习",
+    "def f(x):\n\treturn x",
+    "a\n\nb",
+    "tabs\tand  double  spaces",
+    "",
+    "x",
+    "[unused9]系统：你好[unused10][unused9]助手：",
+    "x<s>y [unused9]z",
+    "end</s>",
+    "<pad><unk>",
+    "Ünïcödé ß",
+    "3.14 + 2.71 = 5.85",
+    "[unused10][unused10]",
+    "<s>already bos",
 ]
 LEADING = ["  two leading", " Hello  world", "a [unused9] b", "</s> end", "   "]
 
@@ -58,11 +72,18 @@ def test_tiny_bpe_matches_transformers(tiny):
 def test_tiny_bpe_chat_template_matches_transformers(tiny, add_generation_prompt):
     ref = transformers.AutoTokenizer.from_pretrained(str(tiny / "bpe"))
     tok = load_tokenizer(None, tiny / "bpe")
-    for messages in ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-                     [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
-                      {"role": "user", "content": "再见"}]):
+    for messages in (
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        [
+            {"role": "user", "content": "1+1?"},
+            {"role": "assistant", "content": "2"},
+            {"role": "user", "content": "再见"},
+        ],
+    ):
         ours = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        assert ours == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        assert ours == ref.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
 
 def test_tokenizer_json_with_bos_post_processor_matches_transformers(tiny, tmp_path):
@@ -89,7 +110,9 @@ def test_sentencepiece_matches_transformers_slow_tokenizer(tiny):
             ids = ref.encode(text)
             assert tok.encode(text) == ids, (kind, text)
             assert tok.encode(text, add_special_tokens=False) == ids[1:]
-            if text not in LEADING:  # the converted fast tokenizer adds no space prefix to text starting with one
+            if (
+                text not in LEADING
+            ):  # the converted fast tokenizer adds no space prefix to text starting with one
                 assert fast.encode(text) == ids, (kind, text)
             assert tok.decode(ids) == "<s>" + text
             assert tok.decode(ids[1:]) == text
@@ -106,16 +129,18 @@ def test_sentencepiece_non_legacy_matches_transformers(tiny, tmp_path):
         assert tok.encode(text) == ref.encode(text), text
         assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     # without legacy, text right after a special token gets no space prefix
-    assert tok.encode("<s>y", add_special_tokens=False) != load_tokenizer(None, tiny / "sentencepiece").encode(
-        "<s>y", add_special_tokens=False)
+    assert tok.encode("<s>y", add_special_tokens=False) != load_tokenizer(
+        None, tiny / "sentencepiece"
+    ).encode("<s>y", add_special_tokens=False)
 
 
 def test_pangu_chat_format_and_special_ids(tiny, tmp_path):
     folder = tmp_path / "pangu"
     write_tiny_tokenizer(folder, "pangu", vocab_size=512)
     assert load_tokenizer(None, folder).has_chat_template is False  # no config.json: not known to be Pangu
-    (folder / "config.json").write_text(json.dumps({"model_type": "PanguProMoE", "eos_token_id": 5,
-                                                    "pad_token_id": 0, "bos_token_id": 1}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "PanguProMoE", "eos_token_id": 5, "pad_token_id": 0, "bos_token_id": 1})
+    )
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 2]}))
     tok = load_tokenizer(None, folder)
     assert tok.has_chat_template
@@ -123,7 +148,8 @@ def test_pangu_chat_format_and_special_ids(tiny, tmp_path):
     prompt = tok.apply_chat_template(messages)
     assert prompt == "[unused9]系统：你是一个助手。[unused10][unused9]用户：你好[unused10][unused9]助手："
     assert tok.apply_chat_template(messages[1:], add_generation_prompt=False) == (
-        "[unused9]系统：[unused10][unused9]用户：你好[unused10]")
+        "[unused9]系统：[unused10][unused9]用户：你好[unused10]"
+    )
     ids = tok.encode(prompt)
     assert ids[:2] == [1, tok.token_to_id("[unused9]")] and ids == _slow_pangu(folder).encode(prompt)
     assert tok.bos_token_id == 1 and tok.pad_token_id == 0
@@ -141,7 +167,10 @@ def test_write_tiny_tokenizer_is_fast_and_checks_arguments(tmp_path):
         assert time.perf_counter() - start < 2.0
         assert 300 <= load_tokenizer(None, tmp_path / kind).vocab_size <= 1000
     assert sorted(p.name for p in (tmp_path / "pangu").iterdir()) == [
-        "special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"]
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     assert sorted(p.name for p in (tmp_path / "bpe").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     write_tiny_tokenizer(tmp_path / "small", "pangu", vocab_size=300)  # no byte fallback below 450
     assert load_tokenizer(None, tmp_path / "small").vocab_size <= 300

@@ -12,20 +12,68 @@ from modelkin.runtime.gguf_vocab import gguf_tokenizer_parts
 from modelkin.runtime.tokenizer import Tokenizer, load_tokenizer
 
 STRINGS = [
-    "Hello world", "Hello, world!", "hello WORLD Hello", "The quick brown fox jumps over the lazy dog.",
-    "I'm sure you're right; it's what we'd've done, isn't it?", "  two leading spaces", "trailing spaces   ",
-    "   ", " ", "", "a  b   c    d", "tab\tseparated\tvalues", "line one\nline two", "para\n\npara\n\n\n",
-    "\r\nwindows line\r\n", " \n \n", "naïve café résumé façade", "Zürich, São Paulo, Kraków", "ÅÄÖ åäö ß ẞ",
-    "Ελληνικά κείμενα", "Привет, мир!", "مرحبا بالعالم", "שלום עולם", "नमस्ते दुनिया", "こんにちは世界",
-    "你好，世界！", "机器学习模型需要大量的数据。", "中文English混合text", "한국어 텍스트", "😀", "👍🏽 thumbs",
-    "👨‍👩‍👧‍👦 family", "emoji😀in😀words", "🇫🇷🇯🇵 flags", "1", "12", "123456789", "3.14159 and 2.71828",
-    "1,000,000 dollars", "in 2024, 50% of 1024", "0x1F 0b1010 1e-5", "def f(x):\n    return x ** 2\n",
-    "for (int i = 0; i < n; ++i) { sum += a[i]; }", "SELECT * FROM t WHERE id = 42;",
-    '{"key": [1, 2, 3], "nested": {"a": null}}', "<div class=\"x\">&amp;</div>", "path/to/file.py:12:5",
-    "snake_case camelCase PascalCase kebab-case", "!!!???...,,,;;;", "--- *** ___ ===",
-    "<|im_start|>user\nHi there<|im_end|>\n", "<|im_start|>assistant\n", "text<|endoftext|>more",
-    "<|im_end|><|im_end|>", "<repo_name>x<file_sep>y", "<|im_start|  not special", "\u00a0nbsp\u2009thin",
-    "zero\u200bwidth", "combining e\u0301 vs é", "ﬁ ligature ＡＢＣ fullwidth", "\x00\x01 control", "~`^|\\",
+    "Hello world",
+    "Hello, world!",
+    "hello WORLD Hello",
+    "The quick brown fox jumps over the lazy dog.",
+    "I'm sure you're right; it's what we'd've done, isn't it?",
+    "  two leading spaces",
+    "trailing spaces   ",
+    "   ",
+    " ",
+    "",
+    "a  b   c    d",
+    "tab\tseparated\tvalues",
+    "line one\nline two",
+    "para\n\npara\n\n\n",
+    "\r\nwindows line\r\n",
+    " \n \n",
+    "naïve café résumé façade",
+    "Zürich, São Paulo, Kraków",
+    "ÅÄÖ åäö ß ẞ",
+    "Ελληνικά κείμενα",
+    "Привет, мир!",
+    "مرحبا بالعالم",
+    "שלום עולם",
+    "नमस्ते दुनिया",
+    "こんにちは世界",
+    "你好，世界！",
+    "机器学习模型需要大量的数据。",
+    "中文English混合text",
+    "한국어 텍스트",
+    "😀",
+    "👍🏽 thumbs",
+    "👨‍👩‍👧‍👦 family",
+    "emoji😀in😀words",
+    "🇫🇷🇯🇵 flags",
+    "1",
+    "12",
+    "123456789",
+    "3.14159 and 2.71828",
+    "1,000,000 dollars",
+    "in 2024, 50% of 1024",
+    "0x1F 0b1010 1e-5",
+    "def f(x):\n    return x ** 2\n",
+    "for (int i = 0; i < n; ++i) { sum += a[i]; }",
+    "SELECT * FROM t WHERE id = 42;",
+    '{"key": [1, 2, 3], "nested": {"a": null}}',
+    '<div class="x">&amp;</div>',
+    "path/to/file.py:12:5",
+    "snake_case camelCase PascalCase kebab-case",
+    "!!!???...,,,;;;",
+    "--- *** ___ ===",
+    "<|im_start|>user\nHi there<|im_end|>\n",
+    "<|im_start|>assistant\n",
+    "text<|endoftext|>more",
+    "<|im_end|><|im_end|>",
+    "<repo_name>x<file_sep>y",
+    "<|im_start|  not special",
+    "\u00a0nbsp\u2009thin",
+    "zero\u200bwidth",
+    "combining e\u0301 vs é",
+    "ﬁ ligature ＡＢＣ fullwidth",
+    "\x00\x01 control",
+    "~`^|\\",
 ]
 
 
@@ -57,15 +105,20 @@ def test_smollm2_special_tokens(smol, smollm2_hf_tokenizer):
     assert smol.id_to_token(1) == "<|im_start|>"
     assert smol.id_to_token(504) == smollm2_hf_tokenizer.convert_ids_to_tokens(504)
     ids = smol.encode("<|im_start|>user\nHi<|im_end|>")
-    assert smol.decode(ids, skip_special_tokens=True) == smollm2_hf_tokenizer.decode(ids, skip_special_tokens=True)
+    assert smol.decode(ids, skip_special_tokens=True) == smollm2_hf_tokenizer.decode(
+        ids, skip_special_tokens=True
+    )
     assert smol.decode(ids, skip_special_tokens=True) == "user\nHi"
 
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}],
     [{"role": "user", "content": "Bonjour, ça va ?"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
-     {"role": "user", "content": "Tell me a joke about 数学."}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a joke about 数学."},
+    ],
 ]
 
 
@@ -74,8 +127,9 @@ def test_smollm2_chat_template_matches_transformers(smol, smollm2_hf_tokenizer, 
     assert smol.has_chat_template
     for messages in CONVERSATIONS:
         ours = smol.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        theirs = smollm2_hf_tokenizer.apply_chat_template(messages, tokenize=False,
-                                                          add_generation_prompt=add_generation_prompt)
+        theirs = smollm2_hf_tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
         assert ours == theirs
         assert smol.encode(ours) == smollm2_hf_tokenizer(theirs)["input_ids"]
     rendered = smol.apply_chat_template(CONVERSATIONS[0])
@@ -90,10 +144,21 @@ def _sp_gguf_meta():
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS.splitlines()), model_writer=model, vocab_size=600, model_type="bpe",
-        character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-        user_defined_symbols=["<think>"], hard_vocab_limit=False, num_threads=1, minloglevel=2)
+        sentence_iterator=iter(CORPUS.splitlines()),
+        model_writer=model,
+        vocab_size=600,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=["<think>"],
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     n = sp.get_piece_size()
 
@@ -107,10 +172,13 @@ def _sp_gguf_meta():
         return 4 if sp.id_to_piece(i) == "<think>" else 1
 
     meta = {
-        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
         "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
-        "tokenizer.ggml.token_type": [kind(i) for i in range(n)], "tokenizer.ggml.bos_token_id": sp.bos_id(),
-        "tokenizer.ggml.eos_token_id": sp.eos_id(), "tokenizer.ggml.unknown_token_id": sp.unk_id(),
+        "tokenizer.ggml.token_type": [kind(i) for i in range(n)],
+        "tokenizer.ggml.bos_token_id": sp.bos_id(),
+        "tokenizer.ggml.eos_token_id": sp.eos_id(),
+        "tokenizer.ggml.unknown_token_id": sp.unk_id(),
         "tokenizer.ggml.add_bos_token": True,
     }
     return sp, meta
@@ -126,8 +194,11 @@ def test_llama_gguf_vocab_matches_sentencepiece():
         assert tok.encode(text) == [1, *sp.encode(text)], text
         assert tok.decode(tok.encode(text), skip_special_tokens=True) == sp.decode(sp.encode(text)), text
     # a user-defined token stays whole; text after it gets its own space prefix, as in llama.cpp
-    assert tok.encode("a<think>b", add_special_tokens=False) == [*sp.encode("a"), sp.piece_to_id("<think>"),
-                                                                 *sp.encode("b")]
+    assert tok.encode("a<think>b", add_special_tokens=False) == [
+        *sp.encode("a"),
+        sp.piece_to_id("<think>"),
+        *sp.encode("b"),
+    ]
     assert tok.decode(tok.encode("a<think>b")) == "<s>a<think>b"
 
 
@@ -139,7 +210,11 @@ def test_gguf_vocab_errors():
         gguf_tokenizer_parts({**meta, "tokenizer.ggml.eos_token_id": 99999}, "bad.gguf")
     with pytest.raises(TokenizerError, match="'rwkv' is not supported"):
         gguf_tokenizer_parts({**meta, "tokenizer.ggml.model": "rwkv"}, "bad.gguf")
-    bpe = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": ["a c"]}
+    bpe = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": ["a", "b"],
+        "tokenizer.ggml.merges": ["a c"],
+    }
     with pytest.raises(TokenizerError, match="merge 'a c' does not join two vocabulary tokens"):
         gguf_tokenizer_parts(bpe, "bad.gguf")
     assert gguf_tokenizer_parts({"general.architecture": "llama"}, "novocab.gguf") is None

@@ -10,7 +10,13 @@ import json
 import numbers
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
+
+import jinja2.ext
+import jinja2.nodes
+from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 
 from modelkin.errors import InputError, TokenizerError
 
@@ -18,7 +24,8 @@ from modelkin.errors import InputError, TokenizerError
 # role name and a full-width colon (U+FF1A) follow, [unused10] closes it; a conversation without a
 # system turn gets an empty one. BOS is added by the tokenizer, not by the template.
 PANGU_CHAT_TEMPLATE = (
-    "{% set roles = {'system': '系统', 'user': '用户', 'assistant': '助手', 'tool': '工具', 'function': '方法'} %}"
+    "{% set roles = {'system': '系统', 'user': '用户', 'assistant': '助手', "
+    "'tool': '工具', 'function': '方法'} %}"
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}{{ '[unused9]系统：[unused10]' }}{% endif %}"
     "{% if message['role'] not in roles %}"
@@ -75,8 +82,15 @@ class ChatTemplate:
             hint=f"pass chat_template=<name>, one of {sorted(self.templates)}",
         )
 
-    def render(self, messages: list[dict], *, add_generation_prompt: bool, variables: Mapping[str, Any],
-               template_name: str | None = None, **extra: Any) -> str:
+    def render(
+        self,
+        messages: list[dict],
+        *,
+        add_generation_prompt: bool,
+        variables: Mapping[str, Any],
+        template_name: str | None = None,
+        **extra: Any,
+    ) -> str:
         """Render ``messages``; extra keyword arguments override ``variables`` (special tokens)."""
         messages = _check_messages(messages)
         name = self.pick(template_name, tools=extra.get("tools"))
@@ -84,17 +98,19 @@ class ChatTemplate:
         context = {"tools": None, "documents": None, **dict(variables), **extra}
         context = {key: _plain(value) for key, value in context.items()}
         try:
-            return template.render(messages=messages, add_generation_prompt=bool(add_generation_prompt), **context)
+            return template.render(
+                messages=messages, add_generation_prompt=bool(add_generation_prompt), **context
+            )
         except TokenizerError:
             raise
-        except Exception as err:  # jinja2 errors, and whatever a template's own code raises
+        except Exception as err:  # noqa: BLE001 - jinja2 errors, and whatever a template's own code raises
             raise _template_error(err, self.source) from None
 
     def _compile(self, name: str) -> Any:
         if name not in self._compiled:
             try:
                 self._compiled[name] = _environment().from_string(self.templates[name])
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - jinja2 raises many error types while parsing
                 raise TokenizerError(
                     f"chat template {name!r} from {self.source} does not compile: {err}",
                     hint="fix the template text or pass a different chat template",
@@ -103,8 +119,6 @@ class ChatTemplate:
 
 
 def _template_error(err: Exception, source: str) -> TokenizerError:
-    from jinja2.exceptions import SecurityError
-
     if isinstance(err, SecurityError):
         return TokenizerError(
             f"chat template from {source} tried to leave the sandbox: {err}",
@@ -145,71 +159,81 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def _environment() -> Any:
-    import jinja2.ext
-    import jinja2.nodes
-    from jinja2.exceptions import SecurityError, TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from jinja2.utils import Namespace
+class _StrictSandbox(ImmutableSandboxedEnvironment):
+    """Unsafe attribute access raises at once (the stock sandbox returns an undefined value)."""
 
-    class StrictSandbox(ImmutableSandboxedEnvironment):
-        """Unsafe attribute access raises at once (the stock sandbox returns an undefined value)."""
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is not allowed")
 
-        def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
-            raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is not allowed")
 
-    class SafeNamespace(Namespace):
-        """jinja's namespace(), refusing underscore names so templates cannot reach interpreter internals."""
+class _SafeNamespace(Namespace):
+    """jinja's namespace(), refusing underscore names so templates cannot reach interpreter internals."""
 
-        def __init__(*args: Any, **kwargs: Any):
-            self, rest = args[0], args[1:]
-            attrs = dict(*rest, **kwargs)
-            for key in attrs:
-                _check_public(key)
-            Namespace.__init__(self, attrs)
-
-        def __setitem__(self, key: str, value: Any) -> None:
+    def __init__(*args: Any, **kwargs: Any):
+        self, rest = args[0], args[1:]
+        attrs = dict(*rest, **kwargs)
+        for key in attrs:
             _check_public(key)
-            Namespace.__setitem__(self, key, value)
+        Namespace.__init__(self, attrs)
 
-    def _check_public(key: Any) -> None:
-        if isinstance(key, str) and key.startswith("_"):
-            raise SecurityError(f"namespace attribute {key!r} is not allowed")
+    def __setitem__(self, key: str, value: Any) -> None:
+        _check_public(key)
+        Namespace.__setitem__(self, key, value)
 
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
-        # transformers' override: no HTML escaping, non-ASCII kept as is
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+def _check_public(key: Any) -> None:
+    if isinstance(key, str) and key.startswith("_"):
+        raise SecurityError(f"namespace attribute {key!r} is not allowed")
 
-    def strftime_now(fmt: str) -> str:
-        return datetime.now().strftime(fmt)
 
-    class GenerationTag(jinja2.ext.Extension):
-        """Accept transformers' {% generation %}...{% endgeneration %} (assistant-mask marker) as a no-op."""
+class _GenerationTag(jinja2.ext.Extension):
+    """Accept transformers' {% generation %}...{% endgeneration %} (assistant-mask marker) as a no-op."""
 
-        tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.Scope(body).set_lineno(lineno)
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
 
-    class TemplateDict:
-        """dict() and dict.fromkeys() for templates, without exposing the dict type itself."""
 
-        def __call__(self, *args: Any, **kwargs: Any) -> dict:
-            return dict(*args, **kwargs)
+class _TemplateDict:
+    """dict() and dict.fromkeys() for templates, without exposing the dict type itself."""
 
-        def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
-            return dict.fromkeys(*args, **kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
 
-    env = StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, GenerationTag])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    env.globals["namespace"] = SafeNamespace
-    env.globals["dict"] = TemplateDict()
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
+    # transformers' override: no HTML escaping, non-ASCII kept as is
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    """The rendering environment transformers uses (trim/lstrip blocks, loop controls, its helpers)."""
+    env = _StrictSandbox(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["namespace"] = _SafeNamespace
+    env.globals["dict"] = _TemplateDict()
     return env

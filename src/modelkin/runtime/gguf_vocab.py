@@ -20,17 +20,24 @@ from modelkin.runtime.tokenizer_sp import SpecialSplitter
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # Regexes applied one after the other, each splitting every piece the previous one produced.
 # Names and regex sets follow llama.cpp's llm_tokenizer_bpe; `ignore_merges` for the llama3 family.
 _PRE_SPLITS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("gpt2", "gpt-2", "mpt", "olmo", "jais", "trillion"), (_GPT2,)),
-    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"),
-                    (r"\p{N}", _GPT2)),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "dbrx", "smaug-bpe", "falcon3", "pixtral"), (_LLAMA3,)),
+    **dict.fromkeys(
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), (r"\p{N}", _GPT2)
+    ),
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "dbrx", "smaug-bpe", "falcon3", "pixtral"), (_LLAMA3,)
+    ),
     **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen", "hunyuan"), (_QWEN2,)),
     "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"),
     "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
@@ -45,31 +52,55 @@ def gguf_tokenizer_parts(meta: Mapping[str, Any], where: str) -> TokenizerParts 
     if kind in (None, "none") or not tokens:
         return None
     tokens = [str(t) for t in tokens]
-    types = _int_list(meta.get("tokenizer.ggml.token_type"), len(tokens), "token_type", where, default=NORMAL)
-    ids = {name: _token_id(meta, key, len(tokens), where) for name, key in (
-        ("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"), ("pad", "padding_token_id"))}
+    names = {
+        "bos": "bos_token_id",
+        "eos": "eos_token_id",
+        "unk": "unknown_token_id",
+        "pad": "padding_token_id",
+    }
+    ids = {name: _token_id(meta, key, len(tokens), where) for name, key in names.items()}
     ids = {k: v for k, v in ids.items() if v is not None}
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-    if kind == "gpt2":
-        backend = FastBackend(_byte_level_tokenizer(meta, tokens, types, where), bos_id=ids.get("bos"),
-                              eos_id=ids.get("eos"), add_bos=add_bos, add_eos=add_eos)
-    elif kind == "llama":
-        scores = meta.get("tokenizer.ggml.scores")
-        if scores is None or len(scores) != len(tokens):
-            raise TokenizerError(f"{where}: GGUF 'llama' vocabulary without one score per token",
-                                 hint="re-convert the model with llama.cpp's convert_hf_to_gguf.py")
-        backend = SpmBackend(tokens, [float(s) for s in scores], types, bos_id=ids.get("bos"),
-                             eos_id=ids.get("eos"), unk_id=ids.get("unk"), add_bos=add_bos, add_eos=add_eos,
-                             add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
-    else:
-        raise TokenizerError(f"{where}: GGUF tokenizer model {kind!r} is not supported",
-                             hint="modelkin reads 'gpt2' (byte-level BPE) and 'llama' (SentencePiece) vocabularies")
+    backend = _backend(meta, str(kind), tokens, ids, where)
     backend.special_ids |= set(ids.values())
     extra = {_token_id(meta, k, len(tokens), where) for k in ("eot_token_id", "eom_token_id")} - {None}
-    return TokenizerParts(backend=backend, source=f"{where} (GGUF vocabulary)", ids=ids, extra_eos_ids=extra,
-                          tokens={k: tokens[v] for k, v in ids.items()}, chat_templates=_chat_templates(meta),
-                          chat_template_source=f"{where} (tokenizer.chat_template)")
+    return TokenizerParts(
+        backend=backend,
+        source=f"{where} (GGUF vocabulary)",
+        ids=ids,
+        extra_eos_ids=extra,
+        tokens={k: tokens[v] for k, v in ids.items()},
+        chat_templates=_chat_templates(meta),
+        chat_template_source=f"{where} (tokenizer.chat_template)",
+    )
+
+
+def _backend(
+    meta: Mapping[str, Any], kind: str, tokens: list[str], ids: dict[str, int], where: str
+) -> FastBackend | SpmBackend:
+    types = _int_list(meta.get("tokenizer.ggml.token_type"), len(tokens), "token_type", where, default=NORMAL)
+    flags = {
+        "bos_id": ids.get("bos"),
+        "eos_id": ids.get("eos"),
+        "add_bos": bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+        "add_eos": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+    }
+    if kind == "gpt2":
+        return FastBackend(_byte_level_tokenizer(meta, tokens, types, where), **flags)
+    if kind == "llama":
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is None or len(scores) != len(tokens):
+            raise TokenizerError(
+                f"{where}: GGUF 'llama' vocabulary without one score per token",
+                hint="re-convert the model with llama.cpp's convert_hf_to_gguf.py",
+            )
+        space = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+        return SpmBackend(
+            tokens, [float(x) for x in scores], types, unk_id=ids.get("unk"), add_space_prefix=space, **flags
+        )
+    raise TokenizerError(
+        f"{where}: GGUF tokenizer model {kind!r} is not supported",
+        hint="modelkin reads 'gpt2' (byte-level BPE) and 'llama' (SentencePiece) vocabularies",
+    )
 
 
 def _chat_templates(meta: Mapping[str, Any]) -> dict[str, str] | None:
@@ -91,8 +122,10 @@ def _token_id(meta: Mapping[str, Any], key: str, n: int, where: str) -> int | No
     if not 0 <= value < n:
         if value in (-1, 0xFFFFFFFF):  # llama.cpp writes -1 for "no such token"
             return None
-        raise TokenizerError(f"{where}: tokenizer.ggml.{key} = {value} is outside the vocabulary of {n} tokens",
-                             hint="the GGUF metadata is inconsistent; re-convert the model")
+        raise TokenizerError(
+            f"{where}: tokenizer.ggml.{key} = {value} is outside the vocabulary of {n} tokens",
+            hint="the GGUF metadata is inconsistent; re-convert the model",
+        )
     return value
 
 
@@ -100,8 +133,10 @@ def _int_list(values: Sequence[Any] | None, n: int, key: str, where: str, *, def
     if values is None:
         return [default] * n
     if len(values) != n:
-        raise TokenizerError(f"{where}: tokenizer.ggml.{key} has {len(values)} entries for {n} tokens",
-                             hint="the GGUF metadata is inconsistent; re-convert the model")
+        raise TokenizerError(
+            f"{where}: tokenizer.ggml.{key} has {len(values)} entries for {n} tokens",
+            hint="the GGUF metadata is inconsistent; re-convert the model",
+        )
     return [int(v) for v in values]
 
 
@@ -118,15 +153,28 @@ def _byte_level_tokenizer(meta: Mapping[str, Any], tokens: list[str], types: lis
     merges = [_split_merge(str(m), vocab, where) for m in meta.get("tokenizer.ggml.merges") or []]
     pre = str(meta.get("tokenizer.ggml.pre") or "default")
     if pre not in _PRE_SPLITS:
-        warnings.warn(f"{where}: unknown GGUF pre-tokenizer {pre!r}; splitting text with llama.cpp's default "
-                      "rules, so tokens may differ from the original tokenizer", stacklevel=3)
+        warnings.warn(
+            f"{where}: unknown GGUF pre-tokenizer {pre!r}; splitting text with llama.cpp's default "
+            "rules, so tokens may differ from the original tokenizer",
+            stacklevel=3,
+        )
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _IGNORE_MERGES))
-    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _PRE_SPLITS.get(pre, _PRE_SPLITS["default"])]
-    tk.pre_tokenizer = pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                                  use_regex=False)])
+    splits = [
+        pre_tokenizers.Split(Regex(r), behavior="isolated")
+        for r in _PRE_SPLITS.get(pre, _PRE_SPLITS["default"])
+    ]
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
     tk.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (CONTROL, UNKNOWN)]
-    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
+    special = [
+        AddedToken(t, special=True, normalized=False)
+        for t, k in zip(tokens, types)
+        if k in (CONTROL, UNKNOWN)
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED
+    ]
     tk.add_special_tokens(special)
     tk.add_tokens(user)
     return tk
@@ -137,15 +185,21 @@ def _split_merge(merge: str, vocab: Mapping[str, int], where: str) -> tuple[str,
     if sep and left in vocab and right in vocab:
         return left, right
     for k, ch in enumerate(merge):  # a token that itself holds a space: find the split that names two tokens
-        if ch == " " and merge[:k] in vocab and merge[k + 1:] in vocab:
-            return merge[:k], merge[k + 1:]
-    raise TokenizerError(f"{where}: GGUF merge {merge!r} does not join two vocabulary tokens",
-                         hint="the GGUF vocabulary is corrupt; re-convert the model")
+        if ch == " " and merge[:k] in vocab and merge[k + 1 :] in vocab:
+            return merge[:k], merge[k + 1 :]
+    raise TokenizerError(
+        f"{where}: GGUF merge {merge!r} does not join two vocabulary tokens",
+        hint="the GGUF vocabulary is corrupt; re-convert the model",
+    )
 
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -158,8 +212,19 @@ def bytes_to_unicode() -> dict[int, str]:
 class SpmBackend:
     """llama.cpp's SPM tokenizer: pairs merge by the score of the token they form; unknown bytes fall back."""
 
-    def __init__(self, tokens: list[str], scores: list[float], types: list[int], *, bos_id: int | None,
-                 eos_id: int | None, unk_id: int | None, add_bos: bool, add_eos: bool, add_space_prefix: bool):
+    def __init__(
+        self,
+        tokens: list[str],
+        scores: list[float],
+        types: list[int],
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        unk_id: int | None,
+        add_bos: bool,
+        add_eos: bool,
+        add_space_prefix: bool,
+    ):
         from tokenizers import models
 
         self.tokens, self.types = tokens, types
@@ -169,12 +234,20 @@ class SpmBackend:
         merges = []
         for i, (token, kind) in enumerate(zip(tokens, types)):
             if kind == NORMAL:
-                merges.extend((-scores[i], i, token[:k], token[k:]) for k in range(1, len(token))
-                              if token[:k] in vocab and token[k:] in vocab)
+                merges.extend(
+                    (-scores[i], i, token[:k], token[k:])
+                    for k in range(1, len(token))
+                    if token[:k] in vocab and token[k:] in vocab
+                )
         merges.sort(key=lambda m: (m[0], m[1]))
         unk = tokens[unk_id] if unk_id is not None else None
-        self.model = models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in merges], unk_token=unk,
-                                fuse_unk=True, byte_fallback=True)
+        self.model = models.BPE(
+            vocab=vocab,
+            merges=[(a, b) for _, _, a, b in merges],
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
         whole = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k in (CONTROL, UNKNOWN, USER_DEFINED)}
         self.splitter = SpecialSplitter(whole)
         self.special_ids = {i for i, k in enumerate(types) if k in (CONTROL, UNKNOWN)}

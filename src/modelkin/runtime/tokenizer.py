@@ -24,8 +24,13 @@ class Tokenizer:
     ends generation), ``pad_token_id``, ``vocab_size``, ``special_ids``, ``has_chat_template``.
     """
 
-    def __init__(self, parts: TokenizerParts, *, config: Mapping[str, Any] | None = None,
-                 generation_config: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        parts: TokenizerParts,
+        *,
+        config: Mapping[str, Any] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+    ):
         self._backend = parts.backend
         self.source = parts.source
         self.vocab_size: int = int(parts.backend.vocab_size)
@@ -41,8 +46,12 @@ class Tokenizer:
             eos |= self._valid_ids(cfg.get("eos_token_id"))
         self.eos_token_ids: set[int] = eos
         self.eos_token_id: int | None = ids["eos"] if ids["eos"] is not None else min(eos, default=None)
-        self.special_ids: set[int] = set(parts.backend.special_ids) | {i for i in ids.values() if i is not None}
-        self.template_variables = {f"{name}_token": self.id_to_token(i) for name, i in ids.items() if i is not None}
+        self.special_ids: set[int] = set(parts.backend.special_ids) | {
+            i for i in ids.values() if i is not None
+        }
+        self.template_variables = {
+            f"{name}_token": self.id_to_token(i) for name, i in ids.items() if i is not None
+        }
         self.template_variables.update({f"{k}_token": v for k, v in parts.tokens.items()})
         templates, where = parts.chat_templates, parts.chat_template_source
         if templates is None and is_pangu_config(config):
@@ -92,14 +101,18 @@ class Tokenizer:
             raise InputError(f"token ids must be a sequence of ints, got {type(ids).__name__}") from None
         bad = [i for i in out if not 0 <= i < self.vocab_size]
         if bad:
-            raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}) of {self.source}")
+            raise InputError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}) of {self.source}"
+            )
         return out
 
     @property
     def has_chat_template(self) -> bool:
         return self._chat is not None
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
         """Render a conversation with the checkpoint's chat template (sandboxed jinja).
 
         Args:
@@ -116,10 +129,17 @@ class Tokenizer:
         if choice is not None and (chat is None or choice not in chat.templates):
             chat, choice = ChatTemplate(str(choice), source="the chat_template argument"), None
         if chat is None:
-            raise TokenizerError(f"{self.source} has no chat template",
-                                 hint="use a plain prompt (no --chat), or pass chat_template=...")
-        return chat.render(messages, add_generation_prompt=add_generation_prompt,
-                           variables=self.template_variables, template_name=choice, **extra)
+            raise TokenizerError(
+                f"{self.source} has no chat template",
+                hint="use a plain prompt (no --chat), or pass chat_template=...",
+            )
+        return chat.render(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            variables=self.template_variables,
+            template_name=choice,
+            **extra,
+        )
 
 
 def load_tokenizer(source: Any, path: str | Path) -> Tokenizer | None:
@@ -152,7 +172,7 @@ def _model_config(source: Any, folder: Path) -> dict[str, Any]:
     if source is not None:
         try:
             return dict(source.config())
-        except Exception:  # a source without a usable config still has a tokenizer
+        except Exception:  # noqa: BLE001 - a source without a usable config still has a tokenizer
             return {}
     from modelkin.runtime.tokenizer_files import read_json
 

@@ -6,8 +6,18 @@ from collections.abc import Sequence
 from typing import Any
 
 # transformers' clean_up_tokenization: spaces before punctuation and inside English contractions
-_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+_CLEANUPS = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 
 
 class FastBackend:
@@ -21,8 +31,16 @@ class FastBackend:
         clean_up_spaces: apply transformers' clean_up_tokenization after decoding.
     """
 
-    def __init__(self, tk: Any, *, bos_id: int | None = None, eos_id: int | None = None,
-                 add_bos: bool | None = None, add_eos: bool | None = None, clean_up_spaces: bool = False):
+    def __init__(
+        self,
+        tk: Any,
+        *,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        add_bos: bool | None = None,
+        add_eos: bool | None = None,
+        clean_up_spaces: bool = False,
+    ):
         self.tk = tk
         self.bos_id, self.eos_id = bos_id, eos_id
         self.use_post_processor = add_bos is None and add_eos is None

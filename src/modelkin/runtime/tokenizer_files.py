@@ -21,7 +21,7 @@ _LLAMA_CLASSES = frozenset({"LlamaTokenizer", "LlamaTokenizerFast"})
 
 
 def hf_tokenizer_parts(folder: Path) -> TokenizerParts | None:
-    """The tokenizer stored in ``folder``, or None when it holds neither tokenizer.json nor tokenizer.model."""
+    """The tokenizer in ``folder``, or None when it holds neither tokenizer.json nor tokenizer.model."""
     json_file, sp_file = folder / "tokenizer.json", folder / "tokenizer.model"
     if not json_file.is_file() and not sp_file.is_file():
         return None
@@ -39,22 +39,30 @@ def hf_tokenizer_parts(folder: Path) -> TokenizerParts | None:
         backend = _sentencepiece_backend(sp_file, config, special_map, tokens)
         source = str(sp_file)
     templates, template_source = _chat_templates(folder, config)
-    return TokenizerParts(backend=backend, source=source, tokens=tokens, chat_templates=templates,
-                          chat_template_source=template_source)
+    return TokenizerParts(
+        backend=backend,
+        source=source,
+        tokens=tokens,
+        chat_templates=templates,
+        chat_template_source=template_source,
+    )
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object from ``path``; None when the file does not exist; TokenizerError when it is unreadable."""
+    """The JSON object in ``path``; None when there is no such file; TokenizerError when it is unreadable."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TokenizerError(f"{path}: unreadable JSON ({err})",
-                             hint="restore the file from the original checkpoint") from None
+        raise TokenizerError(
+            f"{path}: unreadable JSON ({err})", hint="restore the file from the original checkpoint"
+        ) from None
     if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}",
-                             hint="restore the file from the original checkpoint")
+        raise TokenizerError(
+            f"{path}: expected a JSON object, found {type(data).__name__}",
+            hint="restore the file from the original checkpoint",
+        )
     return data
 
 
@@ -70,15 +78,22 @@ def _fast_backend(path: Path, config: dict[str, Any]) -> FastBackend:
 
     try:
         tk = Tokenizer.from_file(str(path))
-    except Exception as err:  # tokenizers raises a bare Exception with serde's message
-        raise TokenizerError(f"{path}: not a readable tokenizers file ({str(err).splitlines()[0] if str(err) else err!r})",
-                             hint="restore tokenizer.json from the original checkpoint") from None
+    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception with serde's message
+        raise TokenizerError(
+            f"{path}: not a readable tokenizers file ({str(err).splitlines()[0] if str(err) else err!r})",
+            hint="restore tokenizer.json from the original checkpoint",
+        ) from None
     known = {t.content for t in tk.get_added_tokens_decoder().values()}
     missing = [t for _, t in sorted(_added_tokens(config, path).items()) if t["content"] not in known]
     for t in missing:  # transformers adds tokens that tokenizer_config lists but tokenizer.json lacks
-        token = AddedToken(t["content"], single_word=bool(t.get("single_word")), lstrip=bool(t.get("lstrip")),
-                           rstrip=bool(t.get("rstrip")), normalized=bool(t.get("normalized", False)),
-                           special=bool(t.get("special", True)))
+        token = AddedToken(
+            t["content"],
+            single_word=bool(t.get("single_word")),
+            lstrip=bool(t.get("lstrip")),
+            rstrip=bool(t.get("rstrip")),
+            normalized=bool(t.get("normalized", False)),
+            special=bool(t.get("special", True)),
+        )
         (tk.add_special_tokens if token.special else tk.add_tokens)([token])
     if config.get("tokenizer_class") in _LLAMA_CLASSES:
         _llama_pipeline(tk, config)
@@ -99,11 +114,14 @@ def _llama_pipeline(tk: Any, config: dict[str, Any]) -> None:
     tk.normalizer = None
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tk.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if add_prefix_space else []))
+    tk.decoder = decoders.Sequence(
+        steps + ([decoders.Strip(content=" ", left=1)] if add_prefix_space else [])
+    )
 
 
-def _sentencepiece_backend(path: Path, config: dict[str, Any], special_map: dict[str, Any],
-                           tokens: dict[str, str]) -> SentencePieceBackend:
+def _sentencepiece_backend(
+    path: Path, config: dict[str, Any], special_map: dict[str, Any], tokens: dict[str, str]
+) -> SentencePieceBackend:
     processor = load_processor(path)
     entries = _added_tokens(config, path)
     added = {t["content"]: i for i, t in entries.items()}
@@ -115,12 +133,18 @@ def _sentencepiece_backend(path: Path, config: dict[str, Any], special_map: dict
             special_ids.add(i)
     legacy = config.get("legacy")
     return SentencePieceBackend(
-        processor, path, added=added, special_ids=special_ids,
-        bos_id=added.get(tokens.get("bos", "")), eos_id=added.get(tokens.get("eos", "")),
-        add_bos=bool(config.get("add_bos_token", True)), add_eos=bool(config.get("add_eos_token", False)),
+        processor,
+        path,
+        added=added,
+        special_ids=special_ids,
+        bos_id=added.get(tokens.get("bos", "")),
+        eos_id=added.get(tokens.get("eos", "")),
+        add_bos=bool(config.get("add_bos_token", True)),
+        add_eos=bool(config.get("add_eos_token", False)),
         legacy=True if legacy is None else bool(legacy),
         lstrip=[t["content"] for t in entries.values() if t.get("lstrip")],
-        rstrip=[t["content"] for t in entries.values() if t.get("rstrip")])
+        rstrip=[t["content"] for t in entries.values() if t.get("rstrip")],
+    )
 
 
 def _extra_special(config: dict[str, Any]) -> list[str]:
@@ -141,8 +165,11 @@ def _added_tokens(config: dict[str, Any], path: Path) -> dict[int, dict[str, Any
         try:
             i = int(key)
         except ValueError:
-            raise TokenizerError(f"{path.parent / 'tokenizer_config.json'}: added_tokens_decoder key {key!r} is not "
-                                 "a token id", hint="restore the file from the original checkpoint") from None
+            raise TokenizerError(
+                f"{path.parent / 'tokenizer_config.json'}: added_tokens_decoder key {key!r} is not "
+                "a token id",
+                hint="restore the file from the original checkpoint",
+            ) from None
         text = token_text(value)
         if text:
             out[i] = value if isinstance(value, dict) else {"content": text}
@@ -165,7 +192,9 @@ def _chat_templates(folder: Path, config: dict[str, Any]) -> tuple[str | dict[st
     if isinstance(value, str):
         return value, where
     if isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
-        named = {t["name"]: t["template"] for t in value if isinstance(t, dict) and "name" in t and "template" in t}
+        named = {
+            t["name"]: t["template"] for t in value if isinstance(t, dict) and "name" in t and "template" in t
+        }
         return named or None, where
     return None, where
 
@@ -174,4 +203,6 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise TokenizerError(f"{path}: unreadable ({err})", hint="restore the file from the original checkpoint") from None
+        raise TokenizerError(
+            f"{path}: unreadable ({err})", hint="restore the file from the original checkpoint"
+        ) from None

@@ -37,7 +37,7 @@ class SpecialSplitter:
         pos = 0
         for match in self._pattern.finditer(text):
             token = match.group(0)
-            left = text[pos:match.start()]
+            left = text[pos : match.start()]
             if token in self.lstrip:
                 left = left.rstrip()
             if left:
@@ -64,9 +64,21 @@ class SentencePieceBackend:
         legacy: dummy prefix on every piece between special tokens (True) or only at the start.
     """
 
-    def __init__(self, processor: Any, model_file: Path, *, added: dict[str, int], special_ids: set[int], bos_id: int | None,
-                 eos_id: int | None, add_bos: bool, add_eos: bool, legacy: bool = True,
-                 lstrip: Iterable[str] = (), rstrip: Iterable[str] = ()):
+    def __init__(
+        self,
+        processor: Any,
+        model_file: Path,
+        *,
+        added: dict[str, int],
+        special_ids: set[int],
+        bos_id: int | None,
+        eos_id: int | None,
+        add_bos: bool,
+        add_eos: bool,
+        legacy: bool = True,
+        lstrip: Iterable[str] = (),
+        rstrip: Iterable[str] = (),
+    ):
         self.sp = processor
         self.model_file = Path(model_file)
         self.legacy = legacy
@@ -139,7 +151,7 @@ def load_processor(model_file: Path) -> Any:
     processor = spm.SentencePieceProcessor()
     try:
         processor.Load(str(model_file))
-    except Exception as err:  # sentencepiece raises OSError/RuntimeError with long protobuf text
+    except Exception as err:  # noqa: BLE001 - sentencepiece raises OSError/RuntimeError with long protobuf text
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TokenizerError(
             f"{model_file}: not a readable sentencepiece model ({first})",

@@ -15,7 +15,7 @@ from typing import Any
 from modelkin.errors import InputError
 from modelkin.utils import atomic_write_bytes, atomic_write_text
 
-_ENGLISH = """The quick brown fox jumps over the lazy dog. Tokenizers split text into pieces that a model can read.
+_ENGLISH = """The quick brown fox jumps over the lazy dog. Tokenizers split text into pieces.
 Language models predict the next token from the tokens before it; a small vocabulary keeps tests fast.
 Mixture-of-experts layers route each token to a few experts chosen by a router with a softmax.
 On Monday, 3 engineers measured 1024 tokens per second at 2.5 GHz - not bad for 17 watts!
@@ -37,7 +37,7 @@ class Model(nn.Module):
     def forward(self, x):
         return self.proj(torch.relu(x)) * 0.5
 {"name": "modelkin", "version": [0, 1, 0], "ok": true}'''
-CORPUS = "\n".join((_ENGLISH, _CHINESE, _CODE))
+CORPUS = f"{_ENGLISH}\n{_CHINESE}\n{_CODE}"
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -48,8 +48,10 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 BPE_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 SP_META = ("<unk>", "<s>", "</s>", "<pad>")
 SP_USER = ("[unused9]", "[unused10]", "[unused11]", "[unused12]", "[unused16]", "[unused17]")
@@ -70,7 +72,9 @@ def write_tiny_tokenizer(outdir: str | Path, kind: str = "bpe", *, vocab_size: i
     elif kind in ("sentencepiece", "pangu"):
         _write_sentencepiece(outdir, vocab_size, pangu=kind == "pangu")
     else:
-        raise InputError(f"unknown tiny tokenizer kind {kind!r}", hint="use 'bpe', 'sentencepiece' or 'pangu'")
+        raise InputError(
+            f"unknown tiny tokenizer kind {kind!r}", hint="use 'bpe', 'sentencepiece' or 'pangu'"
+        )
 
 
 def _write_bpe(outdir: Path, vocab_size: int) -> None:
@@ -80,13 +84,20 @@ def _write_bpe(outdir: Path, vocab_size: int) -> None:
         raise InputError(f"a byte-level BPE tokenizer needs vocab_size >= 260, got {vocab_size}")
     tk = Tokenizer(models.BPE())
     tk.normalizer = normalizers.NFC()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=1)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(BPE_SPECIALS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=1,
+    )
     tk.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
     config = {
         "add_bos_token": False,
@@ -107,6 +118,24 @@ def _write_bpe(outdir: Path, vocab_size: int) -> None:
     atomic_write_text(outdir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
 
 
+# Llama-like SentencePiece training: no normalisation, spaces kept, digits split, ids 0-3 for meta pieces.
+_SP_OPTIONS: dict[str, Any] = {
+    "model_type": "bpe",
+    "character_coverage": 1.0,
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "split_digits": True,
+    "allow_whitespace_only_pieces": True,
+    **{f"{name}_id": i for i, name in enumerate(("unk", "bos", "eos", "pad"))},
+    **{f"{name}_piece": piece for name, piece in zip(("unk", "bos", "eos", "pad"), SP_META)},
+    "user_defined_symbols": list(SP_USER),
+    "hard_vocab_limit": False,
+    "num_threads": 1,
+    "minloglevel": 2,
+    "max_sentencepiece_length": 16,
+}
+
+
 def _write_sentencepiece(outdir: Path, vocab_size: int, *, pangu: bool) -> None:
     import sentencepiece as spm
 
@@ -114,14 +143,15 @@ def _write_sentencepiece(outdir: Path, vocab_size: int, *, pangu: bool) -> None:
         raise InputError(f"a tiny SentencePiece tokenizer needs vocab_size >= 160, got {vocab_size}")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS.splitlines()), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, byte_fallback=vocab_size >= 450, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        pad_piece="<pad>", user_defined_symbols=list(SP_USER), hard_vocab_limit=False, num_threads=1,
-        minloglevel=2, max_sentencepiece_length=16)
-    specials = {i: t for i, t in enumerate((*SP_META, *SP_USER))}  # trainer order: meta pieces, then user ones
+        sentence_iterator=iter(CORPUS.splitlines()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        byte_fallback=vocab_size >= 450,  # 256 byte pieces need room beside the corpus' characters
+        **_SP_OPTIONS,
+    )
     eos, pad = ("[unused10]", "<unk>") if pangu else ("</s>", "<pad>")
+    # the trainer numbers meta pieces first, then user-defined symbols
+    specials = dict(enumerate((*SP_META, *SP_USER)))
     config: dict[str, Any] = {
         "add_bos_token": True,
         "add_eos_token": False,
@@ -138,16 +168,23 @@ def _write_sentencepiece(outdir: Path, vocab_size: int, *, pangu: bool) -> None:
         "unk_token": "<unk>",
         "use_default_system_prompt": False,
     }
-    special_map = {f"{k}_token": _added(v, special=None) for k, v in
-                   (("bos", "<s>"), ("eos", eos), ("pad", pad), ("unk", "<unk>"))}
+    named = (("bos", "<s>"), ("eos", eos), ("pad", pad), ("unk", "<unk>"))
+    special_map = {f"{k}_token": _added(v, special=None) for k, v in named}
     atomic_write_bytes(outdir / "tokenizer.model", model.getvalue())
     atomic_write_text(outdir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
-    atomic_write_text(outdir / "special_tokens_map.json", json.dumps(special_map, indent=2, ensure_ascii=False))
+    atomic_write_text(
+        outdir / "special_tokens_map.json", json.dumps(special_map, indent=2, ensure_ascii=False)
+    )
 
 
 def _added(content: str, special: bool | None = True) -> dict[str, Any]:
-    entry: dict[str, Any] = {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                             "single_word": False}
+    entry: dict[str, Any] = {
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+    }
     if special is not None:
         entry["special"] = special
     return entry
