@@ -1,0 +1,76 @@
+"""Settings of a behavioural comparison: how many prompts, tokens and samples, and which metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from modelkin.errors import InputError
+
+# Metric groups a user can ask for; `logits` and `greedy_tokens` need identical vocabularies.
+METRICS = ("logits", "greedy", "bpb", "mmd", "routing")
+SAME_TOKENIZER_METRICS = ("logits",)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class BehaviourSettings:
+    """What `compare` runs on each model. Defaults keep a 135M model on 2 CPU cores well under a minute.
+
+    Attributes:
+        max_prompts: prompts used (round-robin over categories); None for all.
+        top_k: size of the top-k sets compared per position.
+        greedy_tokens: length of each greedy continuation.
+        mmd_prompts / mmd_samples / mmd_tokens: the two-sample test draws ``mmd_samples`` continuations
+            of ``mmd_tokens`` tokens at ``temperature`` for each of the first ``mmd_prompts`` prompts.
+        permutations: permutations for the bpb-correlation and MMD p-values.
+        seed: base seed; model B samples with a different stream than model A.
+        metrics: the metric groups to run (subset of METRICS).
+        explicit_metrics: True when the user named the metrics: a same-tokenizer metric that cannot
+            run is then an error instead of a skipped metric.
+    """
+
+    max_prompts: int | None = 24
+    top_k: int = 10
+    greedy_tokens: int = 32
+    mmd_prompts: int = 4
+    mmd_samples: int = 8
+    mmd_tokens: int = 16
+    temperature: float = 1.0
+    permutations: int = 2000
+    seed: int = 0
+    metrics: tuple[str, ...] = METRICS
+    explicit_metrics: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "greedy_tokens", "mmd_samples", "mmd_tokens", "permutations"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.mmd_prompts < 0:
+            raise InputError(f"mmd_prompts must be >= 0, got {self.mmd_prompts}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise InputError(f"max_prompts must be at least 1, got {self.max_prompts}",
+                             hint="pass --max-prompts 1 or more")
+        if not self.temperature > 0:
+            raise InputError(f"the sampling temperature must be > 0, got {self.temperature}")
+        unknown = sorted(set(self.metrics) - set(METRICS))
+        if unknown:
+            raise InputError(f"unknown behaviour metric(s): {', '.join(unknown)}",
+                             hint=f"choose from {', '.join(METRICS)}")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BehaviourSettings:
+        """Smaller budget for demos and tests."""
+        base = dict(max_prompts=12, greedy_tokens=16, mmd_prompts=3, mmd_samples=6, mmd_tokens=12,
+                    permutations=1000)
+        return cls(**{**base, **overrides})
+
+    def wants(self, metric: str) -> bool:
+        return metric in self.metrics
+
+    def collect_key(self) -> tuple[Any, ...]:
+        """What the per-model outputs depend on (permutations and verdict rules do not matter)."""
+        return (self.top_k, self.greedy_tokens, self.mmd_prompts, self.mmd_samples, self.mmd_tokens,
+                self.temperature, tuple(sorted(self.metrics)))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
