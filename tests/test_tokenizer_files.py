@@ -98,6 +98,12 @@ def test_tokenizer_json_with_bos_post_processor_matches_transformers(tiny, tmp_p
         assert tok.encode(text) == ref(text)["input_ids"], text
         assert tok.encode(text, add_special_tokens=False) == ref(text, add_special_tokens=False)["input_ids"]
     assert tok.bos_token_id == 1 and tok.encode("x")[0] == 1
+    template = "{{ bos_token }}{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}"
+    ids = tok.encode_chat([{"role": "user", "content": "hi"}], chat_template=template)
+    assert ids == ref.apply_chat_template(
+        [{"role": "user", "content": "hi"}], chat_template=template, return_dict=False
+    )
+    assert ids.count(1) == 1
 
 
 def test_sentencepiece_matches_transformers_slow_tokenizer(tiny):
@@ -155,6 +161,7 @@ def test_pangu_chat_format_and_special_ids(tiny, tmp_path):
     assert tok.bos_token_id == 1 and tok.pad_token_id == 0
     assert tok.eos_token_ids == {5, 2} and tok.id_to_token(5) == "[unused10]"
     assert {0, 1, 2, 3, 4, 5} <= tok.special_ids
+    assert tok.encode_chat(messages) == ids  # BOS from the tokenizer, once
     assert tok.decode(ids, skip_special_tokens=True) == "系统：你是一个助手。用户：你好助手："
     with pytest.raises(TokenizerError, match="Pangu chat format has no role robot"):
         tok.apply_chat_template([{"role": "robot", "content": "x"}])

@@ -132,6 +132,11 @@ def test_smollm2_chat_template_matches_transformers(smol, smollm2_hf_tokenizer, 
         )
         assert ours == theirs
         assert smol.encode(ours) == smollm2_hf_tokenizer(theirs)["input_ids"]
+        assert smol.encode_chat(messages, add_generation_prompt=add_generation_prompt) == (
+            smollm2_hf_tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, return_dict=False
+            )
+        )
     rendered = smol.apply_chat_template(CONVERSATIONS[0])
     assert rendered.endswith("<|im_end|>\n<|im_start|>assistant\n")
 

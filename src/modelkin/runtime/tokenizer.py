@@ -141,6 +141,20 @@ class Tokenizer:
             **extra,
         )
 
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any
+    ) -> list[int]:
+        """Token ids of a rendered conversation: BOS once (when the tokenizer adds one), never EOS.
+
+        Templates that write the BOS token themselves (Llama) keep theirs; for those that do not (Pangu,
+        whose tokenizer adds BOS) it is prepended, as ``tokenizer(apply_chat_template(...))`` would.
+        """
+        ids = self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra), False)
+        bos = self.bos_token_id
+        if bos is not None and self.encode("", True)[:1] == [bos] and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        return ids
+
 
 def load_tokenizer(source: Any, path: str | Path) -> Tokenizer | None:
     """The tokenizer of a checkpoint, or None when it carries none.

@@ -95,7 +95,8 @@ def _fast_backend(path: Path, config: dict[str, Any]) -> FastBackend:
             special=bool(t.get("special", True)),
         )
         (tk.add_special_tokens if token.special else tk.add_tokens)([token])
-    if config.get("tokenizer_class") in _LLAMA_CLASSES:
+    # only SentencePiece-style vocabularies: some byte-level BPE tokenizers also name LlamaTokenizerFast
+    if config.get("tokenizer_class") in _LLAMA_CLASSES and getattr(tk.model, "byte_fallback", False):
         _llama_pipeline(tk, config)
     return FastBackend(tk, clean_up_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
 
