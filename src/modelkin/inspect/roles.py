@@ -153,3 +153,38 @@ def selector(select: str | None) -> Callable[[str, NameRole], bool]:
 def unknown_names(names: Iterable[str]) -> list[str]:
     """The names classify() cannot place, in input order."""
     return [n for n in names if classify(n).role == UNKNOWN]
+
+
+def onnx_aliases(model_path: str) -> dict[str, str]:
+    """Canonical names for anonymous ONNX initialisers (torch's exporter names transposed weights
+    ``onnx::MatMul_12`` or ``val_3``), recovered from the module path of the MatMul/Gemm that uses them.
+
+    The legacy exporter names that node ``/model/layers.0/self_attn/q_proj/MatMul``; the dynamo
+    exporter records ``pkg.torch.onnx.name_scopes`` in its metadata.
+    """
+    import ast
+
+    import onnx
+
+    model = onnx.load(model_path, load_external_data=False)
+    names = {init.name for init in model.graph.initializer}
+    aliases: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        module = None
+        scopes = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes")
+        if scopes:
+            try:
+                parts = [s for s in ast.literal_eval(scopes) if s]
+                module = parts[-2] if len(parts) >= 2 else None
+            except (ValueError, SyntaxError):
+                module = None
+        elif node.name.startswith("/") and node.name.count("/") >= 2:
+            module = node.name.strip("/").rpartition("/")[0].replace("/", ".")
+        if not module:
+            continue
+        for inp in node.input:
+            if inp in names and inp not in aliases and classify(inp).role == UNKNOWN:
+                aliases[inp] = f"{module}.weight"
+    return aliases

@@ -118,7 +118,8 @@ def scan(src: TensorSource, device: torch.device | str, options: ScanOptions) ->
     """Inspect an open TensorSource on ``device`` (see inspect_checkpoint)."""
     device = torch.device(device)
     all_names = src.keys()
-    roles = {n: classify(n) for n in all_names}
+    aliases = _aliases(src)
+    roles = {n: classify(aliases.get(n, n)) for n in all_names}
     shapes = {n: tuple(src.info(n).shape) for n in all_names}
     pick = selector(options.select)
     names = [n for n in all_names if pick(n, roles[n])]
@@ -148,6 +149,18 @@ def scan(src: TensorSource, device: torch.device | str, options: ScanOptions) ->
     }
     unknown = [n for n in names if roles[n].role == UNKNOWN]
     return InspectionResult(str(src.path), src.format, options.select, tensors, totals, unknown)
+
+
+def _aliases(src: TensorSource) -> dict[str, str]:
+    """ONNX: canonical names of anonymous initialisers, from the graph (see roles.onnx_aliases)."""
+    if src.format != "onnx" or not src.files():
+        return {}
+    from modelkin.inspect.roles import onnx_aliases
+
+    try:
+        return onnx_aliases(str(src.files()[0]))
+    except Exception:  # noqa: BLE001 - roles are a convenience; the names are still reported
+        return {}
 
 
 def _cached_ok(entry: dict[str, Any] | None, need_spectral: bool) -> bool:
