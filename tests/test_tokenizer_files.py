@@ -97,6 +97,9 @@ def test_tokenizer_json_with_bos_post_processor_matches_transformers(tiny, tmp_p
     for text in TEXTS + LEADING:
         assert tok.encode(text) == ref(text)["input_ids"], text
         assert tok.encode(text, add_special_tokens=False) == ref(text, add_special_tokens=False)["input_ids"]
+        ids = ref(text)["input_ids"]
+        assert tok.decode(ids) == ref.decode(ids)
+        assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
     assert tok.bos_token_id == 1 and tok.encode("x")[0] == 1
     template = "{{ bos_token }}{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}"
     ids = tok.encode_chat([{"role": "user", "content": "hi"}], chat_template=template)
