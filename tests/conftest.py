@@ -50,3 +50,19 @@ def smollm2_hf_tokenizer(smollm2_gguf):
     """transformers' tokenizer built from the SmolLM2 GGUF (takes ~15 s, so it is built once per session)."""
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_model(smollm2_gguf):
+    """transformers' own float32 model of the SmolLM2 GGUF, loaded once per session (~20-60 s).
+
+    Shared by every test that needs it: treat it as read-only (no in-place edits, no .to(...)).
+    """
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import torch
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    )
+    return model.eval()

@@ -12,6 +12,7 @@ from modelkin.checkpoint.source import TensorSource
 from modelkin.errors import CheckpointError
 
 _TORCH_LEGACY_FIRST_BYTE = b"\x80"  # pickle protocol opcode that starts torch's legacy format
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 def sniff_file(path: pathlib.Path) -> str | None:
@@ -28,12 +29,14 @@ def sniff_file(path: pathlib.Path) -> str | None:
         return "safetensors"
     if len(head) >= 1 and path.suffix == ".safetensors":
         return "safetensors"  # damaged header: let the reader explain what is wrong
-    if head[:2] == b"PK" and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            if any(n.endswith("data.pkl") for n in z.namelist()):
-                return "torch"
-        return None
-    if head[:1] == _TORCH_LEGACY_FIRST_BYTE and path.suffix in (".bin", ".pt", ".pth"):
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as z:
+                return "torch" if any(n.endswith("data.pkl") for n in z.namelist()) else None
+        except (zipfile.BadZipFile, UnicodeDecodeError, OSError, ValueError):
+            # a damaged zip: torch's reader explains it for files named like a checkpoint
+            return "torch" if path.suffix in _TORCH_SUFFIXES else None
+    if head[:1] == _TORCH_LEGACY_FIRST_BYTE and path.suffix in _TORCH_SUFFIXES:
         return "torch"
     if path.suffix == ".onnx":  # protobuf has no magic; the reader validates the content
         return "onnx"
@@ -67,7 +70,7 @@ def _open_file(path: pathlib.Path, origin: pathlib.Path) -> TensorSource:
 
 def _open_sharded(directory: pathlib.Path, index: pathlib.Path, kind: str) -> TensorSource:
     wanted, meta = read_shard_index(index)
-    files = list(dict.fromkeys(wanted.values()))
+    files = sorted(set(wanted.values()))
     if kind == "safetensors":
         from modelkin.checkpoint.safetensors_reader import SafetensorsSource
 

@@ -81,7 +81,7 @@ class GGUFSource(TensorSource):
         self._reader = _open_reader(path)
         fields = self._reader.fields
         self._scalars = {
-            key: field.contents()
+            key: _contents(field, path)
             for key, field in fields.items()
             if len(field.types) == 1 and not key.startswith("GGUF.")
         }
@@ -128,9 +128,9 @@ class GGUFSource(TensorSource):
         if hf_name.endswith("shared_expert_gate.weight") and len(shape) == 1:
             shape = (1, shape[0])  # HF stores this router as a (1, D) Linear weight
         heads = self._heads_for(gname)
-        if heads is not None and shape[0] % (2 * heads):
+        if heads is not None and (not shape or shape[0] % (2 * heads)):
             raise CheckpointError(
-                f"{self.path}: {gname} has {shape[0]} rows, not divisible into {heads} RoPE heads"
+                f"{self.path}: {gname} of shape {list(shape)} does not split into {heads} RoPE heads"
             )
         if is_stacked_experts(gname) and len(shape) >= 2:
             n_experts = shape[0]
@@ -177,7 +177,7 @@ class GGUFSource(TensorSource):
         if self._metadata is None:
             if self._reader is None:
                 raise CheckpointError(f"cannot read metadata: {self.path} was closed")
-            self._metadata = {k: f.contents() for k, f in self._reader.fields.items()}
+            self._metadata = {k: _contents(f, self.path) for k, f in self._reader.fields.items()}
         return dict(self._metadata)
 
     def files(self) -> list[pathlib.Path]:
@@ -187,6 +187,16 @@ class GGUFSource(TensorSource):
         # the reader's tensors hold views of the memory map; drop them so the file is unmapped
         self._entries = {k: replace(v, tensor=None) for k, v in self._entries.items()}
         self._reader = None
+
+
+def _contents(field: Any, path: pathlib.Path) -> Any:
+    try:
+        return field.contents()
+    except (ValueError, UnicodeDecodeError, IndexError, TypeError) as err:
+        raise CheckpointError(
+            f"{path} has an unreadable GGUF metadata value {field.name!r} ({type(err).__name__})",
+            hint="re-download the file; it may be damaged",
+        ) from None
 
 
 def _to_torch(entry: _Entry) -> torch.Tensor:

@@ -92,6 +92,11 @@ class OnnxSource(TensorSource):
                 f"{path} is not a readable ONNX model ({type(err).__name__}: {err})",
                 hint="re-export or re-download the model",
             ) from None
+        if not self._model.HasField("graph"):
+            raise CheckpointError(
+                f"{path} is not a readable ONNX model (it has no graph)",
+                hint="re-export or re-download the model",
+            )
         self._entries: dict[str, _Entry] = {}
         for proto in self._model.graph.initializer:
             if proto.name in self._entries:

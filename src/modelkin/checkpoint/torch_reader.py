@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pathlib
 import pickle
-import zipfile
 from typing import Any
 
 import torch
@@ -17,10 +16,11 @@ from modelkin.errors import CheckpointError
 def _refusal(err: BaseException) -> str:
     """The one informative line of torch's multi-line weights-only error."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:
-        if "Unsupported" in line or "WeightsUnpickler error" in line:
-            return line
-    return lines[0] if lines else type(err).__name__
+    line = next((x for x in lines if "WeightsUnpickler error" in x or "Unsupported" in x), None)
+    if line is None:
+        line = lines[0] if lines else type(err).__name__
+    # drop torch's advice to allowlist the global: that is exactly what must not be done here
+    return line.split(" Please use", 1)[0].removeprefix("WeightsUnpickler error: ")
 
 
 def load_state_dict(file: pathlib.Path) -> dict[str, torch.Tensor]:
@@ -32,8 +32,9 @@ def load_state_dict(file: pathlib.Path) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: unreadable file, refused pickle, or anything but a name -> tensor dict.
     """
-    is_zip = zipfile.is_zipfile(file)  # mmap needs the zip format of torch.save
     try:
+        with file.open("rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # mmap needs torch.save's zip format
         obj = torch.load(file, weights_only=True, mmap=is_zip, map_location="cpu")
     except pickle.UnpicklingError as err:
         raise CheckpointError(
