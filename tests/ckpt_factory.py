@@ -21,11 +21,19 @@ from modelkin.utils import atomic_path, atomic_write_text
 
 def _split(names: list[str], shards: int) -> list[list[str]]:
     per = math.ceil(len(names) / shards)
-    return [names[i * per:(i + 1) * per] for i in range(shards)]
+    return [names[i * per : (i + 1) * per] for i in range(shards)]
 
 
-def _write_sharded(directory: Path, tensors: dict[str, torch.Tensor], config: dict | None,
-                   shards: int, *, stem: str, ext: str, save: Any) -> Path:
+def _write_sharded(
+    directory: Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict | None,
+    shards: int,
+    *,
+    stem: str,
+    ext: str,
+    save: Any,
+) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if config is not None:
@@ -48,9 +56,13 @@ def _write_sharded(directory: Path, tensors: dict[str, torch.Tensor], config: di
     return directory
 
 
-def write_safetensors_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor],
-                                 config: dict | None, shards: int = 1,
-                                 metadata: dict[str, str] | None = None) -> Path:
+def write_safetensors_checkpoint(
+    directory: str | Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict | None,
+    shards: int = 1,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write config.json + model.safetensors (or N shards + model.safetensors.index.json) atomically.
 
     ``config=None`` writes no config.json. Returns the directory.
@@ -58,27 +70,42 @@ def write_safetensors_checkpoint(directory: str | Path, tensors: dict[str, torch
     from safetensors.torch import save_file
 
     def save(part: dict[str, torch.Tensor], tmp: Path) -> None:
-        save_file({n: t.contiguous() for n, t in part.items()}, str(tmp),
-                  metadata={"format": "pt", **(metadata or {})})
+        save_file(
+            {n: t.contiguous() for n, t in part.items()},
+            str(tmp),
+            metadata={"format": "pt", **(metadata or {})},
+        )
 
-    return _write_sharded(Path(directory), tensors, config, shards, stem="model",
-                          ext="safetensors", save=save)
+    return _write_sharded(
+        Path(directory), tensors, config, shards, stem="model", ext="safetensors", save=save
+    )
 
 
-def write_torch_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor],
-                           config: dict | None, shards: int = 1) -> Path:
+def write_torch_checkpoint(
+    directory: str | Path, tensors: dict[str, torch.Tensor], config: dict | None, shards: int = 1
+) -> Path:
     """Write config.json + pytorch_model.bin (or shards + pytorch_model.bin.index.json) atomically."""
 
     def save(part: dict[str, torch.Tensor], tmp: Path) -> None:
         torch.save(part, tmp)
 
-    return _write_sharded(Path(directory), tensors, config, shards, stem="pytorch_model",
-                          ext="bin", save=save)
+    return _write_sharded(
+        Path(directory), tensors, config, shards, stem="pytorch_model", ext="bin", save=save
+    )
 
 
-def tiny_llama_state(*, layers: int = 2, hidden: int = 16, heads: int = 4, kv_heads: int = 2,
-                     inter: int = 24, vocab: int = 32, seed: int = 0, bias: bool = False,
-                     dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict]:
+def tiny_llama_state(
+    *,
+    layers: int = 2,
+    hidden: int = 16,
+    heads: int = 4,
+    kv_heads: int = 2,
+    inter: int = 24,
+    vocab: int = 32,
+    seed: int = 0,
+    bias: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], dict]:
     """A random Llama-layout state dict (HF names, untied lm_head) and its config.json dict."""
     g = torch.Generator().manual_seed(seed)
     head_dim = hidden // heads
@@ -105,11 +132,22 @@ def tiny_llama_state(*, layers: int = 2, hidden: int = 16, heads: int = 4, kv_he
     sd["model.norm.weight"] = rnd(hidden)
     sd["lm_head.weight"] = rnd(vocab, hidden)
     config = {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
-        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "max_position_embeddings": 128, "vocab_size": vocab, "tie_word_embeddings": False,
-        "attention_bias": bias, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 128,
+        "vocab_size": vocab,
+        "tie_word_embeddings": False,
+        "attention_bias": bias,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
     }
     return sd, config
 
@@ -118,25 +156,42 @@ def tiny_llama_state(*, layers: int = 2, hidden: int = 16, heads: int = 4, kv_he
 
 # HF module path inside model.layers.N -> llama.cpp tensor name (gguf-py tensor_mapping.py)
 _LLAMACPP_BLOCK = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp",
-    "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
-    "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",
+    "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
-_LLAMACPP_EXPERT = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps",
-                    "down_proj": "ffn_down_exps", "w1": "ffn_gate_exps", "w3": "ffn_up_exps",
-                    "w2": "ffn_down_exps"}
-_LLAMACPP_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}
+_LLAMACPP_EXPERT = {
+    "gate_proj": "ffn_gate_exps",
+    "up_proj": "ffn_up_exps",
+    "down_proj": "ffn_down_exps",
+    "w1": "ffn_gate_exps",
+    "w3": "ffn_up_exps",
+    "w2": "ffn_down_exps",
+}
+_LLAMACPP_TOP = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """convert_hf_to_gguf.py LlamaModel.permute: HF Q/K rows -> llama.cpp's RoPE row order."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def hf_state_to_gguf(state: dict[str, torch.Tensor], config: dict, arch: str) -> dict[str, np.ndarray]:
@@ -184,18 +239,26 @@ def gguf_kv_from_config(config: dict, arch: str) -> dict[str, Any]:
         "tokenizer.ggml.bos_token_id": config.get("bos_token_id", 1),
         "tokenizer.ggml.eos_token_id": config.get("eos_token_id", 2),
     }
-    for hf_key, gguf_key in (("num_experts", "expert_count"), ("num_local_experts", "expert_count"),
-                             ("num_experts_per_tok", "expert_used_count"),
-                             ("moe_intermediate_size", "expert_feed_forward_length"),
-                             ("shared_expert_intermediate_size", "expert_shared_feed_forward_length"),
-                             ("head_dim", "attention.key_length")):
+    for hf_key, gguf_key in (
+        ("num_experts", "expert_count"),
+        ("num_local_experts", "expert_count"),
+        ("num_experts_per_tok", "expert_used_count"),
+        ("moe_intermediate_size", "expert_feed_forward_length"),
+        ("shared_expert_intermediate_size", "expert_shared_feed_forward_length"),
+        ("head_dim", "attention.key_length"),
+    ):
         if hf_key in config:
             kv[f"{arch}.{gguf_key}"] = config[hf_key]
     return kv
 
 
-def write_gguf_file(path: str | Path, arch: str, tensors: dict[str, np.ndarray],
-                    kv: dict[str, Any] | None = None, qtypes: dict[str, str] | None = None) -> Path:
+def write_gguf_file(
+    path: str | Path,
+    arch: str,
+    tensors: dict[str, np.ndarray],
+    kv: dict[str, Any] | None = None,
+    qtypes: dict[str, str] | None = None,
+) -> Path:
     """Write a GGUF file with llama.cpp-named tensors (torch-order numpy arrays) and metadata.
 
     Args:

@@ -34,7 +34,10 @@ def _one_line(err: BaseException) -> str:
 def test_path_does_not_exist(tmp_path):
     with pytest.raises(CheckpointError) as err:
         open_checkpoint(tmp_path / "nowhere")
-    assert _one_line(err.value) == f"checkpoint path does not exist: {tmp_path / 'nowhere'} (fix: check the path)"
+    assert (
+        _one_line(err.value)
+        == f"checkpoint path does not exist: {tmp_path / 'nowhere'} (fix: check the path)"
+    )
 
 
 def test_file_that_is_not_a_checkpoint(tmp_path):
@@ -102,8 +105,9 @@ def test_bad_index_json(tmp_path, state):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weights": {}}))
     with pytest.raises(CheckpointError, match="has no 'weight_map' object"):
         open_checkpoint(tmp_path)
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"model.norm.weight": "../../etc/passwd"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "../../etc/passwd"}})
+    )
     with pytest.raises(CheckpointError, match="bad file name '../../etc/passwd'"):
         open_checkpoint(tmp_path)
 
@@ -112,14 +116,26 @@ def _valid_files(tmp_path, sd, config):
     write_safetensors_checkpoint(tmp_path / "st", sd, config)
     write_torch_checkpoint(tmp_path / "pt", sd, config)
     arrays = {n: t.numpy() for n, t in sd.items()}
-    write_gguf_file(tmp_path / "m.gguf", "llama", {"token_embd.weight": arrays["model.embed_tokens.weight"],
-                                                    "blk.0.attn_q.weight": arrays["model.layers.0.self_attn.q_proj.weight"]},
-                    {"llama.attention.head_count": 4, "llama.attention.head_count_kv": 2},
-                    {"blk.0.attn_q.weight": "Q8_0"})
-    graph = helper.make_graph([], "g", [], [], initializer=[numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    write_gguf_file(
+        tmp_path / "m.gguf",
+        "llama",
+        {
+            "token_embd.weight": arrays["model.embed_tokens.weight"],
+            "blk.0.attn_q.weight": arrays["model.layers.0.self_attn.q_proj.weight"],
+        },
+        {"llama.attention.head_count": 4, "llama.attention.head_count_kv": 2},
+        {"blk.0.attn_q.weight": "Q8_0"},
+    )
+    graph = helper.make_graph(
+        [], "g", [], [], initializer=[numpy_helper.from_array(a, n) for n, a in arrays.items()]
+    )
     onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
-    return [tmp_path / "st" / "model.safetensors", tmp_path / "pt" / "pytorch_model.bin",
-            tmp_path / "m.gguf", tmp_path / "m.onnx"]
+    return [
+        tmp_path / "st" / "model.safetensors",
+        tmp_path / "pt" / "pytorch_model.bin",
+        tmp_path / "m.gguf",
+        tmp_path / "m.onnx",
+    ]
 
 
 def test_truncated_files_only_raise_modelkin_errors(tmp_path, state):
@@ -134,7 +150,7 @@ def test_truncated_files_only_raise_modelkin_errors(tmp_path, state):
             damaged.write_bytes(full[:cut])
             try:
                 with open_checkpoint(damaged) as ckpt:
-                    for name in ckpt.keys():
+                    for name in ckpt:
                         ckpt.get_tensor(name)
             except ModelkinError as err:
                 assert damaged.name in _one_line(err), (path.name, cut, str(err))
@@ -154,7 +170,7 @@ def test_flipped_bytes_only_raise_modelkin_errors(tmp_path, state):
             bad.write_bytes(damaged.tobytes())
             try:
                 with open_checkpoint(bad) as ckpt:
-                    for name in ckpt.keys():
+                    for name in ckpt:
                         t = ckpt.get_tensor(name)
                         assert isinstance(t, torch.Tensor)
             except ModelkinError as err:

@@ -22,8 +22,16 @@ from tests.ckpt_factory import (
 )
 
 
-def _moe_state(*, router_prefix: str, experts: int = 4, hidden: int = 32, ffn: int = 32,
-               shared: bool, qk_norm: bool = False, bias: bool = False) -> tuple[dict, dict]:
+def _moe_state(
+    *,
+    router_prefix: str,
+    experts: int = 4,
+    hidden: int = 32,
+    ffn: int = 32,
+    shared: bool,
+    qk_norm: bool = False,
+    bias: bool = False,
+) -> tuple[dict, dict]:
     g = torch.Generator().manual_seed(7)
     heads, kv_heads, head_dim, vocab = 4, 2, 8, 40
 
@@ -31,20 +39,25 @@ def _moe_state(*, router_prefix: str, experts: int = 4, hidden: int = 32, ffn: i
         return torch.randn(*shape, generator=g)
 
     p = "model.layers.0."
-    sd = {"model.embed_tokens.weight": rnd(vocab, hidden), p + "input_layernorm.weight": rnd(hidden),
-          p + "self_attn.q_proj.weight": rnd(heads * head_dim, hidden),
-          p + "self_attn.k_proj.weight": rnd(kv_heads * head_dim, hidden),
-          p + "self_attn.v_proj.weight": rnd(kv_heads * head_dim, hidden),
-          p + "self_attn.o_proj.weight": rnd(hidden, heads * head_dim),
-          p + "post_attention_layernorm.weight": rnd(hidden),
-          f"{p}{router_prefix}.gate.weight": rnd(experts, hidden)}
+    sd = {
+        "model.embed_tokens.weight": rnd(vocab, hidden),
+        p + "input_layernorm.weight": rnd(hidden),
+        p + "self_attn.q_proj.weight": rnd(heads * head_dim, hidden),
+        p + "self_attn.k_proj.weight": rnd(kv_heads * head_dim, hidden),
+        p + "self_attn.v_proj.weight": rnd(kv_heads * head_dim, hidden),
+        p + "self_attn.o_proj.weight": rnd(hidden, heads * head_dim),
+        p + "post_attention_layernorm.weight": rnd(hidden),
+        f"{p}{router_prefix}.gate.weight": rnd(experts, hidden),
+    }
     if bias:
         for proj, rows in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
             sd[f"{p}self_attn.{proj}_proj.bias"] = rnd(rows * head_dim)
     if qk_norm:
         sd[p + "self_attn.q_norm.weight"] = rnd(head_dim)
         sd[p + "self_attn.k_norm.weight"] = rnd(head_dim)
-    names = ("w1", "w3", "w2") if router_prefix == "block_sparse_moe" else ("gate_proj", "up_proj", "down_proj")
+    names = (
+        ("w1", "w3", "w2") if router_prefix == "block_sparse_moe" else ("gate_proj", "up_proj", "down_proj")
+    )
     for e in range(experts):
         sd[f"{p}{router_prefix}.experts.{e}.{names[0]}.weight"] = rnd(ffn, hidden)
         sd[f"{p}{router_prefix}.experts.{e}.{names[1]}.weight"] = rnd(ffn, hidden)
@@ -55,10 +68,19 @@ def _moe_state(*, router_prefix: str, experts: int = 4, hidden: int = 32, ffn: i
         sd[p + "mlp.shared_expert.down_proj.weight"] = rnd(hidden, ffn)
         sd[p + "mlp.shared_expert_gate.weight"] = rnd(1, hidden)
     sd["model.norm.weight"] = rnd(hidden)
-    config = {"hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": 1,
-              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-6,
-              "rope_theta": 1e6, "max_position_embeddings": 64, "vocab_size": vocab,
-              "num_experts_per_tok": 2, "moe_intermediate_size": ffn}
+    config = {
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": 1,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "max_position_embeddings": 64,
+        "vocab_size": vocab,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": ffn,
+    }
     config["num_local_experts" if router_prefix == "block_sparse_moe" else "num_experts"] = experts
     if shared:
         config["shared_expert_intermediate_size"] = ffn
@@ -82,10 +104,23 @@ def test_tiny_llama_round_trip_undoes_qk_permutation(tmp_path):
             assert ckpt.info(name).shape == tuple(tensor.shape), name
             assert torch.equal(ckpt.get_tensor(name), tensor), name
         got = ckpt.config()
-    for key in ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta",
-                "max_position_embeddings", "vocab_size", "tie_word_embeddings", "attention_bias",
-                "bos_token_id", "eos_token_id"):
+    for key in (
+        "model_type",
+        "architectures",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "rope_theta",
+        "max_position_embeddings",
+        "vocab_size",
+        "tie_word_embeddings",
+        "attention_bias",
+        "bos_token_id",
+        "eos_token_id",
+    ):
         assert got[key] == config[key], key
 
 
@@ -167,8 +202,13 @@ def test_qwen3moe_qk_norm(tmp_path):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "BF16", "F16"])
 def test_quant_types_dequantise_like_gguf(tmp_path, qtype):
     w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
-    path = write_gguf_file(tmp_path / "q.gguf", "llama", {"token_embd.weight": w},
-                           {"llama.block_count": 0}, {"token_embd.weight": qtype})
+    path = write_gguf_file(
+        tmp_path / "q.gguf",
+        "llama",
+        {"token_embd.weight": w},
+        {"llama.block_count": 0},
+        {"token_embd.weight": qtype},
+    )
     raw = gguf.GGUFReader(path).tensors[0]
     with open_checkpoint(path) as ckpt:
         info = ckpt.info("model.embed_tokens.weight")
@@ -186,15 +226,26 @@ def test_quant_types_dequantise_like_gguf(tmp_path, qtype):
 
 
 def test_unknown_names_are_kept_and_reported(tmp_path):
-    tensors = {"token_embd.weight": np.ones((4, 8), np.float32),
-               "blk.0.attn_qkv.weight": np.ones((24, 8), np.float32),
-               "rope_freqs.weight": np.ones(4, np.float32)}
+    tensors = {
+        "token_embd.weight": np.ones((4, 8), np.float32),
+        "blk.0.attn_qkv.weight": np.ones((24, 8), np.float32),
+        "rope_freqs.weight": np.ones(4, np.float32),
+        "blk.0.ffn_odd_exps.weight": np.ones((3, 4, 8), np.float32),
+    }
     path = write_gguf_file(tmp_path / "odd.gguf", "phi3", tensors, {"phi3.block_count": 1})
     with open_checkpoint(path) as ckpt:
-        assert ckpt.keys() == ["model.embed_tokens.weight", "model.layers.0.attn_qkv.weight",
-                               "rope_freqs.weight"]
-        assert ckpt.unmapped == {"model.layers.0.attn_qkv.weight": "blk.0.attn_qkv.weight",
-                                 "rope_freqs.weight": "rope_freqs.weight"}
+        assert ckpt.keys() == [
+            "model.embed_tokens.weight",
+            "model.layers.0.attn_qkv.weight",
+            "rope_freqs.weight",
+            "model.layers.0.ffn_odd_exps.weight",
+        ]
+        assert ckpt.unmapped == {
+            "model.layers.0.attn_qkv.weight": "blk.0.attn_qkv.weight",
+            "rope_freqs.weight": "rope_freqs.weight",
+            "model.layers.0.ffn_odd_exps.weight": "blk.0.ffn_odd_exps.weight",
+        }
+        assert ckpt.info("model.layers.0.ffn_odd_exps.weight").shape == (3, 4, 8)
         assert ckpt.get_tensor("model.layers.0.attn_qkv.weight").shape == (24, 8)
         assert ckpt.config()["model_type"] == "phi3"
 
@@ -206,14 +257,17 @@ def test_info_reads_no_data(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gguf.quants, "dequantize", lambda *a: pytest.fail("data read"))
     with open_checkpoint(path) as ckpt:
-        assert [ckpt.info(n).numel for n in ckpt.keys()] == [state[n].numel() for n in ckpt.keys()]
+        assert [ckpt.info(n).numel for n in ckpt] == [state[n].numel() for n in ckpt]
         assert ckpt.bytes_read == 0
 
 
 def test_metadata_has_python_values(tmp_path):
-    path = write_gguf_file(tmp_path / "m.gguf", "llama", {"output_norm.weight": np.ones(4, np.float32)},
-                           {"llama.block_count": 0, "tokenizer.ggml.tokens": ["a", "b", "<s>"],
-                            "tokenizer.ggml.model": "gpt2"})
+    path = write_gguf_file(
+        tmp_path / "m.gguf",
+        "llama",
+        {"output_norm.weight": np.ones(4, np.float32)},
+        {"llama.block_count": 0, "tokenizer.ggml.tokens": ["a", "b", "<s>"], "tokenizer.ggml.model": "gpt2"},
+    )
     with open_checkpoint(path) as ckpt:
         meta = ckpt.metadata()
         assert meta["general.architecture"] == "llama"
@@ -233,7 +287,10 @@ def test_name_mapping_round_trips(arch):
             assert hf_to_gguf(hf, arch) == (gname, None)
     for top in TOP_NAMES:
         assert hf_to_gguf(gguf_to_hf(f"{top}.weight", arch), arch) == (f"{top}.weight", None)
-    assert gguf_to_hf("blk.0.ffn_gate.3.weight", "llama") == "model.layers.0.block_sparse_moe.experts.3.w1.weight"
+    assert (
+        gguf_to_hf("blk.0.ffn_gate.3.weight", "llama")
+        == "model.layers.0.block_sparse_moe.experts.3.w1.weight"
+    )
     assert gguf_to_hf("blk.0.unknown_thing.weight", arch) is None
     assert hf_to_gguf("model.layers.0.mlp.foo.weight", arch) is None
 

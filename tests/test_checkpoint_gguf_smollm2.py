@@ -47,9 +47,17 @@ def test_config_matches_transformers(hf_state, ours):
     hf_config, _ = hf_state
     ours = ours.config()
     assert ours["model_type"] == "llama" and ours["architectures"] == ["LlamaForCausalLM"]
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "max_position_embeddings", "vocab_size", "bos_token_id",
-                "eos_token_id"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "vocab_size",
+        "bos_token_id",
+        "eos_token_id",
+    ):
         assert ours[key] == hf_config[key], key
     assert ours["rms_norm_eps"] == 1e-5
     theta = hf_config.get("rope_theta") or hf_config["rope_parameters"]["rope_theta"]

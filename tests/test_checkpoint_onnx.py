@@ -19,9 +19,12 @@ Q = "model.layers.0.self_attn.q_proj.weight"
 def _model(initializers: list[TensorProto]) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", Q], ["y"])], "g", [x], [y],
-                              initializer=initializers)
-    model = helper.make_model(graph, producer_name="modelkin-test", opset_imports=[helper.make_opsetid("", 17)])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", Q], ["y"])], "g", [x], [y], initializer=initializers
+    )
+    model = helper.make_model(
+        graph, producer_name="modelkin-test", opset_imports=[helper.make_opsetid("", 17)]
+    )
     helper.set_model_props(model, {"source": "unit test"})
     return model
 
@@ -29,10 +32,12 @@ def _model(initializers: list[TensorProto]) -> onnx.ModelProto:
 @pytest.fixture(scope="module")
 def arrays():
     rng = np.random.default_rng(0)
-    return {Q: rng.standard_normal((4, 4)).astype(np.float32),
-            "onnx::MatMul_12": rng.standard_normal((3, 5)).astype(np.float32),
-            "ids": np.arange(6, dtype=np.int64).reshape(2, 3),
-            "half": rng.standard_normal(8).astype(np.float16)}
+    return {
+        Q: rng.standard_normal((4, 4)).astype(np.float32),
+        "onnx::MatMul_12": rng.standard_normal((3, 5)).astype(np.float32),
+        "ids": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "half": rng.standard_normal(8).astype(np.float16),
+    }
 
 
 def _inits(arrays):
@@ -40,8 +45,11 @@ def _inits(arrays):
     # one initialiser in typed fields (float_data) instead of raw_data
     inits.append(helper.make_tensor("typed", TensorProto.FLOAT, [3], [1.5, -2.0, 3.25]))
     bf16 = torch.tensor([1.0, -0.5, 3.0], dtype=torch.bfloat16)
-    inits.append(helper.make_tensor("bf16", TensorProto.BFLOAT16, [3],
-                                    bf16.view(torch.int16).numpy().tobytes(), raw=True))
+    inits.append(
+        helper.make_tensor(
+            "bf16", TensorProto.BFLOAT16, [3], bf16.view(torch.int16).numpy().tobytes(), raw=True
+        )
+    )
     return inits
 
 
@@ -68,8 +76,14 @@ def test_inline_initialisers(tmp_path, arrays):
 def test_external_data_is_read_lazily(tmp_path, arrays):
     model = _model(_inits(arrays))
     path = tmp_path / "exported.onnx"
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="exported.onnx.data", size_threshold=0)
+    onnx.save_model(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="exported.onnx.data",
+        size_threshold=0,
+    )
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with open_checkpoint(path) as ckpt:
         assert ckpt.files() == [path, tmp_path / "exported.onnx.data"]
@@ -85,8 +99,9 @@ def test_external_data_is_read_lazily(tmp_path, arrays):
 
 def test_missing_and_truncated_external_data(tmp_path, arrays):
     path = tmp_path / "m.onnx"
-    onnx.save_model(_model(_inits(arrays)), path, save_as_external_data=True,
-                    location="m.data", size_threshold=0)
+    onnx.save_model(
+        _model(_inits(arrays)), path, save_as_external_data=True, location="m.data", size_threshold=0
+    )
     data = tmp_path / "m.data"
     data.write_bytes(data.read_bytes()[:40])
     with pytest.raises(CheckpointError, match="external data file .*m.data is truncated: initialiser"):

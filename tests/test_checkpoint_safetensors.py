@@ -43,8 +43,8 @@ def test_single_file_dir_reads_every_tensor_exactly(single_dir, llama):
 def test_keys_follow_the_data_order_of_the_file(single_dir):
     with open_checkpoint(single_dir) as ckpt:
         header_len = int.from_bytes((single_dir / "model.safetensors").read_bytes()[:8], "little")
-        header = json.loads((single_dir / "model.safetensors").read_bytes()[8:8 + header_len])
-        offsets = [header[name]["data_offsets"][0] for name in ckpt.keys()]
+        header = json.loads((single_dir / "model.safetensors").read_bytes()[8 : 8 + header_len])
+        offsets = [header[name]["data_offsets"][0] for name in ckpt]
         assert offsets == sorted(offsets)
 
 
@@ -56,7 +56,7 @@ def test_info_and_keys_read_no_tensor_data(single_dir, monkeypatch):
 
     monkeypatch.setattr(reader, "safe_open", refuse)
     with open_checkpoint(single_dir) as ckpt:
-        infos = [ckpt.info(n) for n in ckpt.keys()]
+        infos = [ckpt.info(n) for n in ckpt]
         assert len(infos) == 3 * 9 + 3
         assert ckpt.bytes_read == 0
 
@@ -70,7 +70,7 @@ def test_sharded_checkpoint_equals_single_file_bit_for_bit(tmp_path, llama, sing
         assert sorted(many.keys()) == sorted(one.keys())
         assert len(many.files()) == 3
         assert many.metadata()["total_size"] == sum(t.numel() * 4 for t in state.values())
-        for name in one.keys():
+        for name in one:
             a, b = many.get_tensor(name), one.get_tensor(name)
             assert a.dtype == b.dtype and a.shape == b.shape
             assert a.view(torch.int32).equal(b.view(torch.int32))  # bit-identical
@@ -112,17 +112,21 @@ def test_missing_config_json_opens_but_config_raises(tmp_path, llama):
 
 def test_invalid_config_json_names_file_and_line(single_dir):
     (single_dir / "config.json").write_text('{"model_type": "llama",\n "hidden_size": }')
-    with open_checkpoint(single_dir) as ckpt:
-        with pytest.raises(ConfigError, match=r"config.json .* is not valid JSON \(line 2"):
-            ckpt.config()
+    with (
+        open_checkpoint(single_dir) as ckpt,
+        pytest.raises(ConfigError, match=r"config.json .* is not valid JSON \(line 2"),
+    ):
+        ckpt.config()
 
 
 def test_index_naming_a_missing_shard(tmp_path, llama):
     state, config = llama
     write_safetensors_checkpoint(tmp_path, state, config, shards=3)
     (tmp_path / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="shard model-00002-of-00003.safetensors named in "
-                                              "model.safetensors.index.json is missing"):
+    with pytest.raises(
+        CheckpointError,
+        match="shard model-00002-of-00003.safetensors named in model.safetensors.index.json is missing",
+    ):
         open_checkpoint(tmp_path)
 
 
@@ -146,16 +150,21 @@ def test_truncated_file_is_reported_with_the_tensor(tmp_path, llama):
         open_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("payload,message", [
-    (b"\x01\x00", "only 2 bytes long"),
-    (b"\xff" * 8 + b"{}", "header length .* exceeds the file size"),
-    ((5).to_bytes(8, "little") + b"{nope", "header is not JSON"),
-    ((2).to_bytes(8, "little") + b"[]", "header is not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "payload,message",
+    [
+        (b"\x01\x00", "only 2 bytes long"),
+        (b"\xff" * 8 + b"{}", "header length .* exceeds the file size"),
+        ((5).to_bytes(8, "little") + b"{nope", "header is not JSON"),
+        ((2).to_bytes(8, "little") + b"[]", "header is not a JSON object"),
+    ],
+)
 def test_damaged_headers(tmp_path, payload, message):
     path = tmp_path / "broken.safetensors"
     path.write_bytes(payload)
-    with pytest.raises(CheckpointError, match=f"broken.safetensors is not a valid safetensors file: {message}"):
+    with pytest.raises(
+        CheckpointError, match=f"broken.safetensors is not a valid safetensors file: {message}"
+    ):
         open_checkpoint(path)
 
 
@@ -164,8 +173,8 @@ def test_header_size_mismatch(tmp_path):
     save_file({"w": torch.zeros(4)}, str(path))
     raw = bytearray(path.read_bytes())
     n = int.from_bytes(raw[:8], "little")
-    header = raw[8:8 + n].replace(b'"shape":[4]', b'"shape":[5]')
-    path.write_bytes(raw[:8] + header + raw[8 + n:])
+    header = raw[8 : 8 + n].replace(b'"shape":[4]', b'"shape":[5]')
+    path.write_bytes(raw[:8] + header + raw[8 + n :])
     with pytest.raises(CheckpointError, match=r"tensor 'w' \(F32\[5\]\) needs 20 bytes, has 16"):
         open_checkpoint(path)
 

@@ -56,7 +56,7 @@ def test_sharded_bin_with_index_equals_single(tmp_path, llama):
     with open_checkpoint(tmp_path / "one") as one, open_checkpoint(tmp_path / "many") as many:
         assert many.keys() == one.keys()
         assert len(many.files()) == 2
-        for name in one.keys():
+        for name in one:
             assert torch.equal(many.get_tensor(name), one.get_tensor(name))
 
 

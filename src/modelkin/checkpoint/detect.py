@@ -62,8 +62,7 @@ def _open_file(path: pathlib.Path, origin: pathlib.Path) -> TensorSource:
 
         return OnnxSource(path)
     raise CheckpointError(
-        f"{path} is not a checkpoint modelkin can read (not safetensors, GGUF, a PyTorch "
-        "state dict or ONNX)",
+        f"{path} is not a checkpoint modelkin can read (not safetensors, GGUF, a PyTorch state dict or ONNX)",
         hint="pass a model directory or a .safetensors, .gguf, .bin/.pt or .onnx file",
     )
 

@@ -43,9 +43,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def build_config(
-    kv: dict[str, Any], *, tensor_names: set[str], vocab_fallback: int | None
-) -> dict[str, Any]:
+def build_config(kv: dict[str, Any], *, tensor_names: set[str], vocab_fallback: int | None) -> dict[str, Any]:
     """HF-style config dict from GGUF metadata.
 
     Args:
@@ -73,18 +71,15 @@ def build_config(
         config["num_local_experts" if model_type == "mixtral" else "num_experts"] = n_experts
     config.setdefault("num_key_value_heads", config.get("num_attention_heads"))
     config.setdefault("rope_theta", 10000.0)
-    if "vocab_size" not in config:
-        if vocab_fallback:
-            config["vocab_size"] = int(vocab_fallback)
+    if "vocab_size" not in config and vocab_fallback:
+        config["vocab_size"] = int(vocab_fallback)
     rope_type = kv.get(f"{arch}.rope.scaling.type")
     if rope_type and rope_type != "none":
         scaling: dict[str, Any] = {"rope_type": rope_type}
         if f"{arch}.rope.scaling.factor" in kv:
             scaling["factor"] = _clean(kv[f"{arch}.rope.scaling.factor"])
         if f"{arch}.rope.scaling.original_context_length" in kv:
-            scaling["original_max_position_embeddings"] = kv[
-                f"{arch}.rope.scaling.original_context_length"
-            ]
+            scaling["original_max_position_embeddings"] = kv[f"{arch}.rope.scaling.original_context_length"]
         config["rope_scaling"] = scaling
     if model_type in ("llama", "mixtral"):
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names

@@ -48,12 +48,6 @@ def _style(arch: str) -> dict[str, str]:
     return _MIXTRAL_STYLE if arch == "llama" else _QWEN_STYLE
 
 
-def is_stacked_experts(gguf_name: str) -> bool:
-    """Whether a GGUF tensor holds all experts of a layer stacked along its first torch dim."""
-    match = _BLOCK_RE.fullmatch(gguf_name)
-    return bool(match) and match.group(2).endswith("_exps") and match.group(3) is None
-
-
 def gguf_to_hf(gguf_name: str, arch: str) -> str | None:
     """Canonical HF name of a GGUF tensor, or None when the name is not known.
 

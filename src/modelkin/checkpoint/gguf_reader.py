@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from modelkin.checkpoint.gguf_config import build_config
-from modelkin.checkpoint.gguf_names import fallback_name, gguf_to_hf, is_stacked_experts
+from modelkin.checkpoint.gguf_names import fallback_name, gguf_to_hf
 from modelkin.checkpoint.source import TORCH_DTYPES, TensorInfo, TensorSource
 from modelkin.errors import CheckpointError, ConfigError
 
@@ -64,7 +64,7 @@ def _reader_class() -> type:
 def _open_reader(path: pathlib.Path) -> Any:
     try:
         return _reader_class()(path, "r")
-    except Exception as err:  # gguf raises ValueError, IndexError, struct errors on bad files
+    except Exception as err:  # noqa: BLE001 - boundary
         raise CheckpointError(
             f"{path} is not a readable GGUF file ({type(err).__name__}: {err})",
             hint="re-download the file; it may be truncated or written by an incompatible tool",
@@ -92,9 +92,9 @@ class GGUFSource(TensorSource):
         self._config = build_config(
             self._scalars,
             tensor_names={t.name for t in tensors},
-            vocab_fallback=len(tokens.data) if tokens is not None else (
-                int(embed.shape[-1]) if embed is not None else None
-            ),
+            vocab_fallback=len(tokens.data)
+            if tokens is not None
+            else (int(embed.shape[-1]) if embed is not None else None),
         )
         self._metadata: dict[str, Any] | None = None
         self._entries: dict[str, _Entry] = {}
@@ -132,7 +132,9 @@ class GGUFSource(TensorSource):
             raise CheckpointError(
                 f"{self.path}: {gname} of shape {list(shape)} does not split into {heads} RoPE heads"
             )
-        if is_stacked_experts(gname) and len(shape) >= 2:
+        if "{expert}" in hf_name:
+            if len(shape) < 2:
+                raise CheckpointError(f"{self.path}: expert tensor {gname} has shape {list(shape)}")
             n_experts = shape[0]
             for e in range(n_experts):
                 info = TensorInfo(hf_name.format(expert=e), shape[1:], dtype, nbytes // n_experts)

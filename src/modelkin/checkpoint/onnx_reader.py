@@ -16,8 +16,22 @@ from modelkin.errors import CheckpointError
 
 # onnx.TensorProto.DataType value -> stored dtype string
 ONNX_DTYPES: dict[int, str] = {
-    1: "F32", 2: "U8", 3: "I8", 4: "U16", 5: "I16", 6: "I32", 7: "I64", 9: "BOOL", 10: "F16",
-    11: "F64", 12: "U32", 13: "U64", 14: "C64", 16: "BF16", 17: "F8_E4M3", 19: "F8_E5M2",
+    1: "F32",
+    2: "U8",
+    3: "I8",
+    4: "U16",
+    5: "I16",
+    6: "I32",
+    7: "I64",
+    9: "BOOL",
+    10: "F16",
+    11: "F64",
+    12: "U32",
+    13: "U64",
+    14: "C64",
+    16: "BF16",
+    17: "F8_E4M3",
+    19: "F8_E5M2",
 }
 
 
@@ -63,8 +77,7 @@ def _entry(model_path: pathlib.Path, proto: Any) -> _Entry:
     nbytes = full if length is None else length
     if not file.is_file():
         raise CheckpointError(
-            f"external data file {file.name} of initialiser {proto.name!r} is missing "
-            f"from {file.parent}",
+            f"external data file {file.name} of initialiser {proto.name!r} is missing from {file.parent}",
             hint="copy the .onnx file together with its external data files",
         )
     if offset + nbytes > file.stat().st_size:
@@ -87,7 +100,7 @@ class OnnxSource(TensorSource):
 
         try:
             self._model = onnx.load(str(path), load_external_data=False)
-        except Exception as err:  # protobuf DecodeError, OSError, onnx errors
+        except Exception as err:  # noqa: BLE001 - boundary
             raise CheckpointError(
                 f"{path} is not a readable ONNX model ({type(err).__name__}: {err})",
                 hint="re-export or re-download the model",
@@ -164,7 +177,7 @@ def _from_typed_fields(proto: Any, dtype: torch.dtype, shape: tuple[int, ...]) -
 
     try:
         array = np.array(numpy_helper.to_array(proto))
-    except Exception as err:  # onnx raises ValueError/TypeError for inconsistent protos
+    except Exception as err:  # noqa: BLE001 - boundary
         raise CheckpointError(f"cannot decode initialiser {proto.name!r}: {err}") from None
     if dtype == torch.bfloat16 or dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         bits = np.uint16 if dtype == torch.bfloat16 else np.uint8

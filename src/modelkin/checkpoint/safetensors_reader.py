@@ -161,7 +161,7 @@ class SafetensorsSource(TensorSource):
             if handle is None:
                 handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
             return handle.get_tensor(name)
-        except Exception as err:  # safetensors raises its own SafetensorError and OSError
+        except Exception as err:  # noqa: BLE001 - boundary
             raise CheckpointError(f"cannot read tensor {name!r} from {file}: {err}") from None
 
     def config(self) -> dict[str, Any]:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 import pathlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from modelkin.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 # Stored dtype string -> the torch dtype get_tensor returns. Quantised GGUF types are not listed:
 # they dequantise to float32 (see TensorInfo.torch_dtype).
@@ -154,7 +158,10 @@ class TensorSource(ABC):
     def __len__(self) -> int:
         return len(self.keys())
 
-    def __enter__(self) -> TensorSource:
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

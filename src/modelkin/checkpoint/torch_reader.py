@@ -41,7 +41,7 @@ def load_state_dict(file: pathlib.Path) -> dict[str, torch.Tensor]:
             f"{file} is not a plain state dict: the weights-only loader refused it ({_refusal(err)})",
             hint="re-save it as a name -> tensor dict, or convert it to safetensors",
         ) from None
-    except Exception as err:  # torch raises RuntimeError, EOFError, OSError, … on damaged files
+    except Exception as err:  # noqa: BLE001 - boundary
         raise CheckpointError(
             f"{file} is not a readable PyTorch checkpoint ({type(err).__name__}: {_refusal(err)})",
             hint="re-download the file; it may be truncated",
@@ -54,8 +54,7 @@ def load_state_dict(file: pathlib.Path) -> dict[str, torch.Tensor]:
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(
-                f"{file} is not a plain state dict: entry {key!r} is a {type(value).__name__}, "
-                "not a tensor",
+                f"{file} is not a plain state dict: entry {key!r} is a {type(value).__name__}, not a tensor",
                 hint="save model.state_dict() alone (no optimizer, epoch or nested dicts)",
             )
     return obj
