@@ -1,0 +1,28 @@
+"""Inference: load a checkpoint into an architecture's module and run, generate or score with it.
+
+Public names (imported lazily so that submodules such as ``runtime.tokenizer`` stay light):
+``load``, ``Model``, ``GenerationResult``, ``ScoreResult`` (api), ``make_tiny`` (tiny).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["GenerationResult", "Model", "ScoreResult", "load", "make_tiny"]
+
+_LAZY = {
+    "load": "modelkin.runtime.api",
+    "Model": "modelkin.runtime.api",
+    "GenerationResult": "modelkin.runtime.api",
+    "ScoreResult": "modelkin.runtime.api",
+    "make_tiny": "modelkin.runtime.tiny",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'modelkin.runtime' has no attribute {name!r}")

@@ -1,0 +1,82 @@
+"""The architecture registry: HF ``architectures[0]`` and ``model_type`` -> the module implementing it.
+
+Every module exports the trio declared by ``Architecture``: ``ModelArgs``, ``Model``, ``remap_weights``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any, Protocol
+
+from torch import nn
+
+from modelkin.errors import UnsupportedArchitectureError
+
+# HF name (architectures[0] or model_type) -> module under modelkin.runtime.models
+ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "llama": "llama",
+    "MistralForCausalLM": "llama",
+    "mistral": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "qwen2": "qwen2",
+    "PanguEmbeddedForCausalLM": "pangu_embedded",
+    "PanguEmbedded": "pangu_embedded",
+}
+
+
+class ArchArgs(Protocol):
+    num_hidden_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ArchArgs: ...
+
+
+class Architecture(Protocol):
+    """What an architecture module exports.
+
+    ``Model(args)`` is an ``nn.Module`` with HF internal names, attributes ``args`` and
+    ``sliding_window`` (int or None), and ``forward(input_ids_BL, *, positions_BL, mask_BLS,
+    cache, last_only) -> logits``. ``remap_weights`` maps a checkpoint's canonical HF names to the
+    model's parameter names (identity for dense models, plus dropping buffers; MoE files stack
+    experts) and works on ``loader.StateDict`` (name -> LazyTensor).
+    """
+
+    ModelArgs: type[ArchArgs]
+    Model: type[nn.Module]
+
+    @staticmethod
+    def remap_weights(state: dict[str, Any]) -> dict[str, Any]: ...
+
+
+def supported() -> list[str]:
+    """Supported model_type and architecture names, sorted."""
+    return sorted(ARCHITECTURES)
+
+
+def get_architecture(config: dict[str, Any]) -> Architecture:
+    """The module implementing a config's ``architectures[0]`` (or, failing that, its ``model_type``).
+
+    Raises:
+        UnsupportedArchitectureError: neither name is registered; the message lists the supported ones.
+    """
+    archs = config.get("architectures") or []
+    model_type = config.get("model_type")
+    for key in [*archs[:1], model_type]:
+        if isinstance(key, str) and key in ARCHITECTURES:
+            return _module(ARCHITECTURES[key])
+    model_types = sorted(k for k in ARCHITECTURES if not k.endswith("ForCausalLM"))
+    raise UnsupportedArchitectureError(
+        f"unsupported model_type {model_type!r} (architectures {archs!r})",
+        hint=f"supported model_type values: {', '.join(model_types)}",
+    )
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"modelkin.runtime.models.{name}")

@@ -1,0 +1,78 @@
+"""Qwen2 / Qwen2.5 decoder.
+
+HF reference: transformers/models/qwen2/modeling_qwen2.py.
+Differs from Llama by: q/k/v projections always carry biases (o_proj never does); embeddings tied in
+the small sizes (tie_word_embeddings), untied in the large ones; rope_theta 1e6 and optional yarn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from modelkin.errors import ConfigError
+from modelkin.runtime.config import DecoderArgs
+from modelkin.runtime.kv_cache import KVCache
+from modelkin.runtime.layers import MLP, Attention, DecoderLayer, DecoderStack
+from modelkin.runtime.loader import StateDict, drop_rotary_buffers
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ModelArgs(DecoderArgs):
+    use_sliding_window: bool = False
+    sliding_window: int | None = None  # only read when use_sliding_window is true
+
+    def validate(self) -> None:
+        DecoderArgs.validate(self)
+        if self.use_sliding_window:
+            raise ConfigError(
+                "Qwen2 with use_sliding_window=true is not supported (per-layer windows)",
+                hint="set use_sliding_window to false in config.json; released Qwen2/2.5 do",
+            )
+
+
+class Model(nn.Module):
+    """Causal LM: ``model`` (embeddings, layers, norm) then ``lm_head``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.sliding_window = None
+        layers = [_layer(args, i) for i in range(args.num_hidden_layers)]
+        self.model = DecoderStack(args=args, layers=layers)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids_BL: torch.Tensor,
+        *,
+        positions_BL: torch.Tensor,
+        mask_BLS: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        h = self.model(input_ids_BL, positions_BL=positions_BL, mask_BLS=mask_BLS, cache=cache)
+        return self.lm_head(h[:, -1:] if last_only else h)
+
+
+def _layer(args: ModelArgs, i: int) -> DecoderLayer:
+    attn = Attention(
+        layer_idx=i,
+        hidden_size=args.hidden_size,
+        num_heads=args.num_attention_heads,
+        num_kv_heads=args.num_key_value_heads,
+        head_dim=args.head_dim,
+        qkv_bias=True,
+        o_bias=False,
+    )
+    mlp = MLP(args.hidden_size, args.intermediate_size)
+    return DecoderLayer(self_attn=attn, mlp=mlp, hidden_size=args.hidden_size, eps=args.rms_norm_eps)
+
+
+def remap_weights(state: StateDict) -> StateDict:
+    """HF names are ours: only drop stored rotary buffers."""
+    return drop_rotary_buffers(state)

@@ -1,0 +1,76 @@
+"""Sampling as small pure functions over logits [B, V]: filters, and a sync-free categorical draw."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Sampler = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]  # logits -> ids [B]
+
+
+def greedy(logits_BV: torch.Tensor) -> torch.Tensor:
+    return logits_BV.argmax(dim=-1)
+
+
+def apply_temperature(logits_BV: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits_BV / temperature
+
+
+def top_k_filter(logits_BV: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties at the k-th value are kept), -inf elsewhere."""
+    k = min(k, logits_BV.shape[-1])
+    kth = torch.topk(logits_BV, k, dim=-1).values[..., -1:]
+    return logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+
+
+def top_p_filter(logits_BV: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of tokens whose probability mass reaches ``p``."""
+    sorted_logits, order = torch.sort(logits_BV, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # the most likely token always stays
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits_BV.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits_BV: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens whose probability is at least ``min_p`` times the top token's."""
+    probs = logits_BV.softmax(dim=-1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p
+    return logits_BV.masked_fill(probs < threshold, float("-inf"))
+
+
+def categorical(logits_BV: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one id per row from softmax(logits) as argmax(p / Exp(1) noise): no sync, no multinomial."""
+    probs = logits_BV.float().softmax(dim=-1)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def make_sampler(
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+) -> Sampler:
+    """A callable ``(logits [B, V], generator) -> ids [B]``.
+
+    ``temperature <= 0`` is greedy (the filters are then irrelevant). Otherwise logits are divided
+    by the temperature, then the top-k, top-p and min-p filters apply, in that order.
+    """
+    if temperature <= 0:
+        return lambda logits, generator=None: greedy(logits)
+
+    def sample(logits_BV: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        logits_BV = apply_temperature(logits_BV.float(), temperature)
+        if top_k is not None and top_k > 0:
+            logits_BV = top_k_filter(logits_BV, top_k)
+        if top_p is not None and top_p < 1.0:
+            logits_BV = top_p_filter(logits_BV, top_p)
+        if min_p is not None and min_p > 0.0:
+            logits_BV = min_p_filter(logits_BV, min_p)
+        return categorical(logits_BV, generator)
+
+    return sample
