@@ -164,6 +164,19 @@ class SafetensorsSource(TensorSource):
         except Exception as err:  # noqa: BLE001 - boundary
             raise CheckpointError(f"cannot read tensor {name!r} from {file}: {err}") from None
 
+    def _read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor | None:
+        if self._entries[name].info.dtype not in TORCH_DTYPES:
+            return None
+        file = self._entries[name].path
+        try:
+            handle = self._handles.get(file)
+            if handle is None:
+                handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            index = (slice(None),) * dim + (slice(start, stop),)
+            return handle.get_slice(name)[index]
+        except Exception as err:  # noqa: BLE001 - boundary
+            raise CheckpointError(f"cannot read a slice of tensor {name!r} from {file}: {err}") from None
+
     def config(self) -> dict[str, Any]:
         return load_hf_config(self.path)
 

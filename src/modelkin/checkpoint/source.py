@@ -144,6 +144,39 @@ class TensorSource(ABC):
         self.bytes_read += meta.nbytes
         return tensor if device is None else tensor.to(device)
 
+    def get_slice(
+        self, name: str, dim: int, start: int, stop: int, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor along ``dim`` (what a tensor-parallel rank needs).
+
+        Formats that can read a byte range (safetensors) read only the slice and add only its bytes
+        to ``bytes_read``; the others read the whole tensor, then narrow it (and count it whole).
+
+        Raises:
+            CheckpointError: unknown name, a bad range, or the stored data cannot be read.
+        """
+        meta = self.info(name)
+        ndim = len(meta.shape)
+        if not -ndim <= dim < ndim or not 0 <= start <= stop <= meta.shape[dim]:
+            raise CheckpointError(
+                f"cannot slice {name!r} {list(meta.shape)} at dim {dim} [{start}:{stop}]",
+                hint="the slice must lie inside the tensor",
+            )
+        if self.closed:
+            raise CheckpointError(f"cannot read {name!r}: {self.path} was closed")
+        dim %= ndim
+        part = self._read_slice(name, dim, start, stop)
+        if part is None:
+            part = self._read(name).narrow(dim, start, stop - start)
+            self.bytes_read += meta.nbytes
+        else:
+            self.bytes_read += part.numel() * part.element_size()
+        return part if device is None else part.to(device)
+
+    def _read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor | None:
+        """Read only a slice (subclass hook); None: the format cannot, read whole and narrow."""
+        return None
+
     def close(self) -> None:
         """Release open files and memory maps; names and infos stay available, data does not."""
         self.closed = True
