@@ -18,10 +18,9 @@ from modelkin.runtime.moe import (
     StackedExperts,
     experts_gather,
     experts_sorted,
-    stack_experts,
-    unstack_experts,
 )
 from modelkin.runtime.moe_telemetry import RoutingTelemetry
+from modelkin.runtime.moe_weights import stack_experts, unstack_experts
 
 D, F_, F_SHARED = 48, 24, 40
 
@@ -300,3 +299,22 @@ def test_stack_experts_round_trip_and_missing_expert() -> None:
         assert torch.equal(down, state[f"experts.{e}.down_proj.weight"])
     with pytest.raises(ConfigError, match="num_experts=20"):
         stack_experts(dict(state), "experts", 20)
+
+
+def test_lazy_stacking_matches_eager_and_rejects_extra_experts() -> None:
+    from modelkin.runtime.loader import LazyTensor
+    from modelkin.runtime.moe_weights import stack_layer_experts, unstack_layer_experts
+
+    state = {f"model.layers.1.mlp.{k}": v for k, v in hf_state(CASES["softmax_renorm"]).items()}
+    lazy = {k: LazyTensor(tuple(v.shape), (lambda v=v: v), (k,), v.numel() * 4) for k, v in state.items()}
+    stacked = stack_layer_experts(dict(lazy))
+    gate_up = stacked["model.layers.1.mlp.experts.gate_up_proj"]
+    assert gate_up.shape == (16, 2 * F_, D) and len(gate_up.sources) == 32
+    eager = stack_experts(dict(state), "model.layers.1.mlp.experts")
+    assert torch.equal(gate_up.load(), eager["model.layers.1.mlp.experts.gate_up_proj"])
+    assert torch.equal(stacked["model.layers.1.mlp.experts.down_proj"].load(),
+                       eager["model.layers.1.mlp.experts.down_proj"])
+    back = unstack_layer_experts({k: (v.load() if isinstance(v, LazyTensor) else v) for k, v in stacked.items()})
+    assert sorted(back) == sorted(state) and all(torch.equal(back[k], state[k]) for k in state)
+    with pytest.raises(ConfigError, match="expert 15 .* but num_experts=8"):
+        stack_experts(dict(state), "model.layers.1.mlp.experts", 8)

@@ -291,46 +291,6 @@ def experts_gather(
     return ys_SD.view(num_tokens, top_k, -1).sum(dim=1)
 
 
-def stack_experts(
-    state: dict[str, torch.Tensor],
-    prefix: str,
-    num_experts: int,
-    *,
-    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
-    out_prefix: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """Pop `{prefix}.{j}.{gate,up,down}.weight` for every expert j from `state`, add stacked tensors.
-
-    Writes `{out_prefix}.gate_up_proj` [E, 2F, D] and `{out_prefix}.down_proj` [E, D, F] (out_prefix
-    defaults to prefix). Mixtral passes names=("w1", "w3", "w2").
-
-    Raises:
-        ConfigError: an expert tensor is missing (the checkpoint has fewer experts than the config).
-    """
-    gate, up, down = names
-    keys = [[f"{prefix}.{j}.{n}.weight" for n in (gate, up, down)] for j in range(num_experts)]
-    missing = [k for row in keys for k in row if k not in state]
-    if missing:
-        raise ConfigError(
-            f"{len(missing)} expert tensors missing under {prefix} (first: {missing[0]}); the config "
-            f"says num_experts={num_experts}",
-            hint="check num_experts in config.json against the checkpoint's experts",
-        )
-    rows = [[state.pop(k) for k in row] for row in keys]
-    out = out_prefix or prefix
-    state[f"{out}.gate_up_proj"] = torch.stack([torch.cat((g, u), dim=0) for g, u, _ in rows])
-    state[f"{out}.down_proj"] = torch.stack([d for _, _, d in rows])
-    return state
-
-
-def unstack_experts(
-    gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The inverse of `stack_experts` for one layer: per expert (gate [F, D], up [F, D], down [D, F])."""
-    hidden = down_EDF.shape[-1]
-    return [(gu[:hidden], gu[hidden:], d) for gu, d in zip(gate_up_EFD, down_EDF)]
-
-
 # -- the sparse block ----------------------------------------------------------------------------
 
 
