@@ -192,7 +192,7 @@ class Model:
         got: list[list[GenerationResponse]] = [[] for _ in prompts]
         for response in self.stream(ids, **sampling):
             got[response.index].append(response)
-        return [_result(p, rs) for p, rs in zip(ids, got)]
+        return [collect_result(p, rs) for p, rs in zip(ids, got)]
 
     def generate(
         self,
@@ -290,7 +290,8 @@ def _sampling_params(**kw: Any) -> SamplingParams:
     return params
 
 
-def _result(prompt_ids: list[int], responses: list[GenerationResponse]) -> GenerationResult:
+def collect_result(prompt_ids: list[int], responses: list[GenerationResponse]) -> GenerationResult:
+    """Fold one prompt's streamed responses into its GenerationResult."""
     last = responses[-1]
     steps = max(len(responses) - 1, 0)
     return GenerationResult(
@@ -319,7 +320,7 @@ def _eos_ids(args: Any, generation_config: dict[str, Any], tokenizer: Any | None
 
 def load(
     path: str | os.PathLike[str],
-    device: str = "auto",
+    device: str | Any = "auto",
     dtype: str | torch.dtype = "auto",
     allow_fallback: bool | None = None,
     *,
@@ -329,7 +330,7 @@ def load(
 
     Args:
         path: a model directory or file that ``open_checkpoint`` understands.
-        device: "auto", "cpu", "cuda[:i]" or "npu[:i]".
+        device: "auto", "cpu", "cuda[:i]", "npu[:i]" or a Backend.
         dtype: "auto" (float32 on CPU, bfloat16 on accelerators), or a dtype name.
         allow_fallback: run on CPU when the device is unavailable (None: MODELKIN_ALLOW_FALLBACK).
         progress: force the loading progress bar on or off (None: on a terminal, for big checkpoints).

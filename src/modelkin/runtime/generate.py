@@ -92,7 +92,7 @@ class GenerationResponse:
 class _Row:
     prompt_len: int
     tokens: list[int] = dataclasses.field(default_factory=list)
-    text: str = ""
+    emitted: str = ""  # text already handed out in responses
     done: bool = False
 
 
@@ -171,7 +171,11 @@ def stream_generate(
 def _advance(
     row: _Row, token: int, tokenizer: Any | None, params: SamplingParams, eos_ids: set[int]
 ) -> tuple[str, str | None]:
-    """Append ``token`` to ``row``; return (new text, finish reason or None)."""
+    """Append ``token`` to ``row``; return (new text safe to show, finish reason or None).
+
+    Text that could still turn into a stop string, or ends in an incomplete UTF-8 character, is
+    held back until the next token decides it.
+    """
     row.tokens.append(token)
     is_eos = token in eos_ids
     reason = "stop" if is_eos else ("length" if len(row.tokens) >= params.max_new_tokens else None)
@@ -179,14 +183,25 @@ def _advance(
         row.done = reason is not None
         return "", reason
     text = tokenizer.decode(row.tokens[:-1] if is_eos else row.tokens)
-    if reason is None and text.endswith("\ufffd"):
-        return "", None  # an incomplete multi-byte character: wait for the next token
+    start = len(row.emitted)
     for stop in params.stop:
-        cut = text.find(stop, max(0, len(row.text) - len(stop)))
+        cut = text.find(stop, max(0, start - len(stop) + 1))
         if cut >= 0:
             text, reason = text[:cut], "stop"
             break
-    delta = text.removeprefix(row.text)
-    row.text = text
+    safe = len(text) if reason is not None else len(text) - _held_back(text, params.stop)
+    delta = text[start:safe] if text.startswith(row.emitted) else ""
+    row.emitted += delta
     row.done = reason is not None
     return delta, reason
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the tail of ``text`` that is undecided: a stop-string prefix or a partial char."""
+    held = min(len(text) - len(text.rstrip("\ufffd")), 3)
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), held, -1):
+            if stop.startswith(text[-n:]):
+                held = n
+                break
+    return held
