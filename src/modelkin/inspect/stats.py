@@ -93,7 +93,7 @@ class Moments:
         m2 = self.m2 + other.m2 + d * d_n * na * nb
         m3 = (self.m3 + other.m3 + d * d_n * d_n * na * nb * (na - nb)
               + 3.0 * d_n * (na * other.m2 - nb * self.m2))
-        m4 = (self.m4 + other.m4 + d * d_n ** 3 * na * nb * (na * na - na * nb + nb * nb)
+        m4 = (self.m4 + other.m4 + d * d_n * d_n * d_n * na * nb * (na * na - na * nb + nb * nb)
               + 6.0 * d_n * d_n * (na * na * other.m2 + nb * nb * self.m2)
               + 4.0 * d_n * (na * other.m3 - nb * self.m3))
         return Moments(self.n + other.n, mean, m2, m3, m4)
@@ -106,7 +106,7 @@ class Moments:
         a = s1 / n
         m2 = s2 - s1 * a
         m3 = s3 - 3.0 * a * s2 + 2.0 * a * a * s1
-        m4 = s4 - 4.0 * a * s3 + 6.0 * a * a * s2 - 3.0 * a ** 3 * s1
+        m4 = s4 - 4.0 * a * s3 + 6.0 * a * a * s2 - 3.0 * a * a * a * s1  # a*a*a: inf, not OverflowError
         return Moments(n, shift + a, max(m2, 0.0), m3, max(m4, 0.0))
 
 
@@ -238,9 +238,14 @@ def finalize(mo: Moments, *, numel: int, nan: int, inf: int, zeros: int,
         "min": lo if n else nanf,
         "max": hi if n else nanf,
         "absmax": max(abs(lo), abs(hi)) if n else nanf,
-        "skewness": math.sqrt(n) * mo.m3 / mo.m2 ** 1.5 if has_spread else nanf,
-        "kurtosis_excess": n * mo.m4 / (mo.m2 * mo.m2) - 3.0 if has_spread else nanf,
+        "skewness": _ratio(math.sqrt(n) * mo.m3, mo.m2 * math.sqrt(mo.m2)) if has_spread else nanf,
+        "kurtosis_excess": _ratio(n * mo.m4, mo.m2 * mo.m2) - 3.0 if has_spread else nanf,
     }
+
+
+def _ratio(num: float, den: float) -> float:
+    """num / den, NaN where extreme float64 weights overflow or underflow the moments."""
+    return num / den if den != 0.0 and math.isfinite(den) else math.nan
 
 
 def tensor_stats(tensor: torch.Tensor, policy: AccumulationPolicy | None = None) -> dict[str, Any]:
