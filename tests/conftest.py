@@ -66,3 +66,16 @@ def smollm2_hf_model(smollm2_gguf):
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
     )
     return model.eval()
+
+
+# ---- fuzz summary (added by the reliability/security helper) ----
+def pytest_terminal_summary(terminalreporter):
+    """Print the fuzz harness's case count and violations, when fuzz tests ran in this session."""
+    import sys as _sys
+
+    harness = _sys.modules.get("tests.fuzz.harness")
+    if harness is not None and sum(harness.STATS.cases.values()):
+        terminalreporter.section("modelkin fuzz")
+        terminalreporter.write_line(harness.STATS.summary())
+        for line in harness.STATS.violations[:20]:
+            terminalreporter.write_line(f"  violation: {line.splitlines()[0]}")
