@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from modelkin.errors import InputError, TokenizerError
+from modelkin.runtime import moe_telemetry
 from modelkin.runtime.config import SamplingParams
 from modelkin.runtime.generate import GenerationResponse, stream_generate
 from modelkin.runtime.kv_cache import attention_mask, positions_from_mask
@@ -21,7 +22,9 @@ from modelkin.runtime.kv_cache import attention_mask, positions_from_mask
 class GenerationResult:
     """One prompt's generation: ``tokens`` are the generated ids (an ending EOS id included),
     ``text`` their decoded text (EOS and stop string excluded), ``finish_reason`` "stop" or "length".
-    ``timings``: prefill_s, decode_s and tokens_per_s (decode steps per second, per sequence)."""
+    ``timings``: prefill_s, decode_s and tokens_per_s (decode steps per second, per sequence).
+    ``routing``: MoE models only, per-layer expert counts and routing entropy of the whole call
+    (prompt and generated tokens of every prompt in the batch; padding excluded)."""
 
     prompt_ids: list[int]
     tokens: list[int]
@@ -29,6 +32,7 @@ class GenerationResult:
     finish_reason: str
     timings: dict[str, float]
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    routing: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -68,6 +72,7 @@ class Model:
         tokenizer: the Tokenizer, or None.
         backend, device, dtype: where and how it runs.
         eos_token_ids: every id that ends generation (config, generation_config, tokenizer).
+        routing_telemetry: MoE models: the RoutingTelemetry of the latest generation call, else None.
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class Model:
         pad = tokenizer.pad_token_id if tokenizer is not None else None
         pad = self.config.pad_token_id if pad is None else pad
         self.pad_token_id = int(pad) if pad is not None else min(self.eos_token_ids, default=0)
+        self.routing_telemetry = moe_telemetry.RoutingTelemetry() if moe_telemetry.has_moe(module) else None
 
     def __repr__(self) -> str:
         return f"<modelkin.Model {self.config.model_type} {self.path} on {self.device} {self.dtype}>"
@@ -180,9 +186,15 @@ class Model:
         self._check_ids(ids)
         room = self.context_length - max(len(p) for p in ids)
         params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
-        yield from stream_generate(
+        responses = stream_generate(
             self.module, self.tokenizer, ids, params, eos_ids=self.eos_token_ids, pad_id=self.pad_token_id
         )
+        if self.routing_telemetry is None:
+            yield from responses
+            return
+        self.routing_telemetry.reset()
+        with self.routing_telemetry.recording(self.module):
+            yield from responses
 
     def generate_batch(
         self, prompts: Sequence[str | Sequence[int]], *, chat: bool = False, **sampling: Any
@@ -192,7 +204,8 @@ class Model:
         got: list[list[GenerationResponse]] = [[] for _ in prompts]
         for response in self.stream(ids, **sampling):
             got[response.index].append(response)
-        return [collect_result(p, rs) for p, rs in zip(ids, got)]
+        routing = self.routing()
+        return [dataclasses.replace(collect_result(p, rs), routing=routing) for p, rs in zip(ids, got)]
 
     def generate(
         self,
@@ -259,7 +272,10 @@ class Model:
         )
 
     def routing(self) -> dict[str, Any] | None:
-        """MoE routing telemetry recorded so far, or None for a dense model."""
+        """MoE routing telemetry of the latest generation call (``RoutingTelemetry.to_json()``), or
+        None for a dense model."""
+        if self.routing_telemetry is not None:
+            return self.routing_telemetry.to_json()
         if isinstance(self.module, RoutingTelemetry):
             return self.module.routing_summary()
         return None

@@ -75,13 +75,14 @@ class RoutingTelemetry:
     def __init__(self) -> None:
         self._acc: dict[int, _Accumulator] = {}
         self.token_mask: torch.Tensor | None = None
+        self._call_mask: torch.Tensor | None = None
 
     @contextlib.contextmanager
     def recording(self, model: nn.Module) -> Iterator[RoutingTelemetry]:
         """Record every MoE router of `model` while the block is active."""
         from modelkin.runtime.moe import SparseMoeBlock  # moe.py does not import this module back
 
-        handles = []
+        handles = [model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
         for module in model.modules():
             if isinstance(module, SparseMoeBlock):
                 handles.append(module.gate.register_forward_hook(self._hook(module.layer_idx)))
@@ -91,10 +92,20 @@ class RoutingTelemetry:
             for handle in handles:
                 handle.remove()
 
+    def _pre_hook(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Which of this call's tokens are real: from the KV cache's slot mask when the model gets
+        one (generation: padding and the new slots it reserved), else `token_mask`."""
+        self._call_mask = self.token_mask
+        cache = kwargs.get("cache")
+        ids = args[0] if args else kwargs.get("input_ids_BL")
+        if cache is not None and hasattr(cache, "valid_BS") and isinstance(ids, torch.Tensor):
+            start = cache.length
+            self._call_mask = cache.valid_BS[:, start : start + ids.shape[-1]]
+
     def _hook(self, layer: int):
         def hook(_module: nn.Module, _args: Any, output: tuple[torch.Tensor, ...]) -> None:
             _, ids_TK, scores_TE = output
-            self.record(layer, ids_TK, scores_TE, token_mask=self.token_mask)
+            self.record(layer, ids_TK, scores_TE, token_mask=self._call_mask)
 
         return hook
 
@@ -159,3 +170,10 @@ class RoutingTelemetry:
     def to_json(self) -> dict[str, Any]:
         """`{"layers": [LayerRouting as dict, ...]}` — what `modelkin run --json` writes under `routing`."""
         return {"layers": [layer.to_json() for layer in self.layers()]}
+
+
+def has_moe(model: nn.Module) -> bool:
+    """Whether `model` contains a routed MoE block (so routing telemetry means something)."""
+    from modelkin.runtime.moe import SparseMoeBlock
+
+    return any(isinstance(m, SparseMoeBlock) for m in model.modules())

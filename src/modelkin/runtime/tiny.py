@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from modelkin.errors import InputError
+from modelkin.runtime.tiny_moe import MOE_TINY
 
 Tensors = dict[str, torch.Tensor]
 
@@ -124,6 +125,7 @@ TINY: dict[str, TinySpec] = {
         extra=_pangu_inv_freq,
     ),
 }
+TINY.update({arch: TinySpec(**spec) for arch, spec in MOE_TINY.items()})  # MoE: runtime/tiny_moe.py
 
 
 def random_tensors(model: torch.nn.Module, seed: int) -> Tensors:

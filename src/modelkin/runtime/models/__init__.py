@@ -23,6 +23,15 @@ ARCHITECTURES: dict[str, str] = {
     "qwen2": "qwen2",
     "PanguEmbeddedForCausalLM": "pangu_embedded",
     "PanguEmbedded": "pangu_embedded",
+    # MoE (runtime/moe.py)
+    "PanguProMoEForCausalLM": "pangu_moe",
+    "PanguProMoE": "pangu_moe",  # pangu_moe.ModelArgs rejects the V2 model that reuses this type
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "qwen2_moe": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "qwen3_moe": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
+    "mixtral": "mixtral",
 }
 
 

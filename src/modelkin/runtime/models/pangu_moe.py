@@ -1,0 +1,144 @@
+"""Pangu Pro MoE 72B-A16B: ``PanguProMoEForCausalLM``, model_type ``PanguProMoE`` (MoGE).
+
+Reference: no transformers class; facts from implementations that load the release, in
+docs/pangu-pro-moe.md (config §1, tensor names §2, routing §3, attention §4).
+Differs from Llama by: q/k/v *and* o_proj biases; every layer is a Mixture of Grouped Experts — one
+global softmax over E experts, top-1 inside each of G = num_experts_per_tok contiguous groups,
+weight p·router_scale[e], no renormalisation — plus an ungated shared expert of width
+``shared_expert_intermediate_size``; no dense-MLP layers (``intermediate_size`` is null).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from modelkin.errors import ConfigError, UnsupportedArchitectureError
+from modelkin.runtime.config import DecoderArgs
+from modelkin.runtime.kv_cache import KVCache
+from modelkin.runtime.layers import MLP, Attention, DecoderLayer, DecoderStack
+from modelkin.runtime.loader import LazyTensor, StateDict, drop_rotary_buffers
+from modelkin.runtime.moe import Router, RouterPolicy, SparseMoeBlock, StackedExperts
+from modelkin.runtime.moe_weights import stack_layer_experts
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ModelArgs(DecoderArgs):
+    num_experts: int
+    num_experts_per_tok: int  # also the number of expert groups (one pick per group)
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    intermediate_size: int = 0  # null in the release: no dense layers
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 16000000.0
+    architectures: tuple[str, ...] | list[str] = ()
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_experts_per_tok
+
+    def validate(self) -> None:
+        DecoderArgs.validate(self)
+        if any("V2" in a for a in self.architectures):
+            # openPangu-R-72B-2512 reuses model_type PanguProMoE but is a different model
+            raise UnsupportedArchitectureError(
+                f"{self.architectures[0]} (Pangu Pro MoE V2) is not supported",
+                hint="modelkin implements PanguProMoEForCausalLM (v1, MoGE)",
+            )
+        if self.num_experts_per_tok <= 0 or self.num_experts % self.num_experts_per_tok:
+            raise ConfigError(
+                f"num_experts={self.num_experts} is not divisible into num_experts_per_tok="
+                f"{self.num_experts_per_tok} expert groups (MoGE picks one expert per group)",
+                hint="fix num_experts / num_experts_per_tok in config.json (the release has 64 / 8)",
+            )
+
+
+class Model(nn.Module):
+    """Causal LM: ``model`` (embeddings, layers, norm) then ``lm_head``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.sliding_window = None
+        layers = [_layer(args, i) for i in range(args.num_hidden_layers)]
+        self.model = DecoderStack(args=args, layers=layers)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids_BL: torch.Tensor,
+        *,
+        positions_BL: torch.Tensor,
+        mask_BLS: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        h = self.model(input_ids_BL, positions_BL=positions_BL, mask_BLS=mask_BLS, cache=cache)
+        return self.lm_head(h[:, -1:] if last_only else h)
+
+
+def _layer(args: ModelArgs, i: int) -> DecoderLayer:
+    attn = Attention(
+        layer_idx=i,
+        hidden_size=args.hidden_size,
+        num_heads=args.num_attention_heads,
+        num_kv_heads=args.num_key_value_heads,
+        head_dim=args.head_dim,
+        qkv_bias=True,
+        o_bias=True,
+    )
+    mlp = SparseMoeBlock(
+        gate=Router(
+            args.hidden_size,
+            args.num_experts,
+            policy=RouterPolicy.MOGE,
+            top_k=args.num_experts_per_tok,
+            num_groups=args.num_groups,
+        ),
+        experts=StackedExperts(args.num_experts, args.hidden_size, args.moe_intermediate_size),
+        shared_expert=MLP(args.hidden_size, args.shared_expert_intermediate_size),
+        router_scale=True,
+        layer_idx=i,
+    )
+    return DecoderLayer(self_attn=attn, mlp=mlp, hidden_size=args.hidden_size, eps=args.rms_norm_eps)
+
+
+def remap_weights(state: StateDict) -> StateDict:
+    """Stack experts per layer, flatten ``mlp.router_scale`` [1, E] → [E], drop rotary buffers.
+
+    Raises:
+        ConfigError: a MoE layer lacks ``mlp.router_scale`` (MoGE weights cannot be formed without it).
+    """
+    state = drop_rotary_buffers(state)
+    for name in [k for k in state if k.endswith(".mlp.gate.weight")]:
+        scale_name = name.removesuffix("gate.weight") + "router_scale"
+        scale = state.get(scale_name)
+        if scale is None:
+            raise ConfigError(
+                f"{scale_name} is missing: Pangu Pro MoE's MoGE router weights every chosen expert by "
+                "its router_scale",
+                hint="use the complete released checkpoint (every layer stores mlp.router_scale)",
+            )
+        state[scale_name] = _flatten(scale)
+    return stack_layer_experts(state, "mlp")
+
+
+def _flatten(t: LazyTensor) -> LazyTensor:
+    numel = 1
+    for n in t.shape:
+        numel *= n
+    return LazyTensor((numel,), lambda: t.load().reshape(-1), t.sources, t.nbytes)
+
+
+def to_checkpoint(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``remap_weights`` for real tensors: per-expert names, router_scale [1, E]."""
+    from modelkin.runtime.moe_weights import unstack_layer_experts
+
+    out = unstack_layer_experts(tensors)
+    for name in [k for k in out if k.endswith(".mlp.router_scale")]:
+        out[name] = out[name].reshape(1, -1)
+    return out

@@ -1,0 +1,120 @@
+"""Qwen2-MoE (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): ``Qwen2MoeForCausalLM``, model_type ``qwen2_moe``.
+
+HF reference: transformers/models/qwen2_moe/modeling_qwen2_moe.py.
+Differs from Qwen2 by: every ``decoder_sparse_step``-th layer not in ``mlp_only_layers`` has a sparse
+block — softmax top-k router (renormalised only with ``norm_topk_prob``), stacked experts, and a
+shared expert scaled by sigmoid(shared_expert_gate(x)); q/k/v biases follow ``qkv_bias`` (default on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from modelkin.errors import ConfigError
+from modelkin.runtime.config import DecoderArgs
+from modelkin.runtime.kv_cache import KVCache
+from modelkin.runtime.layers import MLP, Attention, DecoderLayer, DecoderStack
+from modelkin.runtime.loader import StateDict, drop_rotary_buffers
+from modelkin.runtime.moe import Router, RouterPolicy, SparseMoeBlock, StackedExperts
+from modelkin.runtime.moe_weights import stack_layer_experts
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ModelArgs(DecoderArgs):
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] | list[int] = ()
+    qkv_bias: bool = True
+    use_sliding_window: bool = False
+
+    def validate(self) -> None:
+        DecoderArgs.validate(self)
+        validate_sparse_layout(self)
+
+    def is_sparse(self, i: int) -> bool:
+        return is_sparse_layer(self, i)
+
+
+def validate_sparse_layout(args: ModelArgs) -> None:
+    """Checks shared by the Qwen MoE families (config keys named in the messages)."""
+    if args.use_sliding_window:
+        raise ConfigError(
+            f"{args.model_type} with use_sliding_window=true is not supported",
+            hint="set use_sliding_window to false in config.json; the released models do",
+        )
+    if args.decoder_sparse_step < 1:
+        raise ConfigError(f"decoder_sparse_step={args.decoder_sparse_step} must be >= 1", hint="fix config.json")
+
+
+def is_sparse_layer(args: ModelArgs, i: int) -> bool:
+    """HF's rule: not in mlp_only_layers, experts exist, and (i + 1) % decoder_sparse_step == 0."""
+    return i not in args.mlp_only_layers and args.num_experts > 0 and (i + 1) % args.decoder_sparse_step == 0
+
+
+class Model(nn.Module):
+    """Causal LM: ``model`` (embeddings, layers, norm) then ``lm_head``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.sliding_window = None
+        layers = [_layer(args, i) for i in range(args.num_hidden_layers)]
+        self.model = DecoderStack(args=args, layers=layers)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids_BL: torch.Tensor,
+        *,
+        positions_BL: torch.Tensor,
+        mask_BLS: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        h = self.model(input_ids_BL, positions_BL=positions_BL, mask_BLS=mask_BLS, cache=cache)
+        return self.lm_head(h[:, -1:] if last_only else h)
+
+
+def _layer(args: ModelArgs, i: int) -> DecoderLayer:
+    attn = Attention(
+        layer_idx=i,
+        hidden_size=args.hidden_size,
+        num_heads=args.num_attention_heads,
+        num_kv_heads=args.num_key_value_heads,
+        head_dim=args.head_dim,
+        qkv_bias=args.qkv_bias,
+        o_bias=False,
+    )
+    mlp = _sparse_block(args, i) if args.is_sparse(i) else MLP(args.hidden_size, args.intermediate_size)
+    return DecoderLayer(self_attn=attn, mlp=mlp, hidden_size=args.hidden_size, eps=args.rms_norm_eps)
+
+
+def _sparse_block(args: ModelArgs, i: int) -> SparseMoeBlock:
+    shared = args.shared_expert_intermediate_size
+    return SparseMoeBlock(
+        gate=Router(
+            args.hidden_size,
+            args.num_experts,
+            policy=RouterPolicy.SOFTMAX_TOPK,
+            top_k=args.num_experts_per_tok,
+            norm_topk_prob=args.norm_topk_prob,
+        ),
+        experts=StackedExperts(args.num_experts, args.hidden_size, args.moe_intermediate_size),
+        shared_expert=MLP(args.hidden_size, shared) if shared else None,
+        shared_expert_gate=bool(shared),
+        layer_idx=i,
+    )
+
+
+def remap_weights(state: StateDict) -> StateDict:
+    """Stack each sparse layer's per-expert tensors; drop stored rotary buffers."""
+    return stack_layer_experts(drop_rotary_buffers(state), "mlp")
