@@ -118,3 +118,30 @@ def _scan(src: Any) -> Any:
     from modelkin.inspect.scan import ScanOptions, scan
 
     return scan(src, torch.device("cpu"), ScanOptions(cache=False, progress=False))
+
+
+SAMPLE_TEXT = "Hello world! <s> </s> <|im_end|> 123 \u00e9\u4e2d\u6587 \U0001f600\n\t  end"
+
+
+def exercise_tokenizer(path: str | os.PathLike, source: Any = None) -> dict[str, Any]:
+    """Load the tokenizer of a checkpoint path and use encode/decode/chat; check results are well-formed."""
+    from modelkin.runtime.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(source, path)
+    if tok is None:
+        return {"tokenizer": None}
+    ids = tok.encode(SAMPLE_TEXT)
+    if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < tok.vocab_size for i in ids):
+        raise Violation(f"encode returned ids outside [0, {tok.vocab_size}): {ids[:20]!r}")
+    text = _call(tok.decode, ids)
+    if not isinstance(text, (str, ModelkinError)):
+        raise Violation(f"decode returned a {type(text).__name__}")
+    for i in sorted(tok.eos_token_ids | {tok.bos_token_id or 0}):
+        if not 0 <= i < tok.vocab_size:
+            raise Violation(f"special id {i} outside the vocabulary of {tok.vocab_size}")
+    chat = None
+    if tok.has_chat_template:
+        chat = _call(tok.apply_chat_template, [{"role": "user", "content": "hi"}])
+        if not isinstance(chat, (str, ModelkinError)):
+            raise Violation(f"apply_chat_template returned a {type(chat).__name__}")
+    return {"tokenizer": tok, "ids": ids, "text": text, "chat": chat}

@@ -11,6 +11,7 @@ import torch
 
 from modelkin.checkpoint.gguf_config import build_config
 from modelkin.checkpoint.gguf_names import fallback_name, gguf_to_hf
+from modelkin.checkpoint.limits import MAX_GGUF_ARRAY_ITEMS, check_count
 from modelkin.checkpoint.source import TORCH_DTYPES, TensorInfo, TensorSource
 from modelkin.errors import CheckpointError, ConfigError
 
@@ -58,6 +59,19 @@ def _reader_class() -> type:
         def data(self, value: np.ndarray) -> None:
             self._plain_data = value.view(np.ndarray)
 
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
+            # gguf walks an array item by item and, past the end of the file, reads empty items
+            # forever: check the claimed length against the bytes left before it starts.
+            if raw_type == 9:  # GGUFValueType.ARRAY
+                item_type = int(self._get(orig_offs, np.uint32)[0])
+                count = int(self._get(orig_offs + 4, np.uint64)[0])
+                check_count(count, item_bytes=_MIN_ITEM_BYTES.get(item_type, 1),
+                            remaining=len(self.data) - orig_offs - 12,
+                            what=f"the metadata array at byte {orig_offs}", limit=MAX_GGUF_ARRAY_ITEMS)
+            return super()._get_field_parts(orig_offs, raw_type)
+
+    # smallest on-disk size of one array item, by GGUFValueType (strings: their 8-byte length)
+    _MIN_ITEM_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 8: 8, 9: 12, 10: 8, 11: 8, 12: 8}
     return PlainViewReader
 
 
