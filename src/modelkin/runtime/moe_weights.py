@@ -117,4 +117,27 @@ def _stack(rows: list[tuple[Any, ...]]) -> Any:
         return out
 
     sources = tuple(s for row in rows for t in row for s in t.sources)
-    return LazyTensor(shape, load, sources, sum(t.nbytes for row in rows for t in row))
+    return LazyTensor(shape, load, sources, sum(t.nbytes for row in rows for t in row), _slicer(rows))
+
+
+def _slicer(rows: list[tuple[Any, ...]]) -> Any:
+    """Narrowing a lazy stack reads only what is kept: dim 0 picks experts (expert parallelism),
+    dim 1 picks rows of the concatenated parts (tensor parallelism), later dims narrow every part."""
+
+    def slicer(dim: int, start: int, stop: int) -> LazyTensor:
+        if dim == 0:
+            return _stack(rows[start:stop])
+        if dim > 1:
+            return _stack([tuple(p.narrow(dim - 1, start, stop) for p in row) for row in rows])
+        cut = []
+        for row in rows:
+            kept, offset = [], 0
+            for part in row:
+                lo, hi = max(start - offset, 0), min(stop - offset, part.shape[0])
+                if lo < hi:
+                    kept.append(part.narrow(0, lo, hi))
+                offset += part.shape[0]
+            cut.append(tuple(kept))
+        return _stack(cut)
+
+    return slicer
