@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -70,3 +73,24 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} TB"
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN/Inf become None, tuples lists, Paths strings, tensors/arrays lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):
+        return _clean(obj.tolist())
+    if hasattr(obj, "item") and callable(obj.item):
+        return _clean(obj.item())
+    return obj
+
+
+def to_json_text(obj: Any) -> str:
+    return json.dumps(_clean(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"

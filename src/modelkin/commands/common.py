@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-from pathlib import Path
 from typing import Any
 
 from modelkin.errors import InputError
-from modelkin.utils import atomic_write_text
+from modelkin.utils import atomic_write_text, to_json_text  # noqa: F401 (re-exported)
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:
@@ -50,27 +47,6 @@ def console(args: argparse.Namespace | None = None):
 
     to_stderr = args is not None and json_to_stdout(args)
     return Console(stderr=to_stderr, highlight=False, soft_wrap=True)
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/Inf become None, tuples lists, Paths strings, tensors/arrays lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):
-        return _clean(obj.tolist())
-    if hasattr(obj, "item") and callable(obj.item):
-        return _clean(obj.item())
-    return obj
-
-
-def to_json_text(obj: Any) -> str:
-    return json.dumps(_clean(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def emit_json(args: argparse.Namespace, obj: Any) -> None:

@@ -46,7 +46,7 @@ class ComparisonReport:
 
     def save_json(self, path: str | Path) -> None:
         """Write the JSON report atomically."""
-        from modelkin.commands.common import to_json_text
+        from modelkin.utils import to_json_text
 
         _write(path, to_json_text(self.to_json()))
 
