@@ -57,12 +57,29 @@ def _external_location(model_path: pathlib.Path, proto: Any) -> tuple[pathlib.Pa
             hint="keep external data files next to the .onnx file",
         )
     length = fields.get("length")
-    return model_path.parent / rel, int(fields.get("offset", 0)), int(length) if length else None
+    offset = _byte_count(model_path, proto, "offset", fields.get("offset") or "0")
+    return model_path.parent / rel, offset, _byte_count(model_path, proto, "length", length) if length else None
+
+
+def _byte_count(model_path: pathlib.Path, proto: Any, key: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise CheckpointError(
+            f"{model_path}: initialiser {proto.name!r} has external data {key} {text!r}, not a byte count",
+            hint="re-export the model",
+        )
+    return value
 
 
 def _entry(model_path: pathlib.Path, proto: Any) -> _Entry:
     dtype = ONNX_DTYPES.get(proto.data_type, f"ONNX_TYPE_{proto.data_type}")
     shape = tuple(int(d) for d in proto.dims)
+    if any(d < 0 for d in shape):
+        raise CheckpointError(f"{model_path}: initialiser {proto.name!r} has negative dims {list(shape)}",
+                              hint="re-export the model")
     full = math.prod(shape) * _itemsize(dtype) if dtype in TORCH_DTYPES else 0
     if proto.data_location != 1:  # 1 = EXTERNAL
         nbytes = len(proto.raw_data) if proto.HasField("raw_data") else full
@@ -75,6 +92,12 @@ def _entry(model_path: pathlib.Path, proto: Any) -> _Entry:
         return _Entry(proto, None, TensorInfo(proto.name, shape, dtype, nbytes))
     file, offset, length = _external_location(model_path, proto)
     nbytes = full if length is None else length
+    if dtype in TORCH_DTYPES and nbytes != full:
+        raise CheckpointError(
+            f"{model_path}: initialiser {proto.name!r} ({dtype}{list(shape)}) has external data of "
+            f"{nbytes} bytes, needs {full}",
+            hint="re-export the model",
+        )
     if not file.is_file():
         raise CheckpointError(
             f"external data file {file.name} of initialiser {proto.name!r} is missing from {file.parent}",
@@ -177,9 +200,9 @@ def _from_typed_fields(proto: Any, dtype: torch.dtype, shape: tuple[int, ...]) -
 
     try:
         array = np.array(numpy_helper.to_array(proto))
-    except Exception as err:  # noqa: BLE001 - boundary
+        if dtype == torch.bfloat16 or dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            bits = np.uint16 if dtype == torch.bfloat16 else np.uint8
+            return torch.from_numpy(array.view(bits).copy()).view(dtype).reshape(shape)
+        return torch.from_numpy(array).to(dtype).reshape(shape)
+    except Exception as err:  # noqa: BLE001 - boundary (a typed field that disagrees with dims too)
         raise CheckpointError(f"cannot decode initialiser {proto.name!r}: {err}") from None
-    if dtype == torch.bfloat16 or dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        bits = np.uint16 if dtype == torch.bfloat16 else np.uint8
-        return torch.from_numpy(array.view(bits).copy()).view(dtype).reshape(shape)
-    return torch.from_numpy(array).to(dtype).reshape(shape)
