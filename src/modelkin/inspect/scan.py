@@ -26,7 +26,7 @@ from modelkin.inspect.roles import UNKNOWN, NameRole, classify, selector
 from modelkin.inspect.spectral import (
     SpectralOptions, default_options, sampled_experts, spectral_stats, wants_spectral,
 )
-from modelkin.inspect.stats import StatsAccumulator, cpu_threads, inspect_threads, policy_for
+from modelkin.inspect.stats import ParallelAccumulator, cpu_threads, inspect_threads, policy_for
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -175,13 +175,14 @@ def _record(name: str, role: NameRole, info: Any, entry: dict[str, Any]) -> Tens
 def _compute(src: TensorSource, todo: list[str], raw: dict, plan: dict, device: torch.device,
              cache: ScanCache, sp_options: SpectralOptions, options: ScanOptions) -> None:
     """Read `todo` in order (prefetched), compute on `device`, store each result in `cache`."""
-    acc = StatsAccumulator(policy_for(device))
+    cpu = device.type == "cpu"
+    acc = ParallelAccumulator(policy_for(device), inspect_threads() if cpu else 1)
     stop_after = int(os.environ.get("MODELKIN_TEST_STOP_AFTER", "0") or 0)
     total = sum(src.info(n).nbytes for n in todo)
     bar = _progress(options.progress, total)
     done = 0
-    threads = inspect_threads() if device.type == "cpu" else torch.get_num_threads()
-    with cpu_threads(threads), contextlib.ExitStack() as stack:
+    with cpu_threads(1 if cpu else torch.get_num_threads()), contextlib.ExitStack() as stack:
+        stack.callback(acc.close)
         if bar is not None:
             stack.callback(bar[0].stop)
         for piece in Prefetcher(src, todo, raw, pin=device.type == "cuda"):

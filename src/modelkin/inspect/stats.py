@@ -51,12 +51,15 @@ def policy_for(device: torch.device | str) -> AccumulationPolicy:
 
 
 def inspect_threads() -> int:
-    """CPU threads for the moment kernels: $MODELKIN_INSPECT_THREADS, else half the cores (the
-    reader thread gets the rest; oversubscribed OpenMP is 10-40x slower on small chunks)."""
+    """CPU worker threads for the moment kernels: $MODELKIN_INSPECT_THREADS, else one per core.
+
+    Each worker runs single-threaded torch on its own part of a tensor: OpenMP teams on small
+    chunks are 10-40x slower than that when the cores are shared with other processes.
+    """
     env = os.environ.get("MODELKIN_INSPECT_THREADS")
     if env and env.strip().isdigit() and int(env) > 0:
         return int(env)
-    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) // 2))
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
 @contextlib.contextmanager
@@ -161,12 +164,13 @@ class StatsAccumulator:
                 return
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         sums = self._central_sums(c, n)
-        shift, s1, s2, s3, s4, nonzero = sums.tolist()
+        shift, s2, s3, s4, nonzero = sums.tolist()
         self.zeros += n - int(nonzero)
-        self.moments = self.moments.merge(Moments.from_shifted_sums(n, shift, s1, s2, s3, s4))
+        # Σ(c - mean(c)) is 0 up to rounding, whose effect on M2..M4 is O(eps²): not computed
+        self.moments = self.moments.merge(Moments.from_shifted_sums(n, shift, 0.0, s2, s3, s4))
 
     def _central_sums(self, c: torch.Tensor, n: int) -> torch.Tensor:
-        """[shift, Σy, Σy², Σy³, Σy⁴, nonzeros] with y = c - mean(c), in one device->host copy."""
+        """[shift, Σy², Σy³, Σy⁴, nonzeros] with y = c - mean(c), in one device->host copy."""
         buf_y, buf_y2 = self._bufs(c.device)
         y = buf_y[:n]
         y.copy_(c)  # the upcast to the accumulation dtype, on c's device
@@ -178,7 +182,7 @@ class StatsAccumulator:
             s3, s4 = torch.dot(y2, y), torch.dot(y2, y2)
         else:  # BLAS dot accumulates fp32 sequentially; tree reductions keep ~1e-7 over 1M terms
             s3, s4 = (y2 * y).sum(), (y2 * y2).sum()
-        return torch.stack([shift, y.sum(), y2.sum(), s3, s4, nonzero])
+        return torch.stack([shift, y2.sum(), s3, s4, nonzero])
 
     def _drop_nonfinite(self, c: torch.Tensor) -> tuple[torch.Tensor, float, float]:
         finite = torch.isfinite(c)
@@ -200,6 +204,53 @@ class StatsAccumulator:
 
 _SIGN_MASKS = {torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16, 0x7FFF),
                torch.float32: (torch.int32, 0x7FFFFFFF), torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
+
+
+class ParallelAccumulator:
+    """StatsAccumulator over several host threads: each update is split into contiguous parts,
+    one per worker (torch CPU ops release the GIL; each worker runs single-threaded torch), and the
+    partial moments are merged with Chan's formula. One worker: a plain StatsAccumulator.
+    """
+
+    def __init__(self, policy: AccumulationPolicy, workers: int = 1):
+        self.policy = policy
+        self.parts = [StatsAccumulator(policy) for _ in range(max(1, workers))]
+        self._pool = None
+        if len(self.parts) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(len(self.parts), thread_name_prefix="modelkin-stats",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+
+    def reset(self) -> None:
+        for part in self.parts:
+            part.reset()
+
+    def update(self, values: torch.Tensor) -> None:
+        flat = values.reshape(-1)
+        n, k, chunk = flat.numel(), len(self.parts), self.policy.chunk
+        if self._pool is None or n < 2 * chunk:
+            self.parts[0].update(flat)
+            return
+        step = -(-n // (k * chunk)) * chunk  # whole chunks per worker
+        jobs = [self._pool.submit(part.update, flat[i * step:(i + 1) * step])
+                for i, part in enumerate(self.parts) if i * step < n]
+        for job in jobs:
+            job.result()
+
+    def result(self) -> dict[str, Any]:
+        mo = Moments()
+        for part in self.parts:
+            mo = mo.merge(part.moments)
+        p = self.parts
+        return finalize(mo, numel=sum(x.numel for x in p), nan=sum(x.nan for x in p),
+                        inf=sum(x.inf for x in p), zeros=sum(x.zeros for x in p),
+                        lo=min(x.lo for x in p), hi=max(x.hi for x in p))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _count_nonzero(c: torch.Tensor) -> torch.Tensor:
@@ -259,8 +310,11 @@ def tensor_stats(tensor: torch.Tensor, policy: AccumulationPolicy | None = None)
         dict with the STAT_KEYS; `skewness` is the population g1, `kurtosis_excess` is g2
         (population fourth standardised moment minus 3, so 0 for a normal distribution).
     """
-    acc = StatsAccumulator(policy or policy_for(tensor.device))
-    threads = inspect_threads() if tensor.device.type == "cpu" else torch.get_num_threads()
-    with cpu_threads(threads):
-        acc.update(tensor)
-    return acc.result()
+    cpu = tensor.device.type == "cpu"
+    acc = ParallelAccumulator(policy or policy_for(tensor.device), inspect_threads() if cpu else 1)
+    try:
+        with cpu_threads(1 if cpu else torch.get_num_threads()):
+            acc.update(tensor)
+        return acc.result()
+    finally:
+        acc.close()
