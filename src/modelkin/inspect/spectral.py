@@ -61,12 +61,14 @@ def eigenvalues(w: torch.Tensor, options: SpectralOptions) -> tuple[np.ndarray, 
     return np.sort(s.double().cpu().numpy() ** 2), False
 
 
-def fit_powerlaw(evals: np.ndarray, *, min_tail: int = 2) -> dict[str, float]:
+def fit_powerlaw(evals: np.ndarray, *, min_tail: int = 2,
+                 max_candidates: int = 1000) -> dict[str, float]:
     """Continuous power-law fit p(λ) ∝ λ^-alpha of the ESD tail (weightwatcher's alpha).
 
-    For every candidate xmin (each distinct eigenvalue leaving at least ``min_tail`` in the tail)
-    alpha = 1 + n / Σ ln(λ/xmin), and the KS distance between the tail's empirical CDF and the
-    fitted one; the xmin with the smallest distance wins.
+    For every candidate xmin (each distinct eigenvalue leaving at least ``min_tail`` in the tail;
+    an evenly spaced subset of ``max_candidates`` of them when there are more, to keep the search
+    O(N·max_candidates)) alpha = 1 + n / Σ ln(λ/xmin), and the KS distance between the tail's
+    empirical CDF and the fitted one; the xmin with the smallest distance wins.
 
     Returns:
         alpha, xmin, ks_distance and n_tail; NaNs when fewer than min_tail+1 positive values.
@@ -80,6 +82,8 @@ def fit_powerlaw(evals: np.ndarray, *, min_tail: int = 2) -> dict[str, float]:
     suffix = np.cumsum(logs[::-1])[::-1]
     candidates = np.flatnonzero(np.r_[True, np.diff(x) > 0])  # first index of each distinct value
     candidates = candidates[x.size - candidates >= min_tail]
+    if candidates.size > max_candidates:
+        candidates = candidates[np.linspace(0, candidates.size - 1, max_candidates).astype(int)]
     best = (math.inf, 0, math.nan)
     for block in np.array_split(candidates, max(1, candidates.size * x.size // 4_000_000)):
         d, alpha = _ks_block(x, logs, suffix, block)
@@ -120,6 +124,16 @@ def spectral_stats(w: torch.Tensor, options: SpectralOptions | None = None) -> d
         n_tail, n_evals and exact (False when only the top singular values were computed).
     """
     options = options or default_options(w.device)
+    if w.device.type == "cpu":
+        from modelkin.inspect.stats import cpu_threads, inspect_threads
+
+        # OpenMP teams only pay off on big factorisations (and hurt a lot on shared cores)
+        with cpu_threads(inspect_threads() if min(w.shape) >= 512 else 1):
+            return _spectral_stats(w, options)
+    return _spectral_stats(w, options)
+
+
+def _spectral_stats(w: torch.Tensor, options: SpectralOptions) -> dict[str, Any]:
     frob_sq = float(torch.linalg.vector_norm(w, dtype=_acc_dtype(w.device))) ** 2
     evals, exact = eigenvalues(w, options)
     lam_max = float(evals[-1]) if evals.size else 0.0
