@@ -80,6 +80,11 @@ class ScanCache:
         if self._pending >= self.every or time.monotonic() - self._last >= self.seconds:
             self.flush()
 
+    def put_many(self, entries: dict[str, dict[str, Any]]) -> None:
+        """Store several results at once (written by the next flush): a sharded scan's gather."""
+        self.entries.update(entries)
+        self._pending += len(entries)
+
     def flush(self) -> None:
         if self.path is None or self._pending == 0:
             return

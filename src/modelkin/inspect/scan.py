@@ -114,8 +114,13 @@ def _spectral_of(tensor: torch.Tensor, experts: set[int] | None,
     return spectral_stats(tensor.reshape(tensor.shape[0], -1), sp_options)
 
 
-def scan(src: TensorSource, device: torch.device | str, options: ScanOptions) -> InspectionResult:
-    """Inspect an open TensorSource on ``device`` (see inspect_checkpoint)."""
+def scan(src: TensorSource, device: torch.device | str, options: ScanOptions, *,
+         shard: Any = None) -> InspectionResult:
+    """Inspect an open TensorSource on ``device`` (see inspect_checkpoint).
+
+    ``shard`` (inspect/sharded.py, under torchrun) splits the tensors to read across ranks and
+    gathers every rank's per-tensor results, so each rank returns the whole, identical result.
+    """
     device = torch.device(device)
     all_names = src.keys()
     aliases = _aliases(src)
@@ -131,10 +136,17 @@ def scan(src: TensorSource, device: torch.device | str, options: ScanOptions) ->
     todo = [n for n in names if not _cached_ok(cache.get(n), n in plan)]
     raw = {n: loc for n, loc in safetensors_locations(src).items() if n not in plan}
     start_bytes, t0 = src.bytes_read, time.perf_counter()
-    _compute(src, todo, raw, plan, device, cache, sp_options, options)
+    if shard is None:
+        _compute(src, todo, raw, plan, device, cache, sp_options, options)
+        bytes_read = src.bytes_read - start_bytes
+    else:
+        todo, mine = shard.split(todo, [src.info(n).nbytes for n in todo])
+        _compute(src, mine, raw, plan, device, cache, sp_options, options)
+        have = {n: cache.get(n) for n in names if cache.get(n) is not None}
+        merged, bytes_read = shard.gather(have, src.bytes_read - start_bytes)
+        cache.put_many(merged)
     cache.flush()
     seconds = time.perf_counter() - t0
-    bytes_read = src.bytes_read - start_bytes
     tensors = [_record(n, roles[n], src.info(n), cache.get(n)) for n in names]
     infos = [(n, roles[n], shapes[n]) for n in all_names]
     totals = {

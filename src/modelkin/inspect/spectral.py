@@ -57,7 +57,10 @@ def eigenvalues(w: torch.Tensor, options: SpectralOptions) -> tuple[np.ndarray, 
     cuda = [w.device] if w.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # deterministic sketch, global RNG untouched
         torch.manual_seed(0)
-        _, s, _ = torch.svd_lowrank(x.float(), q=k, niter=4)
+        try:
+            _, s, _ = torch.svd_lowrank(x.float(), q=k, niter=4)
+        except (RuntimeError, NotImplementedError):  # no QR/SVD kernels on this device
+            _, s, _ = torch.svd_lowrank(x.float().cpu(), q=k, niter=4)
     return np.sort(s.double().cpu().numpy() ** 2), False
 
 

@@ -155,8 +155,7 @@ class StatsAccumulator:
             c = c.to(torch.float32 if c.is_floating_point() else torch.float64)
         n = c.numel()
         self.numel += n
-        lo_hi = torch.aminmax(c)
-        lo, hi = float(lo_hi.min), float(lo_hi.max)
+        lo, hi = _extrema(c)
         if not (math.isfinite(lo) and math.isfinite(hi)):
             c, lo, hi = self._drop_nonfinite(c)
             n = c.numel()
@@ -193,8 +192,7 @@ class StatsAccumulator:
         c = c[finite]
         if c.numel() == 0:
             return c, math.inf, -math.inf
-        lo_hi = torch.aminmax(c)
-        return c, float(lo_hi.min), float(lo_hi.max)
+        return (c, *_extrema(c))
 
     def result(self) -> dict[str, Any]:
         """The statistics of everything fed since reset(); NaN where a statistic is undefined."""
@@ -204,6 +202,15 @@ class StatsAccumulator:
 
 _SIGN_MASKS = {torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16, 0x7FFF),
                torch.float32: (torch.int32, 0x7FFFFFFF), torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
+
+
+def _extrema(c: torch.Tensor) -> tuple[float, float]:
+    """(min, max) in one pass where the device has aminmax; NaN propagates either way."""
+    try:
+        both = torch.stack(list(torch.aminmax(c))).tolist()
+    except (RuntimeError, NotImplementedError):  # devices without aminmax for this dtype
+        both = torch.stack([c.min(), c.max()]).tolist()
+    return float(both[0]), float(both[1])
 
 
 class ParallelAccumulator:
