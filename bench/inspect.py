@@ -137,7 +137,7 @@ def main() -> None:
         sizes = []
         for f in sorted(directory.glob("*.safetensors")):
             with safe_open(str(f), "pt") as h:
-                sizes += [h.get_slice(k).get_shape() for k in h.keys()]
+                sizes += [h.get_slice(k).get_shape() for k in h.keys()]  # noqa: SIM118 (safe_open is not a dict)
         nbytes = [2 * int(torch.tensor(s).prod()) for s in sizes]
         info = {"bytes": sum(nbytes), "largest": max(nbytes), "tensors": len(nbytes)}
     warm(directory)

@@ -6,7 +6,13 @@ import pytest
 
 from modelkin.errors import InputError
 from modelkin.inspect.roles import (
-    ATTENTION_ROLES, UNKNOWN, NameRole, classify, onnx_aliases, selector, unknown_names,
+    ATTENTION_ROLES,
+    UNKNOWN,
+    NameRole,
+    classify,
+    onnx_aliases,
+    selector,
+    unknown_names,
 )
 from tests.inspect_layouts import ARCHS, layout_names
 
@@ -77,9 +83,9 @@ def test_make_tiny_checkpoints_have_no_unknown_names(tmp_path):
 
 
 def _onnx_graph(tmp_path, dynamo: bool):
+    import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    import numpy as np
 
     w = numpy_helper.from_array(np.ones((4, 4), np.float32), "val_2" if dynamo else "onnx::MatMul_31")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
@@ -106,7 +112,7 @@ def test_onnx_anonymous_initialisers_get_roles_from_the_graph(tmp_path, dynamo):
 
 def test_selectors():
     names = layout_names("pangu_moe", layers=1, experts=2)
-    pick = lambda sel: [n for n in names if selector(sel)(n, classify(n))]  # noqa: E731
+    pick = lambda sel: [n for n in names if selector(sel)(n, classify(n))]
     attention = pick("attention")
     assert len(attention) == 8 and all(classify(n).role in ATTENTION_ROLES for n in attention)
     assert all("experts." in n for n in pick("experts")) and len(pick("experts")) == 6

@@ -10,7 +10,10 @@ import torch
 
 from modelkin.inspect import inspect_checkpoint
 from modelkin.inspect.spectral import (
-    SpectralOptions, fit_powerlaw, sampled_experts, spectral_stats,
+    SpectralOptions,
+    fit_powerlaw,
+    sampled_experts,
+    spectral_stats,
 )
 from modelkin.inspect.stats import AccumulationPolicy, ParallelAccumulator, tensor_stats
 from tests.ckpt_factory import write_safetensors_checkpoint

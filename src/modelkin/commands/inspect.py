@@ -7,6 +7,7 @@ the tensors asked for; an interrupted scan resumes from its cache.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from modelkin.commands import common
 from modelkin.errors import InputError
@@ -39,9 +40,18 @@ def run(args: argparse.Namespace) -> int:
     options = ScanOptions(select=args.select, spectral=args.spectral,
                           sample_experts=args.sample_experts, cache=not args.no_cache)
     from modelkin.checkpoint import open_checkpoint
+    from modelkin.inspect import sharded
 
-    with open_checkpoint(args.model) as src:
-        result = scan(src, backend.device, options)
+    share = sharded.start(backend)  # under torchrun: tensors split across ranks, results gathered
+    if share is not None and not share.is_main:
+        options = dataclasses.replace(options, progress=False)
+    try:
+        with open_checkpoint(args.model) as src:
+            result = scan(src, share.device if share else backend.device, options, shard=share)
+    finally:
+        sharded.finish(share)
+    if share is not None and not share.is_main:
+        return 0  # rank 0 prints and writes
     if args.csv:
         atomic_write_text(args.csv, result.to_csv())
     if args.plot:

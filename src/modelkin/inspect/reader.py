@@ -138,7 +138,7 @@ class Prefetcher:
                 if not ok:
                     return
             self._put(None)
-        except BaseException as err:  # handed to the consumer, raised there
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
             self._put(_Failure(err))
 
     def _whole(self, name: str) -> bool:

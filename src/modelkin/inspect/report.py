@@ -95,10 +95,10 @@ class InspectionResult:
         """A few plain-text lines: what was read, how fast, the MoE summary."""
         t = self.totals
         lines = [
-            f"{self.path} ({self.format}): {len(self.tensors)} tensors, {t['params_selected']:,} "
-            f"parameters selected ({self.select})",
-            f"read {t['bytes_read'] / 1e9:.3f} GB in {t['seconds']:.2f} s "
-            f"({t['gb_per_s']:.2f} GB/s) on {t['device']}; {t['tensors_from_cache']} from cache",
+            (f"{self.path} ({self.format}): {len(self.tensors)} tensors, "
+             f"{t['params_selected']:,} parameters selected ({self.select})"),
+            (f"read {t['bytes_read'] / 1e9:.3f} GB in {t['seconds']:.2f} s "
+             f"({t['gb_per_s']:.2f} GB/s) on {t['device']}; {t['tensors_from_cache']} from cache"),
         ]
         moe = t.get("moe")
         if moe:
@@ -224,9 +224,11 @@ def render_table(result: InspectionResult, console: Any, *, max_rows: int = 2000
         std = _fmt(statistics.fmean(stds)) if stds else "-"
         if len(stds) > 1:
             std += f" [{_fmt(min(stds), '.3g')}..{_fmt(max(stds), '.3g')}]"
-        mean_of = lambda key: statistics.fmean(  # noqa: E731
-            [t.stats[key] for t in ts if t.stats[key] is not None and math.isfinite(t.stats[key])]
-            or [math.nan])
+
+        def mean_of(key: str, ts: list[TensorStats] = ts) -> float:
+            vals = [t.stats[key] for t in ts if t.stats[key] is not None and math.isfinite(t.stats[key])]
+            return statistics.fmean(vals) if vals else math.nan
+
         numel = sum(t.numel for t in ts)
         zeros = sum(t.stats["zero_count"] for t in ts) / numel if numel else math.nan
         shape = "x".join(map(str, first.shape)) + (f" (x{len(ts)})" if len(ts) > 1 else "")

@@ -12,7 +12,6 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +23,11 @@ from modelkin.inspect.reader import Piece, Prefetcher, safetensors_locations
 from modelkin.inspect.report import InspectionResult, TensorStats, moe_summary
 from modelkin.inspect.roles import UNKNOWN, NameRole, classify, selector
 from modelkin.inspect.spectral import (
-    SpectralOptions, default_options, sampled_experts, spectral_stats, wants_spectral,
+    SpectralOptions,
+    default_options,
+    sampled_experts,
+    spectral_stats,
+    wants_spectral,
 )
 from modelkin.inspect.stats import ParallelAccumulator, cpu_threads, inspect_threads, policy_for
 
@@ -230,7 +233,11 @@ def _progress(enabled: bool | None, total: int):
         return None
     from rich.console import Console
     from rich.progress import (
-        BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn,
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
     )
 
     bar = Progress("inspect", BarColumn(), DownloadColumn(), TransferSpeedColumn(),

@@ -175,4 +175,4 @@ def sampled_experts(num_experts: int, sample: int | None) -> set[int]:
         return set(range(num_experts))
     if sample <= 0:
         return set()
-    return {int(round(v)) for v in np.linspace(0, num_experts - 1, sample)}
+    return {round(float(v)) for v in np.linspace(0, num_experts - 1, sample)}
