@@ -167,7 +167,7 @@ class TensorSource(ABC):
         dim %= ndim
         part = self._read_slice(name, dim, start, stop)
         if part is None:
-            part = self._read(name).narrow(dim, start, stop - start)
+            part = self._read(name).narrow(dim, start, stop - start).clone()  # free the rest
             self.bytes_read += meta.nbytes
         else:
             self.bytes_read += part.numel() * part.element_size()

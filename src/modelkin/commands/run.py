@@ -7,10 +7,12 @@ prompt in the model's chat template. --json writes prompt_ids, tokens, text, dev
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from typing import Any
 
-from modelkin.commands import common
+from modelkin.commands import common, parallel_options
 from modelkin.errors import InputError
 
 
@@ -30,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
                         help="onnxruntime runs a directory written by `modelkin export-onnx`")
     common.add_common(parser)
+    parallel_options.add_arguments(parser)
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -49,7 +52,20 @@ def _load(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    model = _load(args)
+    setup = parallel_options.prepare(args)  # torchrun group, memory plan (--dry-run stops here)
+    if setup is None:
+        return 0
+    with contextlib.ExitStack() as stack:
+        stack.callback(setup.close)
+        if not setup.is_main:  # under torchrun only rank 0 prints and writes
+            null = stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(null))
+            stack.enter_context(contextlib.redirect_stderr(null))
+        return _run(args, setup)
+
+
+def _run(args: argparse.Namespace, setup: parallel_options.Setup) -> int:
+    model = setup.load(args) if setup.ctx is not None else _load(args)
     out = sys.stderr if common.json_to_stdout(args) else sys.stdout
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed,

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelkin.checkpoint.limits import check_config_sizes
 from modelkin.errors import ConfigError
 
 LARGE_CHECKPOINT_BYTES = 1 << 30  # show a progress bar above this (on a terminal)
@@ -38,7 +39,9 @@ class LazyTensor:
         if self.slicer is not None:
             return self.slicer(dim, start, stop)
         shape = _narrowed(self.shape, dim, start, stop)
-        return LazyTensor(shape, lambda: self.load().narrow(dim, start, stop - start), self.sources, self.nbytes)
+        # clone: a view would keep the whole tensor's storage alive in the parameter
+        load = lambda: self.load().narrow(dim, start, stop - start).clone()  # noqa: E731
+        return LazyTensor(shape, load, self.sources, self.nbytes)
 
 
 StateDict = dict[str, LazyTensor]
@@ -235,6 +238,9 @@ def load_model(
 
     config = source.config()
     arch = get_architecture(config)
+    infos = [source.info(name) for name in source.keys()]  # sizes bound the config before building
+    check_config_sizes(config, num_tensors=len(infos), total_numel=sum(i.numel for i in infos),
+                       where=str(source.path))
     model = build_model(arch, config, source_format=source.format, has_lm_head="lm_head.weight" in source)
     state = arch.remap_weights(lazy_state(source))
     load_weights(model, state, device=device, dtype=dtype, where=str(source.path), progress=progress)
