@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from hypothesis import HealthCheck, Phase, settings
 
 from modelkin.errors import ModelkinError
@@ -151,11 +152,14 @@ def _bounded() -> Iterator[None]:
         _watchdog_thread.append(threading.Thread(target=_watchdog, name="fuzz-watchdog", daemon=True))
         _watchdog_thread[0].start()
     _case_started[:] = [time.monotonic()]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # cases are tiny: a second intra-op thread only adds spin-wait on 2 cores
     signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        torch.set_num_threads(threads)
         _case_started.clear()
         resource.setrlimit(resource.RLIMIT_AS, old_as)
         signal.signal(signal.SIGALRM, old_handler)

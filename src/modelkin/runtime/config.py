@@ -71,12 +71,18 @@ class DecoderArgs:
                 f"config.json lacks required key(s) {', '.join(missing)} for {d.get('model_type')!r}",
                 hint="add them to config.json (see the model's original config)",
             )
+        _check_types(cls, kwargs)
         args = cls(**kwargs)
         args.validate()
         return args
 
     def validate(self) -> None:
         """Check relations between fields; raises ConfigError naming the keys."""
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"config.json key {key!r} must be positive, found {getattr(self, key)}",
+                                  hint="fix config.json")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -92,6 +98,39 @@ class DecoderArgs:
         if eos is None:
             return set()
         return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+
+
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None), "dict": dict,
+    "list": list, "tuple": (list, tuple),
+}
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotation such as 'int | list[int] | None' (unknown: yes)."""
+    for alternative in annotation.split("|"):
+        base, _, inner = alternative.strip().partition("[")
+        kind = _JSON_TYPES.get(base)
+        if kind is None:
+            return True
+        if isinstance(value, bool) and base in ("int", "float"):
+            continue
+        if isinstance(value, kind):
+            item = _JSON_TYPES.get(inner.split(",")[0].rstrip("]").strip()) if inner else None
+            if item is None or base == "dict" or all(_matches(v, inner.split(",")[0].rstrip("]")) for v in value):
+                return True
+    return False
+
+
+def _check_types(cls: type, kwargs: dict[str, Any]) -> None:
+    """Raise ConfigError for a config.json value of the wrong JSON type (before it reaches torch)."""
+    for field in dataclasses.fields(cls):
+        value = kwargs.get(field.name)
+        if value is not None and isinstance(field.type, str) and not _matches(value, field.type):
+            raise ConfigError(
+                f"config.json key {field.name!r} must be {field.type}, found {value!r}"[:300],
+                hint="fix config.json",
+            )
 
 
 def normalise_rope_keys(config: dict[str, Any]) -> dict[str, Any]:

@@ -76,6 +76,7 @@ def get_architecture(config: dict[str, Any]) -> Architecture:
         UnsupportedArchitectureError: neither name is registered; the message lists the supported ones.
     """
     archs = config.get("architectures") or []
+    archs = archs if isinstance(archs, list) else [archs]  # a hostile config may hold any JSON here
     model_type = config.get("model_type")
     for key in [*archs[:1], model_type]:
         if isinstance(key, str) and key in ARCHITECTURES:
