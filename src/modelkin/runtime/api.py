@@ -169,8 +169,8 @@ class Model:
         if chat:
             if not tok.has_chat_template:
                 raise TokenizerError(f"{self.path} has no chat template", hint="run without --chat")
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-            return tok.encode(text, add_special_tokens=False)
+            # BOS once when the tokenizer adds one and the template does not write it (Pangu)
+            return tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
         return tok.encode(prompt, add_special_tokens=True)
 
     def stream(

@@ -9,6 +9,7 @@ shared expert scaled by sigmoid(shared_expert_gate(x)); q/k/v biases follow ``qk
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,12 +35,24 @@ class ModelArgs(DecoderArgs):
     qkv_bias: bool = True
     use_sliding_window: bool = False
 
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
+        return DecoderArgs.from_hf_config.__func__(cls, alias_expert_count(config))
+
     def validate(self) -> None:
         DecoderArgs.validate(self)
         validate_sparse_layout(self)
 
     def is_sparse(self, i: int) -> bool:
         return is_sparse_layer(self, i)
+
+
+def alias_expert_count(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 may save ``num_local_experts`` for ``num_experts`` (Qwen3-MoE); the releases
+    spell ``num_experts``."""
+    if config.get("num_experts") is None and config.get("num_local_experts") is not None:
+        return {**config, "num_experts": config["num_local_experts"]}
+    return config
 
 
 def validate_sparse_layout(args: ModelArgs) -> None:

@@ -8,6 +8,7 @@ attention biases unless ``attention_bias``, explicit ``head_dim``, and no shared
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from modelkin.runtime.config import DecoderArgs
 from modelkin.runtime.kv_cache import KVCache
 from modelkin.runtime.layers import MLP, Attention, DecoderLayer, DecoderStack
 from modelkin.runtime.loader import StateDict, drop_rotary_buffers
-from modelkin.runtime.models.qwen2_moe import is_sparse_layer, validate_sparse_layout
+from modelkin.runtime.models.qwen2_moe import alias_expert_count, is_sparse_layer, validate_sparse_layout
 from modelkin.runtime.moe import Router, RouterPolicy, SparseMoeBlock, StackedExperts
 from modelkin.runtime.moe_weights import stack_layer_experts
 
@@ -31,6 +32,10 @@ class ModelArgs(DecoderArgs):
     mlp_only_layers: tuple[int, ...] | list[int] = ()
     attention_bias: bool = False
     use_sliding_window: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
+        return DecoderArgs.from_hf_config.__func__(cls, alias_expert_count(config))
 
     def validate(self) -> None:
         DecoderArgs.validate(self)
