@@ -103,7 +103,7 @@ def test_config_files_that_are_not_objects(bases, text, which):
 
 def test_base_configs_load_and_run(bases):
     for path in bases.values():
-        assert not isinstance(run_case("config", lambda: _load_and_run(path)), ModelkinError)
+        assert not isinstance(run_case("config", lambda p=path: _load_and_run(p)), ModelkinError)
 
 
 def test_billion_layers_fail_fast_without_memory(bases):

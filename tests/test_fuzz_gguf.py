@@ -76,10 +76,10 @@ def test_bases_are_valid_and_readable(workdir, bases):
     for i, base in enumerate(bases):
         path = workdir / f"check{i}.gguf"
         path.write_bytes(base.data)
-        out = run_case("gguf", lambda: exercise_checkpoint(path, scan=True))
+        out = run_case("gguf", lambda p=path: exercise_checkpoint(p, scan=True))
         assert not isinstance(out, ModelkinError), out
         assert "model.layers.0.self_attn.q_proj.weight" in out["keys"]
-        tok = run_case("gguf", lambda: exercise_tokenizer(path))
+        tok = run_case("gguf", lambda p=path: exercise_tokenizer(p))
         assert not isinstance(tok, ModelkinError) and tok["tokenizer"] is not None, tok
 
 

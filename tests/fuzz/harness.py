@@ -89,7 +89,7 @@ def fuzz_settings(quick: int) -> settings:
 
 def _proc_status(key: str) -> int:
     with open("/proc/self/status") as f:
-        m = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
+        m = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.MULTILINE)
     return int(m.group(1)) * 1024 if m else 0
 
 

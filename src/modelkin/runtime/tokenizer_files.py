@@ -161,6 +161,12 @@ def _extra_special(config: dict[str, Any]) -> list[str]:
 
 def _added_tokens(config: dict[str, Any], path: Path) -> dict[int, dict[str, Any]]:
     entries = config.get("added_tokens_decoder") or {}
+    if not isinstance(entries, dict):
+        raise TokenizerError(
+            f"{path.parent / 'tokenizer_config.json'}: added_tokens_decoder is a {type(entries).__name__}, "
+            "not an object",
+            hint="restore the file from the original checkpoint",
+        )
     out = {}
     for key, value in entries.items():
         try:
