@@ -96,6 +96,8 @@ class ParallelSparseMoeBlock(SparseMoeBlock):
         num_tokens, top_k = ids_TK.shape
         ids_S = ids_TK.reshape(-1)
         pairs = torch.nonzero((ids_S >= self.first) & (ids_S < self.stop)).squeeze(-1)
+        if pairs.numel() == 0:  # no token chose a local expert (decode steps, small batches)
+            return torch.zeros_like(x_TD)
         ys = self.experts(x_TD.index_select(0, pairs // top_k),
                           weights_TK.reshape(-1)[pairs].unsqueeze(-1),
                           (ids_S[pairs] - self.first).unsqueeze(-1))
