@@ -61,12 +61,35 @@ def main(outdir: Path, smollm2: str, pangu: str) -> None:
         "smollm2_tp2": run_model(load_parallel(smollm2, ctx_tp), SMOL_IDS, 16),
         "pangu_ep2": tiny(pangu, ctx_ep),
         "pangu_tp2": tiny(pangu, ctx_tp),
-        "cli_run": cli(["run", pangu, "--prompt", "hello world", "--max-new-tokens", "6", "--ep", "2",
-                        "--json", str(outdir / "run_ep2.json")]),
-        "cli_inspect": cli(["inspect", pangu, "--no-cache", "--no-table",
-                            "--json", str(outdir / "inspect_pangu.json")]),
-        "cli_inspect_smol": cli(["inspect", smollm2, "--no-cache", "--no-table", "--select", "attention",
-                                 "--json", str(outdir / "inspect_smol.json")]),
+        "cli_run": cli(
+            [
+                "run",
+                pangu,
+                "--prompt",
+                "hello world",
+                "--max-new-tokens",
+                "6",
+                "--ep",
+                "2",
+                "--json",
+                str(outdir / "run_ep2.json"),
+            ]
+        ),
+        "cli_inspect": cli(
+            ["inspect", pangu, "--no-cache", "--no-table", "--json", str(outdir / "inspect_pangu.json")]
+        ),
+        "cli_inspect_smol": cli(
+            [
+                "inspect",
+                smollm2,
+                "--no-cache",
+                "--no-table",
+                "--select",
+                "attention",
+                "--json",
+                str(outdir / "inspect_smol.json"),
+            ]
+        ),
         "threads": torch.get_num_threads(),
     }
     torch.save(results, outdir / f"rank{rank}.pt")

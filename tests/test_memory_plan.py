@@ -55,8 +55,9 @@ def _smol_expected(tp_rank_heads: tuple[int, int], neurons: int, length: int, si
 def test_smollm2_plan_is_exact_per_rank(smollm2_gguf):
     with open_checkpoint(smollm2_gguf) as src:
         one = plan_memory(src, backend=FakeGPU(10**12), dtype=torch.bfloat16, max_len=100, prompt_len=10)
-        two = plan_memory(src, backend=FakeGPU(10**12), dtype=torch.bfloat16, tp=2, max_len=100,
-                          prompt_len=10)
+        two = plan_memory(
+            src, backend=FakeGPU(10**12), dtype=torch.bfloat16, tp=2, max_len=100, prompt_len=10
+        )
         assert src.bytes_read == 0  # planning reads no tensor data
     assert (one.ranks[0].weights, one.ranks[0].kv_cache) == _smol_expected((9, 3), 1536, 100, 2)
     # KV groups split 2 / 1 (query heads 6 / 3), MLP neurons 768 / 768
@@ -70,18 +71,45 @@ def test_smollm2_plan_is_exact_per_rank(smollm2_gguf):
 def test_refusal_names_the_tp_that_fits(tmp_path):
     from modelkin.runtime.tiny import make_tiny
 
-    path = make_tiny("llama", tmp_path / "m", tokenizer=False,
-                     overrides={"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3})
+    path = make_tiny(
+        "llama",
+        tmp_path / "m",
+        tokenizer=False,
+        overrides={"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3},
+    )
     with open_checkpoint(path) as src:
-        needs = {tp: plan_memory(src, backend=FakeGPU(10**12), dtype=torch.bfloat16, tp=tp, max_len=64,
-                                 prompt_len=8).need for tp in (1, 2, 3)}
+        needs = {
+            tp: plan_memory(
+                src, backend=FakeGPU(10**12), dtype=torch.bfloat16, tp=tp, max_len=64, prompt_len=8
+            ).need
+            for tp in (1, 2, 3)
+        }
         assert needs[1] > needs[2] > needs[3]
         budget = needs[3]
         plan = plan_memory(src, backend=FakeGPU(budget), dtype=torch.bfloat16, max_len=64, prompt_len=8)
-        tp = fitting_tp(src, backend=FakeGPU(budget), dtype=torch.bfloat16, ep=1, batch_size=1,
-                        max_len=64, prompt_len=8, available=budget)
-        assert fitting_tp(src, backend=FakeGPU(10), dtype=torch.bfloat16, ep=1, batch_size=1,
-                          max_len=64, prompt_len=8, available=10) is None  # 3 KV heads: tp <= 3
+        tp = fitting_tp(
+            src,
+            backend=FakeGPU(budget),
+            dtype=torch.bfloat16,
+            ep=1,
+            batch_size=1,
+            max_len=64,
+            prompt_len=8,
+            available=budget,
+        )
+        assert (
+            fitting_tp(
+                src,
+                backend=FakeGPU(10),
+                dtype=torch.bfloat16,
+                ep=1,
+                batch_size=1,
+                max_len=64,
+                prompt_len=8,
+                available=10,
+            )
+            is None
+        )  # 3 KV heads: tp <= 3
     assert not plan.fits and tp == 3
     err = refuse(plan, suggestion=tp)
     assert isinstance(err, DeviceError)
@@ -90,15 +118,27 @@ def test_refusal_names_the_tp_that_fits(tmp_path):
 
 
 def test_run_refuses_before_loading_and_prints_the_plan(smollm2_gguf, tmp_path, monkeypatch, capsys):
-    import modelkin.runtime.api as api
+    from modelkin.runtime import api
 
     def no_load(*a, **k):
         raise AssertionError("weights were loaded")
 
     monkeypatch.setattr(api, "load", no_load)
     out = tmp_path / "plan.json"
-    code = cli_main(["run", str(smollm2_gguf), "--prompt", "hi", "--device", "cpu",
-                     "--memory-limit", "100MB", "--json", str(out)])
+    code = cli_main(
+        [
+            "run",
+            str(smollm2_gguf),
+            "--prompt",
+            "hi",
+            "--device",
+            "cpu",
+            "--memory-limit",
+            "100MB",
+            "--json",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "memory plan for" in err and "does NOT fit" in err and "weights" in err
@@ -116,11 +156,26 @@ def test_memory_limit_from_environment(smollm2_gguf, monkeypatch, capsys):
 
 
 def test_dry_run_plans_ranks_without_loading(smollm2_gguf, monkeypatch, capsys):
-    import modelkin.runtime.api as api
+    from modelkin.runtime import api
 
     monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("weights were loaded"))
-    code = cli_main(["run", str(smollm2_gguf), "--prompt", "hello", "--max-new-tokens", "20",
-                     "--device", "cpu", "--dry-run", "--tp", "3", "--json", "-"])
+    code = cli_main(
+        [
+            "run",
+            str(smollm2_gguf),
+            "--prompt",
+            "hello",
+            "--max-new-tokens",
+            "20",
+            "--device",
+            "cpu",
+            "--dry-run",
+            "--tp",
+            "3",
+            "--json",
+            "-",
+        ]
+    )
     captured = capsys.readouterr()
     plan = json.loads(captured.out)["memory_plan"]
     assert code == 0 and "rank" in captured.err and "tp=3 ep=1" in captured.err

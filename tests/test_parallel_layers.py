@@ -102,7 +102,9 @@ def tiny_dir(tmp_path_factory):
     def get(arch: str, **overrides) -> Path:
         key = arch + repr(sorted(overrides.items()))
         if key not in made:
-            made[key] = make_tiny(arch, tmp_path_factory.mktemp(arch) / "m", overrides=overrides, tokenizer=False)
+            made[key] = make_tiny(
+                arch, tmp_path_factory.mktemp(arch) / "m", overrides=overrides, tokenizer=False
+            )
         return made[key]
 
     return get
@@ -125,18 +127,21 @@ def check(path: Path, tp: int, ep: int) -> list[dict]:
 SMOL_LIKE = {"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3}
 
 
-@pytest.mark.parametrize(("arch", "overrides", "tp", "ep"), [
-    ("llama", SMOL_LIKE, 2, 1),
-    ("llama", SMOL_LIKE, 3, 1),
-    ("qwen2", {}, 2, 1),  # q/k/v biases, tied embeddings
-    ("pangu_embedded", {}, 2, 1),  # o_proj bias: added once, after the all-reduce
-    ("pangu_moe", {}, 1, 2),  # MoGE: 2 whole groups per rank
-    ("pangu_moe", {}, 2, 1),  # every expert on both ranks, neurons split
-    ("pangu_moe", {}, 2, 2),  # 4 ranks: attention tp 2, experts over ep × tp
-    ("qwen2_moe", {}, 2, 2),  # shared expert behind a sigmoid gate, one dense layer
-    ("qwen3_moe", {}, 1, 2),  # softmax top-k: a token's experts may sit on either rank
-    ("mixtral", {}, 2, 1),
-])
+@pytest.mark.parametrize(
+    ("arch", "overrides", "tp", "ep"),
+    [
+        ("llama", SMOL_LIKE, 2, 1),
+        ("llama", SMOL_LIKE, 3, 1),
+        ("qwen2", {}, 2, 1),  # q/k/v biases, tied embeddings
+        ("pangu_embedded", {}, 2, 1),  # o_proj bias: added once, after the all-reduce
+        ("pangu_moe", {}, 1, 2),  # MoGE: 2 whole groups per rank
+        ("pangu_moe", {}, 2, 1),  # every expert on both ranks, neurons split
+        ("pangu_moe", {}, 2, 2),  # 4 ranks: attention tp 2, experts over ep × tp
+        ("qwen2_moe", {}, 2, 2),  # shared expert behind a sigmoid gate, one dense layer
+        ("qwen3_moe", {}, 1, 2),  # softmax top-k: a token's experts may sit on either rank
+        ("mixtral", {}, 2, 1),
+    ],
+)
 def test_parallel_matches_single_process(tiny_dir, arch, overrides, tp, ep):
     check(tiny_dir(arch, **overrides), tp, ep)
 
@@ -145,8 +150,10 @@ def test_shards_have_the_documented_shapes(tiny_dir):
     from modelkin.runtime.parallel_load import build_sharded
 
     with open_checkpoint(tiny_dir("llama", **SMOL_LIKE)) as src:
-        shapes = [dict((n, tuple(p.shape)) for n, p in build_sharded(src, lay)[1].named_parameters())
-                  for lay in Layout(2, 1).ranks()]
+        shapes = [
+            {n: tuple(p.shape) for n, p in build_sharded(src, lay)[1].named_parameters()}
+            for lay in Layout(2, 1).ranks()
+        ]
     dh = 8
     for rank, (q_heads, kv_heads) in enumerate([(6, 2), (3, 1)]):
         s = shapes[rank]
@@ -161,8 +168,8 @@ def test_shards_have_the_documented_shapes(tiny_dir):
 def test_expert_parallel_reads_only_local_experts(tiny_dir):
     path = tiny_dir("pangu_moe")
     with open_checkpoint(path) as src:
-        total = sum(src.info(n).nbytes for n in src.keys())
-        expert_bytes = sum(src.info(n).nbytes for n in src.keys() if ".experts." in n)
+        total = sum(src.info(n).nbytes for n in src)
+        expert_bytes = sum(src.info(n).nbytes for n in src if ".experts." in n)
     reads = []
     for layout in Layout(1, 2).ranks():
         with open_checkpoint(path) as src:
@@ -174,7 +181,7 @@ def test_expert_parallel_reads_only_local_experts(tiny_dir):
 
 def test_split_helpers():
     assert [split_range(9, 2, i) for i in range(2)] == [(0, 5), (5, 9)]
-    assert head_ranges(9, 3, 2, 0) == (range(0, 6), range(0, 2))
+    assert head_ranges(9, 3, 2, 0) == (range(6), range(2))
     assert head_ranges(9, 3, 2, 1) == (range(6, 9), range(2, 3))
     assert expert_range(64, 8, 4, 3) == (48, 64)  # Pangu Pro MoE, ep=4: groups 6 and 7
     assert expert_range(8, None, 3, 2) == (6, 8)

@@ -42,9 +42,17 @@ def pangu(tmp_path_factory) -> Path:
 def ranks(tmp_path_factory, smollm2_gguf, pangu) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("torchrun")
     env = {**os.environ, "MODELKIN_CACHE_DIR": str(out / "cache"), "PYTHONUNBUFFERED": "1"}
-    cmd = [*_torchrun(), "--standalone", "--nproc_per_node", "2", str(WORKER), str(out),
-           str(smollm2_gguf), str(pangu)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    cmd = [
+        *_torchrun(),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        str(out),
+        str(smollm2_gguf),
+        str(pangu),
+    ]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
@@ -85,7 +93,7 @@ def test_smollm2_tp2_logits_and_greedy_tokens(ranks, smollm2_gguf):
 def pangu_single(pangu) -> dict:
     ref = _single(pangu, TINY_IDS, 8)
     with open_checkpoint(pangu) as src:
-        ref["bytes_total"] = sum(src.info(n).nbytes for n in src.keys())
+        ref["bytes_total"] = sum(src.info(n).nbytes for n in src)
     return ref
 
 
@@ -117,6 +125,7 @@ def test_cli_run_under_torchrun_rank0_writes(ranks, pangu):
     assert r0["cli_run"]["code"] == r1["cli_run"]["code"] == 0
     assert r0["cli_run"]["stdout"].strip() and r1["cli_run"]["stdout"] == ""
     report = json.loads((out / "run_ep2.json").read_text())
+    assert report["parallel"] == {"tp": 1, "ep": 2, "world_size": 2}
     import modelkin
 
     single = modelkin.load(pangu, device="cpu").generate("hello world", max_new_tokens=6)

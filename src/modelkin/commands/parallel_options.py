@@ -11,19 +11,37 @@ import sys
 from typing import Any
 
 from modelkin.commands import common
+from modelkin.errors import InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("multi-device (launch with torchrun --nproc_per_node N)")
-    group.add_argument("--tp", type=int, default=None, metavar="N",
-                       help="tensor-parallel degree (default: the number of torchrun processes)")
-    group.add_argument("--ep", type=int, default=None, metavar="N",
-                       help="expert-parallel degree for MoE models (MoGE: whole groups per rank)")
-    group.add_argument("--dry-run", action="store_true",
-                       help="print the memory plan (weights, KV cache, activations per device) and exit")
-    group.add_argument("--memory-limit", default=None, metavar="BYTES",
-                       help="memory per device to plan against, e.g. 24GB (or MODELKIN_MEMORY_LIMIT; "
-                            "default: the device's free memory)")
+    group.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tensor-parallel degree (default: the number of torchrun processes)",
+    )
+    group.add_argument(
+        "--ep",
+        type=int,
+        default=None,
+        metavar="N",
+        help="expert-parallel degree for MoE models (MoGE: whole groups per rank)",
+    )
+    group.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory plan (weights, KV cache, activations per device) and exit",
+    )
+    group.add_argument(
+        "--memory-limit",
+        default=None,
+        metavar="BYTES",
+        help="memory per device to plan against, e.g. 24GB (or MODELKIN_MEMORY_LIMIT; "
+        "default: the device's free memory)",
+    )
 
 
 @dataclasses.dataclass(slots=True)
@@ -43,6 +61,13 @@ class Setup:
     def is_main(self) -> bool:
         return self.ctx is None or self.ctx.is_main
 
+    def describe(self) -> dict[str, int] | None:
+        """tp, ep and world size for the --json report (None for one process)."""
+        if self.ctx is None:
+            return None
+        layout = self.ctx.layout
+        return {"tp": layout.tp, "ep": layout.ep, "world_size": layout.world_size}
+
     def load(self, args: argparse.Namespace) -> Any:
         from modelkin.runtime.parallel_load import load_parallel
 
@@ -60,10 +85,18 @@ def prepare(args: argparse.Namespace) -> Setup | None:
         DeviceError: the plan does not fit (the plan is printed first, by rank 0).
     """
     from modelkin.runtime.parallel import (
-        check_degrees, init_distributed, launched_world_size, resolve_degrees,
+        check_degrees,
+        init_distributed,
+        launched_world_size,
+        resolve_degrees,
     )
 
     if args.engine != "torch":
+        if launched_world_size() > 1 or (args.tp or 1) * (args.ep or 1) > 1:
+            raise InputError(
+                f"--engine {args.engine} runs on one process; --tp/--ep need the torch engine",
+                hint="drop --engine, or run without torchrun",
+            )
         return Setup()
     backend = common.backend_from_args(args)
     if args.dry_run:
@@ -108,16 +141,25 @@ def _agreed_available(ctx: Any, args: argparse.Namespace) -> tuple[int | None, s
     return min(known) if known else (None, "unknown")
 
 
-def _plan(args: argparse.Namespace, backend: Any, tp: int, ep: int,
-          available: tuple[int | None, str] | None) -> Any:
+def _plan(
+    args: argparse.Namespace, backend: Any, tp: int, ep: int, available: tuple[int | None, str] | None
+) -> Any:
     from modelkin.checkpoint import open_checkpoint
     from modelkin.runtime.memory_plan import plan_memory
 
     prompt_len = _prompt_len(args)
     with open_checkpoint(args.model) as source:
-        return plan_memory(source, backend=backend, dtype=backend.resolve_dtype(args.dtype), tp=tp,
-                           ep=ep, max_len=prompt_len + args.max_new_tokens, prompt_len=prompt_len,
-                           memory_limit=args.memory_limit, available=available)
+        return plan_memory(
+            source,
+            backend=backend,
+            dtype=backend.resolve_dtype(args.dtype),
+            tp=tp,
+            ep=ep,
+            max_len=prompt_len + args.max_new_tokens,
+            prompt_len=prompt_len,
+            memory_limit=args.memory_limit,
+            available=available,
+        )
 
 
 def _prompt_len(args: argparse.Namespace) -> int:
@@ -138,9 +180,16 @@ def _refuse(args: argparse.Namespace, ctx: Any, plan: Any) -> None:
     suggestion = None
     if not plan.shared_host and plan.available is not None:
         with open_checkpoint(args.model) as source:
-            suggestion = fitting_tp(source, backend=ctx.backend, dtype=ctx.backend.resolve_dtype(args.dtype),
-                                    ep=plan.ep, batch_size=plan.batch_size, max_len=plan.max_len,
-                                    prompt_len=_prompt_len(args), available=plan.available)
+            suggestion = fitting_tp(
+                source,
+                backend=ctx.backend,
+                dtype=ctx.backend.resolve_dtype(args.dtype),
+                ep=plan.ep,
+                batch_size=plan.batch_size,
+                max_len=plan.max_len,
+                prompt_len=_prompt_len(args),
+                available=plan.available,
+            )
     if ctx.is_main:
         print(plan.render(), file=sys.stderr)
         common.emit_json(args, {"memory_plan": plan.to_json()})

@@ -103,6 +103,8 @@ def _run(args: argparse.Namespace, setup: parallel_options.Setup) -> int:
     routing = model.routing()
     if routing is not None:
         report["routing"] = routing
+    if setup.describe() is not None:
+        report["parallel"] = setup.describe()
     common.emit_json(args, report)
     return 0
 

@@ -39,8 +39,10 @@ class LazyTensor:
         if self.slicer is not None:
             return self.slicer(dim, start, stop)
         shape = _narrowed(self.shape, dim, start, stop)
-        # clone: a view would keep the whole tensor's storage alive in the parameter
-        load = lambda: self.load().narrow(dim, start, stop - start).clone()  # noqa: E731
+
+        def load() -> torch.Tensor:  # clone: a view would keep the whole tensor alive in the parameter
+            return self.load().narrow(dim, start, stop - start).clone()
+
         return LazyTensor(shape, load, self.sources, self.nbytes)
 
 

@@ -22,8 +22,22 @@ from modelkin.errors import DeviceError, InputError
 from modelkin.runtime.parallel import Layout
 
 MEMORY_LIMIT_ENV = "MODELKIN_MEMORY_LIMIT"
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -92,32 +106,64 @@ class MemoryPlan:
         return self.available is None or self.need <= self.available
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in ("model", "device", "dtype", "tp", "ep", "batch_size",
-                                              "max_len", "available", "available_from", "shared_host")}
+        out = {
+            k: getattr(self, k)
+            for k in (
+                "model",
+                "device",
+                "dtype",
+                "tp",
+                "ep",
+                "batch_size",
+                "max_len",
+                "available",
+                "available_from",
+                "shared_host",
+            )
+        }
         out["ranks"] = [{**dataclasses.asdict(r), "total": r.total} for r in self.ranks]
         out.update(need=self.need, fits=self.fits)
         return out
 
     def render(self) -> str:
         """A small text table of the plan (what `modelkin run --dry-run` prints)."""
-        head = (f"memory plan for {self.model}: {self.device} {self.dtype}, tp={self.tp} ep={self.ep}, "
-                f"batch {self.batch_size} × {self.max_len} tokens")
-        rows = [f"{'rank':>4}  {'weights':>10}  {'kv cache':>10}  {'activations':>11}  "
-                f"{'load buf':>10}  {'total':>10}"]
+        head = (
+            f"memory plan for {self.model}: {self.device} {self.dtype}, tp={self.tp} ep={self.ep}, "
+            f"batch {self.batch_size} × {self.max_len} tokens"
+        )
+        rows = [
+            (
+                f"{'rank':>4}  {'weights':>10}  {'kv cache':>10}  {'activations':>11}  "
+                f"{'load buf':>10}  {'total':>10}"
+            )
+        ]
         for r in self.ranks:
-            rows.append(f"{r.rank:>4}  {human(r.weights):>10}  {human(r.kv_cache):>10}  "
-                        f"{human(r.activations):>11}  {human(r.load_buffer):>10}  {human(r.total):>10}")
+            rows.append(
+                f"{r.rank:>4}  {human(r.weights):>10}  {human(r.kv_cache):>10}  "
+                f"{human(r.activations):>11}  {human(r.load_buffer):>10}  {human(r.total):>10}"
+            )
         scope = "all ranks on this host" if self.shared_host else "largest rank, per device"
         verdict = "fits" if self.fits else "does NOT fit"
-        tail = (f"need {human(self.need)} ({scope}); available {human(self.available)} "
-                f"({self.available_from}): {verdict}")
+        tail = (
+            f"need {human(self.need)} ({scope}); available {human(self.available)} "
+            f"({self.available_from}): {verdict}"
+        )
         return "\n".join([head, *rows, tail])
 
 
-def plan_memory(source: Any, *, backend: Any, dtype: torch.dtype, tp: int = 1, ep: int = 1,
-                batch_size: int = 1, max_len: int | None = None, prompt_len: int | None = None,
-                memory_limit: int | str | None = None,
-                available: tuple[int | None, str] | None = None) -> MemoryPlan:
+def plan_memory(
+    source: Any,
+    *,
+    backend: Any,
+    dtype: torch.dtype,
+    tp: int = 1,
+    ep: int = 1,
+    batch_size: int = 1,
+    max_len: int | None = None,
+    prompt_len: int | None = None,
+    memory_limit: int | str | None = None,
+    available: tuple[int | None, str] | None = None,
+) -> MemoryPlan:
     """Plan a run of the checkpoint behind ``source`` without reading any tensor data.
 
     Args:
@@ -137,23 +183,37 @@ def plan_memory(source: Any, *, backend: Any, dtype: torch.dtype, tp: int = 1, e
 
     ranks, context = [], None
     for layout in Layout(tp, ep).ranks():
-        arch, model, plan = build_sharded(source, layout)
+        _, model, plan = build_sharded(source, layout)
         context = model.args.max_position_embeddings
         length = min(max_len or context, context)
-        ranks.append(_rank_plan(source, model, plan, layout, dtype, batch_size, length,
-                                min(prompt_len or length, length)))
+        ranks.append(
+            _rank_plan(
+                source, model, plan, layout, dtype, batch_size, length, min(prompt_len or length, length)
+            )
+        )
     available, where = available or available_memory(backend, memory_limit)
-    return MemoryPlan(model=str(source.path), device=backend.name, dtype=str(dtype).removeprefix("torch."),
-                      tp=tp, ep=ep, batch_size=batch_size, max_len=min(max_len or context, context),
-                      ranks=ranks, available=available, available_from=where,
-                      shared_host=backend.name == "cpu")
+    return MemoryPlan(
+        model=str(source.path),
+        device=backend.name,
+        dtype=str(dtype).removeprefix("torch."),
+        tp=tp,
+        ep=ep,
+        batch_size=batch_size,
+        max_len=min(max_len or context, context),
+        ranks=ranks,
+        available=available,
+        available_from=where,
+        shared_host=backend.name == "cpu",
+    )
 
 
 def available_memory(backend: Any, memory_limit: int | str | None = None) -> tuple[int | None, str]:
     """(bytes, where from): --memory-limit, else $MODELKIN_MEMORY_LIMIT, else the free memory."""
     if memory_limit is not None:
-        return (parse_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit),
-                "--memory-limit")
+        return (
+            parse_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit),
+            "--memory-limit",
+        )
     env = os.environ.get(MEMORY_LIMIT_ENV)
     if env:
         return parse_bytes(env), MEMORY_LIMIT_ENV
@@ -161,8 +221,16 @@ def available_memory(backend: Any, memory_limit: int | str | None = None) -> tup
     return (int(free), "free device memory") if free is not None else (None, "unknown")
 
 
-def _rank_plan(source: Any, model: torch.nn.Module, plan: dict, layout: Layout, dtype: torch.dtype,
-               batch: int, length: int, prompt: int) -> RankPlan:
+def _rank_plan(
+    source: Any,
+    model: torch.nn.Module,
+    plan: dict,
+    layout: Layout,
+    dtype: torch.dtype,
+    batch: int,
+    length: int,
+    prompt: int,
+) -> RankPlan:
     from modelkin.runtime.layers import Attention
 
     size = torch.empty((), dtype=dtype).element_size()
@@ -173,8 +241,7 @@ def _rank_plan(source: Any, model: torch.nn.Module, plan: dict, layout: Layout, 
     return RankPlan(layout.rank, weights, kv, act, _load_buffer(source, model, plan, size))
 
 
-def _activations(model: torch.nn.Module, attns: list, batch: int, prompt: int, length: int,
-                 size: int) -> int:
+def _activations(model: torch.nn.Module, attns: list, batch: int, prompt: int, length: int, size: int) -> int:
     """Rough peak of one layer's transients at prefill (see the module docstring)."""
     from modelkin.runtime.moe import StackedExperts
 
@@ -186,8 +253,11 @@ def _activations(model: torch.nn.Module, attns: list, batch: int, prompt: int, l
         a = max(attns, key=lambda m: m.num_heads)
         attn = tokens * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim * size * 2  # q/k/v + rotary
         attn += batch * a.num_heads * prompt * length * 4  # scores, if materialised in fp32
-    widths = [m.out_features for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and n.endswith(("gate_proj", "up_proj"))]
+    widths = [
+        m.out_features
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.endswith(("gate_proj", "up_proj"))
+    ]
     mlp = 3 * tokens * max(widths, default=0) * size
     for experts in (m for m in model.modules() if isinstance(m, StackedExperts)):
         pairs = tokens * min(args.num_experts_per_tok, experts.num_experts)
@@ -199,23 +269,41 @@ def _activations(model: torch.nn.Module, attns: list, batch: int, prompt: int, l
 def _load_buffer(source: Any, model: torch.nn.Module, plan: dict, size: int) -> int:
     """The largest tensor in flight while loading, as read (stored dtype, float32 when dequantised):
     a whole checkpoint tensor for formats without slice reads, else this rank's largest slice."""
-    infos = [source.info(name) for name in source.keys()]
+    infos = [source.info(name) for name in source]
     if source.format != "safetensors" or not plan:
         return max((i.numel * i.torch_dtype.itemsize for i in infos), default=0)
     itemsize = max((i.torch_dtype.itemsize for i in infos), default=size)
     return max((p.numel() for p in model.parameters()), default=0) * itemsize
 
 
-def fitting_tp(source: Any, *, backend: Any, dtype: torch.dtype, ep: int, batch_size: int,
-               max_len: int | None, prompt_len: int | None, available: int,
-               max_tp: int = 64) -> int | None:
+def fitting_tp(
+    source: Any,
+    *,
+    backend: Any,
+    dtype: torch.dtype,
+    ep: int,
+    batch_size: int,
+    max_len: int | None,
+    prompt_len: int | None,
+    available: int,
+    max_tp: int = 64,
+) -> int | None:
     """The smallest --tp (with this --ep) whose plan fits ``available`` per device, or None."""
     from modelkin.errors import ConfigError
 
     for tp in range(1, max_tp + 1):
         try:
-            plan = plan_memory(source, backend=backend, dtype=dtype, tp=tp, ep=ep, batch_size=batch_size,
-                               max_len=max_len, prompt_len=prompt_len, memory_limit=available)
+            plan = plan_memory(
+                source,
+                backend=backend,
+                dtype=dtype,
+                tp=tp,
+                ep=ep,
+                batch_size=batch_size,
+                max_len=max_len,
+                prompt_len=prompt_len,
+                memory_limit=available,
+            )
         except ConfigError:
             break  # more ranks than KV heads: larger tp cannot work either
         if plan.fits:
@@ -229,11 +317,15 @@ def refuse(plan: MemoryPlan, *, suggestion: int | None) -> DeviceError:
     what += "on this host" if plan.shared_host else "per device"
     what += f" (tp={plan.tp}, ep={plan.ep}, {plan.dtype}) but {human(plan.available)} is available"
     if plan.shared_host:
-        hint = ("on CPU every rank shares the host's memory, so --tp does not help: free memory, "
-                "use --dtype bfloat16, or lower --max-new-tokens")
+        hint = (
+            "on CPU every rank shares the host's memory, so --tp does not help: free memory, "
+            "use --dtype bfloat16, or lower --max-new-tokens"
+        )
     elif suggestion is not None:
-        hint = (f"run with --tp {suggestion} (torchrun --nproc_per_node {suggestion * plan.ep} "
-                f"-m modelkin run … --tp {suggestion}" + (f" --ep {plan.ep}" if plan.ep > 1 else "") + ")")
+        hint = (
+            f"run with --tp {suggestion} (torchrun --nproc_per_node {suggestion * plan.ep} "
+            f"-m modelkin run … --tp {suggestion}" + (f" --ep {plan.ep}" if plan.ep > 1 else "") + ")"
+        )
     else:
         hint = "no --tp fits: use more devices with --ep (MoE), a smaller dtype, or a shorter context"
     return DeviceError(f"{what}: refusing to load", hint=hint)

@@ -214,8 +214,9 @@ def resolve_degrees(tp: int | None, ep: int | None, world_size: int) -> tuple[in
     return tp, ep
 
 
-def init_distributed(backend: Any, *, tp: int | None = None, ep: int | None = None,
-                     timeout_s: float = 1800.0) -> DistContext:
+def init_distributed(
+    backend: Any, *, tp: int | None = None, ep: int | None = None, timeout_s: float = 1800.0
+) -> DistContext:
     """Join (or reuse) the torchrun process group and build the tp/ep groups.
 
     ``backend`` is the Backend the user asked for; its ``dist_backend`` picks gloo/nccl/hccl, and

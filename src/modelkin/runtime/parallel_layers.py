@@ -34,8 +34,9 @@ class RowParallelLinear(nn.Module):
     bias is added only where ``add_bias`` (one rank), so the outer sum counts it once.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool,
-                 reduce: Reduce | None, add_bias: bool = True):
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool, reduce: Reduce | None, add_bias: bool = True
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -61,11 +62,24 @@ class ParallelSparseMoeBlock(SparseMoeBlock):
     over all ranks. The router is the replicated original, so routing telemetry hooks still see
     every token's full routing on every rank."""
 
-    def __init__(self, block: SparseMoeBlock, *, experts: StackedExperts, first: int, stop: int,
-                 group_slice: tuple[int, int] | None, reduce: Reduce | None):
-        super().__init__(gate=block.gate, experts=experts, shared_expert=block.shared_expert,
-                         shared_expert_gate=block.shared_expert_gate is not None,
-                         router_scale=block.router_scale is not None, layer_idx=block.layer_idx)
+    def __init__(
+        self,
+        block: SparseMoeBlock,
+        *,
+        experts: StackedExperts,
+        first: int,
+        stop: int,
+        group_slice: tuple[int, int] | None,
+        reduce: Reduce | None,
+    ):
+        super().__init__(
+            gate=block.gate,
+            experts=experts,
+            shared_expert=block.shared_expert,
+            shared_expert_gate=block.shared_expert_gate is not None,
+            router_scale=block.router_scale is not None,
+            layer_idx=block.layer_idx,
+        )
         self.shared_expert_gate = block.shared_expert_gate
         self.router_scale = block.router_scale  # routing is replicated: all E scales
         self.first, self.stop, self.num_experts = first, stop, block.experts.num_experts
@@ -86,8 +100,9 @@ class ParallelSparseMoeBlock(SparseMoeBlock):
             y_TD = self.reduce(y_TD)
         return y_TD.view(shape)
 
-    def _local_experts(self, x_TD: torch.Tensor, weights_TK: torch.Tensor,
-                       ids_TK: torch.Tensor) -> torch.Tensor:
+    def _local_experts(
+        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor
+    ) -> torch.Tensor:
         if self.first == 0 and self.stop == self.num_experts:
             return self.experts(x_TD, weights_TK, ids_TK)
         if self.group_slice is not None:  # MoGE: column g holds group g's pick: a static slice
@@ -98,9 +113,11 @@ class ParallelSparseMoeBlock(SparseMoeBlock):
         pairs = torch.nonzero((ids_S >= self.first) & (ids_S < self.stop)).squeeze(-1)
         if pairs.numel() == 0:  # no token chose a local expert (decode steps, small batches)
             return torch.zeros_like(x_TD)
-        ys = self.experts(x_TD.index_select(0, pairs // top_k),
-                          weights_TK.reshape(-1)[pairs].unsqueeze(-1),
-                          (ids_S[pairs] - self.first).unsqueeze(-1))
+        ys = self.experts(
+            x_TD.index_select(0, pairs // top_k),
+            weights_TK.reshape(-1)[pairs].unsqueeze(-1),
+            (ids_S[pairs] - self.first).unsqueeze(-1),
+        )
         # scatter into the [T, K] pair layout and sum over K: deterministic, no index_add_
         y_SD = x_TD.new_zeros(num_tokens * top_k, x_TD.shape[-1]).index_copy_(0, pairs, ys)
         return y_SD.view(num_tokens, top_k, -1).sum(dim=1)
@@ -112,8 +129,9 @@ class ParallelSparseMoeBlock(SparseMoeBlock):
 # -- rewriting a meta-device model -----------------------------------------------------------------
 
 
-def parallelize(model: nn.Module, layout: Layout, *, reduce_tp: Reduce | None = None,
-                reduce_world: Reduce | None = None) -> dict[str, ShardFn]:
+def parallelize(
+    model: nn.Module, layout: Layout, *, reduce_tp: Reduce | None = None, reduce_world: Reduce | None = None
+) -> dict[str, ShardFn]:
     """Rewrite ``model`` (on the meta device) in place into this rank's shard of it.
 
     Returns:
@@ -134,8 +152,16 @@ def parallelize(model: nn.Module, layout: Layout, *, reduce_tp: Reduce | None = 
     return plan
 
 
-def _rewrite(model: nn.Module, name: str, module: nn.Module, layout: Layout, reduce_tp: Reduce | None,
-             reduce_world: Reduce | None, moe_blocks: set[str], plan: dict[str, ShardFn]) -> None:
+def _rewrite(
+    model: nn.Module,
+    name: str,
+    module: nn.Module,
+    layout: Layout,
+    reduce_tp: Reduce | None,
+    reduce_world: Reduce | None,
+    moe_blocks: set[str],
+    plan: dict[str, ShardFn],
+) -> None:
     prefix = f"{name}." if name else ""
     if isinstance(module, Attention):
         _split_attention(module, prefix, layout, reduce_tp, plan)
@@ -174,8 +200,9 @@ def _column_linear(old: nn.Linear, out_features: int) -> nn.Linear:
     return nn.Linear(old.in_features, out_features, bias=old.bias is not None)
 
 
-def _split_attention(attn: Attention, prefix: str, layout: Layout, reduce: Reduce | None,
-                     plan: dict[str, ShardFn]) -> None:
+def _split_attention(
+    attn: Attention, prefix: str, layout: Layout, reduce: Reduce | None, plan: dict[str, ShardFn]
+) -> None:
     if layout.tp == 1:
         return
     q_heads, kv_heads = head_ranges(attn.num_heads, attn.num_kv_heads, layout.tp, layout.tp_rank)
@@ -185,8 +212,7 @@ def _split_attention(attn: Attention, prefix: str, layout: Layout, reduce: Reduc
     attn.k_proj = _column_linear(attn.k_proj, k1 - k0)
     attn.v_proj = _column_linear(attn.v_proj, k1 - k0)
     old_o = attn.o_proj
-    attn.o_proj = RowParallelLinear(q1 - q0, old_o.out_features, bias=old_o.bias is not None,
-                                    reduce=reduce)
+    attn.o_proj = RowParallelLinear(q1 - q0, old_o.out_features, bias=old_o.bias is not None, reduce=reduce)
     attn.num_heads, attn.num_kv_heads = len(q_heads), len(kv_heads)
     for proj, (a, b) in (("q_proj", (q0, q1)), ("k_proj", (k0, k1)), ("v_proj", (k0, k1))):
         plan[f"{prefix}{proj}.weight"] = _rows(a, b)
@@ -195,16 +221,24 @@ def _split_attention(attn: Attention, prefix: str, layout: Layout, reduce: Reduc
     plan[f"{prefix}o_proj.weight"] = _rows(q0, q1, dim=1)
 
 
-def _split_mlp(mlp: MLP, prefix: str, parts: int, index: int, reduce: Reduce | None,
-               add_bias: bool, plan: dict[str, ShardFn]) -> None:
+def _split_mlp(
+    mlp: MLP,
+    prefix: str,
+    parts: int,
+    index: int,
+    reduce: Reduce | None,
+    add_bias: bool,
+    plan: dict[str, ShardFn],
+) -> None:
     if parts == 1:
         return
     f0, f1 = split_range(mlp.gate_proj.out_features, parts, index)
     mlp.gate_proj = _column_linear(mlp.gate_proj, f1 - f0)
     mlp.up_proj = _column_linear(mlp.up_proj, f1 - f0)
     old_down = mlp.down_proj
-    mlp.down_proj = RowParallelLinear(f1 - f0, old_down.out_features, bias=old_down.bias is not None,
-                                      reduce=reduce, add_bias=add_bias)
+    mlp.down_proj = RowParallelLinear(
+        f1 - f0, old_down.out_features, bias=old_down.bias is not None, reduce=reduce, add_bias=add_bias
+    )
     for proj in ("gate_proj", "up_proj"):
         plan[f"{prefix}{proj}.weight"] = _rows(f0, f1)
         if getattr(mlp, proj).bias is not None:
@@ -212,8 +246,9 @@ def _split_mlp(mlp: MLP, prefix: str, parts: int, index: int, reduce: Reduce | N
     plan[f"{prefix}down_proj.weight"] = _rows(f0, f1, dim=1)
 
 
-def _split_moe(block: SparseMoeBlock, prefix: str, layout: Layout, reduce: Reduce | None,
-               plan: dict[str, ShardFn]) -> ParallelSparseMoeBlock:
+def _split_moe(
+    block: SparseMoeBlock, prefix: str, layout: Layout, reduce: Reduce | None, plan: dict[str, ShardFn]
+) -> ParallelSparseMoeBlock:
     old = block.experts
     moge = block.gate.policy is RouterPolicy.MOGE
     groups = block.gate.num_groups if moge else None
@@ -229,14 +264,22 @@ def _split_moe(block: SparseMoeBlock, prefix: str, layout: Layout, reduce: Reduc
                 f"the shared expert of {prefix}is a {type(block.shared_expert).__name__}",
                 hint="run this model without --tp/--ep",
             )
-        _split_mlp(block.shared_expert, f"{prefix}shared_expert.", layout.world_size, layout.rank,
-                   None, layout.rank == 0, plan)
+        _split_mlp(
+            block.shared_expert,
+            f"{prefix}shared_expert.",
+            layout.world_size,
+            layout.rank,
+            None,
+            layout.rank == 0,
+            plan,
+        )
     group_slice = None
     if moge and layout.ep > 1:
         per_rank = groups // layout.ep
         group_slice = (layout.ep_rank * per_rank, (layout.ep_rank + 1) * per_rank)
-    return ParallelSparseMoeBlock(block, experts=experts, first=first, stop=stop,
-                                  group_slice=group_slice, reduce=reduce)
+    return ParallelSparseMoeBlock(
+        block, experts=experts, first=first, stop=stop, group_slice=group_slice, reduce=reduce
+    )
 
 
 def _gate_up_shard(t: LazyTensor, first: int, stop: int, f0: int, f1: int, hidden: int) -> LazyTensor:

@@ -12,17 +12,24 @@ from torch import nn
 from modelkin.runtime.parallel import DistContext, Layout
 
 
-def build_sharded(source: Any, layout: Layout, *, ctx: DistContext | None = None) -> tuple[Any, nn.Module, dict]:
+def build_sharded(
+    source: Any, layout: Layout, *, ctx: DistContext | None = None
+) -> tuple[Any, nn.Module, dict]:
     """(architecture module, this rank's meta model, shard plan) for a TensorSource.
 
     Without ``ctx`` the model has no collectives: good for planning memory, not for running.
     """
+    from modelkin.checkpoint.limits import check_config_sizes
     from modelkin.runtime.loader import build_model
     from modelkin.runtime.models import get_architecture
     from modelkin.runtime.parallel_layers import parallelize
 
     config = source.config()
     arch = get_architecture(config)
+    infos = [source.info(name) for name in source]  # sizes bound the config before building
+    check_config_sizes(
+        config, num_tensors=len(infos), total_numel=sum(i.numel for i in infos), where=str(source.path)
+    )
     model = build_model(arch, config, source_format=source.format, has_lm_head="lm_head.weight" in source)
     reduce_tp = ctx.reduce_tp() if ctx is not None else None
     reduce_world = ctx.reduce_world() if ctx is not None else None
@@ -30,7 +37,9 @@ def build_sharded(source: Any, layout: Layout, *, ctx: DistContext | None = None
     return arch, model, plan
 
 
-def load_shard(source: Any, ctx: DistContext, *, dtype: torch.dtype, progress: bool | None = None) -> nn.Module:
+def load_shard(
+    source: Any, ctx: DistContext, *, dtype: torch.dtype, progress: bool | None = None
+) -> nn.Module:
     """This rank's module, its parameters read as slices of the checkpoint's tensors.
 
     Safetensors checkpoints are read slice by slice (each rank reads about 1/tp of attention and
@@ -47,8 +56,13 @@ def load_shard(source: Any, ctx: DistContext, *, dtype: torch.dtype, progress: b
     return model
 
 
-def load_parallel(path: str | os.PathLike[str], ctx: DistContext, dtype: str | torch.dtype = "auto",
-                  *, progress: bool | None = None) -> Any:
+def load_parallel(
+    path: str | os.PathLike[str],
+    ctx: DistContext,
+    dtype: str | torch.dtype = "auto",
+    *,
+    progress: bool | None = None,
+) -> Any:
     """``modelkin.load`` for one rank of a tensor/expert-parallel run (call it on every rank).
 
     Every rank returns a Model whose logits, generation and routing telemetry equal the
@@ -66,5 +80,11 @@ def load_parallel(path: str | os.PathLike[str], ctx: DistContext, dtype: str | t
         module = load_shard(source, ctx, dtype=torch_dtype, progress=progress)
         tokenizer = load_tokenizer(source, path)
         generation_config = source.config().get("_generation_config")
-    return Model(module, tokenizer=tokenizer, backend=ctx.backend, dtype=torch_dtype, path=str(path),
-                 generation_config=generation_config)
+    return Model(
+        module,
+        tokenizer=tokenizer,
+        backend=ctx.backend,
+        dtype=torch_dtype,
+        path=str(path),
+        generation_config=generation_config,
+    )
