@@ -52,7 +52,7 @@ def test_select_attention_reads_only_attention_tensors(pangu, tmp_path):
 
 def test_moe_summary_and_unknown_names(pangu):
     path, sd = pangu
-    res = inspect_checkpoint(path, device="cpu", cache=False)
+    res = inspect_checkpoint(path, device="cpu", cache=False, progress=True)  # bar on stderr
     assert res.unknown == ["model.layers.0.mystery.weight"]
     assert res.by_name()["model.layers.0.mystery.weight"].role == "unknown"  # reported, not dropped
     moe = res.totals["moe"]

@@ -51,7 +51,8 @@ def policy_for(device: torch.device | str) -> AccumulationPolicy:
 
 
 def inspect_threads() -> int:
-    """CPU worker threads for the moment kernels: $MODELKIN_INSPECT_THREADS, else one per core.
+    """CPU worker threads for the moment kernels: $MODELKIN_INSPECT_THREADS, else one per core
+    but one (that core is the reader thread's).
 
     Each worker runs single-threaded torch on its own part of a tensor: OpenMP teams on small
     chunks are 10-40x slower than that when the cores are shared with other processes.
@@ -59,7 +60,7 @@ def inspect_threads() -> int:
     env = os.environ.get("MODELKIN_INSPECT_THREADS")
     if env and env.strip().isdigit() and int(env) > 0:
         return int(env)
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
 
 
 @contextlib.contextmanager
