@@ -10,7 +10,13 @@ import pytest
 import torch
 
 import modelkin
-from modelkin.errors import ConfigError, InputError, NumericalError, TokenizerError, UnsupportedArchitectureError
+from modelkin.errors import (
+    ConfigError,
+    InputError,
+    NumericalError,
+    TokenizerError,
+    UnsupportedArchitectureError,
+)
 from modelkin.runtime.generate import decode_step, prefill
 from modelkin.runtime.kv_cache import make_kv_cache
 from modelkin.runtime.tiny import make_tiny

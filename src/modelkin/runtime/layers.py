@@ -64,6 +64,8 @@ def rope_inv_freq(
         raise ConfigError(
             f"rope_scaling of type {kind!r} lacks the key {err.args[0]!r}", hint="fix config.json"
         ) from None
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, AttributeError) as err:
+        raise ConfigError(f"rope_scaling {scaling!r} is invalid ({err})"[:300], hint="fix config.json") from None
     raise ConfigError(
         f"rope_scaling type {kind!r} is not supported",
         hint="supported rope types: default, linear, llama3, yarn",
@@ -198,15 +200,30 @@ def attend(
     """Scaled dot-product attention with GQA; ``mask_BLS`` None means every key slot is visible."""
     B, H, L, Dh = q_BHLd.shape
     K = k_BKSd.shape[1]
-    if L == 1 and H != K:
-        # one query per sequence: fold the query heads of a group into the query axis, so the
-        # grouped keys are read once, without repeat_interleave
-        q_BKGd = q_BHLd.view(B, K, H // K, Dh)
-        mask = None if mask_BLS is None else mask_BLS[:, None]  # [B, 1, 1, S]
-        out = F.scaled_dot_product_attention(q_BKGd, k_BKSd, v_BKSd, attn_mask=mask)
-        return out.view(B, H, 1, Dh)
+    if L == 1:
+        return _attend_one(q_BHLd, k_BKSd, v_BKSd, mask_BLS)
     mask = None if mask_BLS is None else mask_BLS[:, None]  # [B, 1, L, S]
-    return F.scaled_dot_product_attention(q_BHLd, k_BKSd, v_BKSd, attn_mask=mask, enable_gqa=H != K)
+    # contiguous copies: SDPA's CPU kernels are very slow on strided views of the cache
+    q, k, v = q_BHLd.contiguous(), k_BKSd.contiguous(), v_BKSd.contiguous()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)
+
+
+def _attend_one(
+    q_BH1d: torch.Tensor, k_BKSd: torch.Tensor, v_BKSd: torch.Tensor, mask_B1S: torch.Tensor | None
+) -> torch.Tensor:
+    """One query per sequence (decoding), as two matmuls straight on the cache views.
+
+    The G = H / K query heads sharing a kv head fold into the query axis, so each group's keys are
+    read once and never repeated.
+    """
+    B, H, _, Dh = q_BH1d.shape
+    K = k_BKSd.shape[1]
+    q_BKGd = q_BH1d.view(B, K, H // K, Dh)
+    scores_BKGS = torch.matmul(q_BKGd, k_BKSd.transpose(-1, -2)) * Dh**-0.5
+    if mask_B1S is not None:
+        scores_BKGS = scores_BKGS.masked_fill(~mask_B1S[:, None], float("-inf"))
+    probs_BKGS = scores_BKGS.float().softmax(dim=-1).to(v_BKSd.dtype)
+    return torch.matmul(probs_BKGS, v_BKSd).view(B, H, 1, Dh)
 
 
 class MLP(nn.Module):

