@@ -66,8 +66,9 @@ def transformers_engine(path: Path, ids: list[int]) -> Callable[[int], float]:
     def run(n: int) -> float:
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False)
+            out = model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False
+            )
         assert out.shape[1] == x.shape[1] + n
         return time.perf_counter() - start
 
@@ -122,19 +123,36 @@ def main() -> None:
         print(f"repeat {repeat + 1}: " + ", ".join(f"{n} {r[-1]:.2f}" for n, r in rates.items()), flush=True)
 
     bandwidth = copy_bandwidth()
-    bound = bandwidth / 2 / weight_bytes  # a copy moves 2 bytes per byte read; decoding reads each weight once
+    bound = (
+        bandwidth / 2 / weight_bytes
+    )  # a copy moves 2 bytes per byte read; decoding reads each weight once
     median = {name: statistics.median(r) for name, r in rates.items()}
-    print(f"\ndecode tok/s at batch 1, float32, {args.threads} threads, {args.tokens} tokens, "
-          f"median of {args.repeats}:")
+    print(
+        f"\ndecode tok/s at batch 1, float32, {args.threads} threads, {args.tokens} tokens, "
+        f"median of {args.repeats}:"
+    )
     for name, value in median.items():
         print(f"  {name:18s} {value:8.2f} tok/s   ({value / bound:.0%} of the bandwidth bound)")
     print(f"  modelkin / transformers = {median['modelkin'] / median['transformers']:.2f}x")
-    print(f"bandwidth bound: {weight_bytes / 1e6:.0f} MB of float32 weights per token, copy bandwidth "
-          f"{bandwidth / 1e9:.2f} GB/s (read+write) -> {bound:.2f} tok/s")
+    print(
+        f"bandwidth bound: {weight_bytes / 1e6:.0f} MB of float32 weights per token, copy bandwidth "
+        f"{bandwidth / 1e9:.2f} GB/s (read+write) -> {bound:.2f} tok/s"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "threads": args.threads, "tokens": args.tokens, "repeats": rates, "median": median,
-            "weight_bytes": weight_bytes, "copy_bandwidth": bandwidth, "bound_tok_s": bound}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "threads": args.threads,
+                    "tokens": args.tokens,
+                    "repeats": rates,
+                    "median": median,
+                    "weight_bytes": weight_bytes,
+                    "copy_bandwidth": bandwidth,
+                    "bound_tok_s": bound,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,13 @@ def tiny_qwen2(tmp_path_factory):
 
 def test_make_tiny_writes_the_real_layout(tiny_qwen2, tmp_path, capsys):
     names = sorted(p.name for p in tiny_qwen2.iterdir())
-    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json"]
+    assert names == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     config = json.loads((tiny_qwen2 / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["model_type"] == "qwen2"
     assert main(["make-tiny", "pangu_embedded", str(tmp_path / "p"), "--json", "-"]) == 0
@@ -32,8 +37,21 @@ def test_make_tiny_writes_the_real_layout(tiny_qwen2, tmp_path, capsys):
 
 def test_run_streams_and_writes_json(tiny_qwen2, tmp_path, capsys):
     out = tmp_path / "run.json"
-    code = main(["run", str(tiny_qwen2), "--prompt", "Hello", "--chat", "--max-new-tokens", "6",
-                 "--device", "cpu", "--json", str(out)])
+    code = main(
+        [
+            "run",
+            str(tiny_qwen2),
+            "--prompt",
+            "Hello",
+            "--chat",
+            "--max-new-tokens",
+            "6",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr()
     report = json.loads(out.read_text())

@@ -29,7 +29,9 @@ def test_top_k():
     assert kept(top_k_filter(LOGITS, 10)) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize(("p", "expected"), [(0.5, [1]), (0.8, [1, 3]), (0.81, [1, 2, 3]), (1.0, [0, 1, 2, 3])])
+@pytest.mark.parametrize(
+    ("p", "expected"), [(0.5, [1]), (0.8, [1, 3]), (0.81, [1, 2, 3]), (1.0, [0, 1, 2, 3])]
+)
 def test_top_p(p, expected):
     assert kept(top_p_filter(LOGITS, p)) == expected
 
@@ -70,8 +72,9 @@ def test_attention_mask_left_padding():
 
 
 def test_kv_cache_reserve_and_update():
-    cache = KVCache(num_layers=1, batch_size=2, num_kv_heads=1, head_dim=2, max_len=4,
-                    dtype=torch.float32, device="cpu")
+    cache = KVCache(
+        num_layers=1, batch_size=2, num_kv_heads=1, head_dim=2, max_len=4, dtype=torch.float32, device="cpu"
+    )
     positions, mask = cache.reserve(2, torch.tensor([[0, 1], [1, 1]]))
     assert positions.tolist() == [[0, 0], [0, 1]] and mask.shape == (2, 2, 2)
     k = torch.arange(8.0).view(2, 1, 2, 2)

@@ -50,12 +50,17 @@ def test_logits_match_transformers(ours, reference):
 
 
 def test_greedy_64_tokens_identical(ours, reference):
-    for prompt, chat in [("The capital of France is", False), ("Give me three tips for a good night's sleep.", True)]:
+    for prompt, chat in [
+        ("The capital of France is", False),
+        ("Give me three tips for a good night's sleep.", True),
+    ]:
         result = ours.generate(prompt, max_new_tokens=64, chat=chat)
         ids = torch.tensor([result.prompt_ids])
         with torch.inference_mode():
-            out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False)
-        assert result.tokens == out[0, ids.shape[1]:].tolist(), prompt
+            out = reference.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False
+            )
+        assert result.tokens == out[0, ids.shape[1] :].tolist(), prompt
         assert len(result.tokens) == 64 or result.finish_reason == "stop"
     assert "Paris" in ours.generate("The capital of France is", max_new_tokens=8).text
 
@@ -95,14 +100,30 @@ def test_cli_run_and_score(smollm2_gguf, tmp_path, capsys):
     from modelkin.cli import main
 
     out = tmp_path / "run.json"
-    code = main(["run", str(smollm2_gguf), "--prompt", "The capital of France is", "--max-new-tokens", "12",
-                 "--device", "cpu", "--json", str(out)])
+    code = main(
+        [
+            "run",
+            str(smollm2_gguf),
+            "--prompt",
+            "The capital of France is",
+            "--max-new-tokens",
+            "12",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "Paris" in printed.out and "tok/s" in printed.err
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["dtype"] == "float32" and "Paris" in report["text"]
-    assert len(report["tokens"]) == 12 and report["prompt_ids"] and set(report["timings"]) >= {"prefill_s", "decode_s"}
+    assert (
+        len(report["tokens"]) == 12
+        and report["prompt_ids"]
+        and set(report["timings"]) >= {"prefill_s", "decode_s"}
+    )
     text = "The quick brown fox jumps over the lazy dog."
     assert main(["score", str(smollm2_gguf), "--text", text, "--json", "-"]) == 0
     printed = capsys.readouterr()

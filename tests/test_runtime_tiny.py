@@ -27,11 +27,23 @@ VARIANTS = {
     # name: (tiny arch, config overrides)
     "llama": ("llama", {}),  # llama3 rope scaling
     "llama_linear_rope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
-    "mistral": ("llama", {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
-                          "rope_scaling": None, "sliding_window": None}),
+    "mistral": (
+        "llama",
+        {
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            "rope_scaling": None,
+            "sliding_window": None,
+        },
+    ),
     "qwen2": ("qwen2", {}),  # tied embeddings
-    "qwen2_untied_yarn": ("qwen2", {"tie_word_embeddings": False, "rope_scaling": {
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}),
+    "qwen2_untied_yarn": (
+        "qwen2",
+        {
+            "tie_word_embeddings": False,
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        },
+    ),
     "pangu_embedded": ("pangu_embedded", {}),
 }
 
@@ -39,8 +51,10 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {name: make_tiny(arch, root / name, seed=i, overrides=over)
-            for i, (name, (arch, over)) in enumerate(VARIANTS.items())}
+    return {
+        name: make_tiny(arch, root / name, seed=i, overrides=over)
+        for i, (name, (arch, over)) in enumerate(VARIANTS.items())
+    }
 
 
 def hf_reference(path: Path, dtype: torch.dtype = torch.float32):
@@ -50,8 +64,12 @@ def hf_reference(path: Path, dtype: torch.dtype = torch.float32):
         # openPangu-Embedded is Llama with q/k/v/o biases: transformers' attention_bias covers all four
         from safetensors.torch import load_file
 
-        fields = {k: v for k, v in config.items() if k not in ("auto_map", "bias", "model_type", "architectures")}
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields, attention_bias=config["bias"]))
+        fields = {
+            k: v for k, v in config.items() if k not in ("auto_map", "bias", "model_type", "architectures")
+        }
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**fields, attention_bias=config["bias"])
+        )
         state = {k: v for k, v in load_file(path / "model.safetensors").items() if "inv_freq" not in k}
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and set(missing) <= {"lm_head.weight"} - set(state), (missing, unexpected)
@@ -185,7 +203,10 @@ def test_config_disagreeing_with_tensors(tmp_path):
     with pytest.raises(ConfigError) as err:
         modelkin.load(path, device="cpu")
     message = str(err.value)
-    assert "model.layers.0.mlp.down_proj.weight expected shape [64, 192] (config.json), found [64, 160]" in message
+    assert (
+        "model.layers.0.mlp.down_proj.weight expected shape [64, 192] (config.json), found [64, 160]"
+        in message
+    )
     assert message.index("layers.0.mlp.down_proj") < message.index("layers.0.mlp.gate_proj")  # sorted
     (path / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
     with pytest.raises(ConfigError, match=r"missing tensors: model\.layers\.0\.self_attn\.k_proj\.bias"):

@@ -26,11 +26,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None, metavar="P")
     parser.add_argument("--min-p", type=float, default=None, metavar="P")
     parser.add_argument("--seed", type=int, default=None, metavar="S")
-    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                        help="stop when the output contains TEXT (repeatable)")
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="stop when the output contains TEXT (repeatable)",
+    )
     parser.add_argument("--no-stream", action="store_true", help="print the text once, at the end")
-    parser.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
-                        help="onnxruntime runs a directory written by `modelkin export-onnx`")
+    parser.add_argument(
+        "--engine",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="onnxruntime runs a directory written by `modelkin export-onnx`",
+    )
     common.add_common(parser)
     parallel_options.add_arguments(parser)
 
@@ -41,8 +50,9 @@ def _load(args: argparse.Namespace) -> Any:
         try:
             from modelkin.export.ort_engine import load as load_ort
         except ModuleNotFoundError as err:
-            raise InputError("the onnxruntime engine is not available in this build",
-                             hint="use --engine torch") from err
+            raise InputError(
+                "the onnxruntime engine is not available in this build", hint="use --engine torch"
+            ) from err
         return load_ort(args.model, device=backend, dtype=args.dtype)
     from modelkin.runtime.api import load
 
@@ -67,9 +77,15 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, setup: parallel_options.Setup) -> int:
     model = setup.load(args) if setup.ctx is not None else _load(args)
     out = sys.stderr if common.json_to_stdout(args) else sys.stdout
-    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed,
-                "stop": args.stop}
+    sampling = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
     prompt_ids = model.encode_prompt(args.prompt, chat=args.chat)
     responses = []
     for response in model.stream([prompt_ids], **sampling):
@@ -85,8 +101,11 @@ def _run(args: argparse.Namespace, setup: parallel_options.Setup) -> int:
     out.write("\n")
     out.flush()
     t = result.timings
-    print(f"[{len(result.tokens)} tokens, finish {result.finish_reason}, prefill {t['prefill_s']:.3f} s, "
-          f"decode {t['tokens_per_s']:.1f} tok/s, {model.device} {_dtype(model.dtype)}]", file=sys.stderr)
+    print(
+        f"[{len(result.tokens)} tokens, finish {result.finish_reason}, prefill {t['prefill_s']:.3f} s, "
+        f"decode {t['tokens_per_s']:.1f} tok/s, {model.device} {_dtype(model.dtype)}]",
+        file=sys.stderr,
+    )
     report: dict[str, Any] = {
         "model": str(args.model),
         "prompt": args.prompt,

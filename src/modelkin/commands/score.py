@@ -35,10 +35,19 @@ def run(args: argparse.Namespace) -> int:
     text = _read_text(args)
     model = load(args.model, device=common.backend_from_args(args), dtype=args.dtype)
     result = model.score(text)
-    print(f"bits per byte: {result.bits_per_byte:.4f}  (nll {result.nll:.3f} nats over "
-          f"{len(result.tokens)} tokens, {result.n_bytes} bytes; {model.device} "
-          f"{str(model.dtype).removeprefix('torch.')})",
-          file=sys.stderr if common.json_to_stdout(args) else sys.stdout)
-    common.emit_json(args, {"model": str(args.model), "device": str(model.device),
-                            "dtype": str(model.dtype).removeprefix("torch."), **result.to_json()})
+    print(
+        f"bits per byte: {result.bits_per_byte:.4f}  (nll {result.nll:.3f} nats over "
+        f"{len(result.tokens)} tokens, {result.n_bytes} bytes; {model.device} "
+        f"{str(model.dtype).removeprefix('torch.')})",
+        file=sys.stderr if common.json_to_stdout(args) else sys.stdout,
+    )
+    common.emit_json(
+        args,
+        {
+            "model": str(args.model),
+            "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            **result.to_json(),
+        },
+    )
     return 0

@@ -78,11 +78,21 @@ class DecoderArgs:
 
     def validate(self) -> None:
         """Check relations between fields; raises ConfigError naming the keys."""
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, key) <= 0:
-                raise ConfigError(f"config.json key {key!r} must be positive, found {getattr(self, key)}",
-                                  hint="fix config.json")
+                raise ConfigError(
+                    f"config.json key {key!r} must be positive, found {getattr(self, key)}",
+                    hint="fix config.json",
+                )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -101,8 +111,14 @@ class DecoderArgs:
 
 
 _JSON_TYPES: dict[str, type | tuple[type, ...]] = {
-    "int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None), "dict": dict,
-    "list": list, "tuple": (list, tuple),
+    "int": int,
+    "float": (int, float),
+    "str": str,
+    "bool": bool,
+    "None": type(None),
+    "dict": dict,
+    "list": list,
+    "tuple": (list, tuple),
 }
 
 
@@ -117,7 +133,11 @@ def _matches(value: Any, annotation: str) -> bool:
             continue
         if isinstance(value, kind):
             item = _JSON_TYPES.get(inner.split(",")[0].rstrip("]").strip()) if inner else None
-            if item is None or base == "dict" or all(_matches(v, inner.split(",")[0].rstrip("]")) for v in value):
+            if (
+                item is None
+                or base == "dict"
+                or all(_matches(v, inner.split(",")[0].rstrip("]")) for v in value)
+            ):
                 return True
     return False
 

@@ -65,7 +65,9 @@ def rope_inv_freq(
             f"rope_scaling of type {kind!r} lacks the key {err.args[0]!r}", hint="fix config.json"
         ) from None
     except (TypeError, ValueError, ZeroDivisionError, OverflowError, AttributeError) as err:
-        raise ConfigError(f"rope_scaling {scaling!r} is invalid ({err})"[:300], hint="fix config.json") from None
+        raise ConfigError(
+            f"rope_scaling {scaling!r} is invalid ({err})"[:300], hint="fix config.json"
+        ) from None
     raise ConfigError(
         f"rope_scaling type {kind!r} is not supported",
         hint="supported rope types: default, linear, llama3, yarn",

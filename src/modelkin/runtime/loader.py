@@ -241,8 +241,9 @@ def load_model(
     config = source.config()
     arch = get_architecture(config)
     infos = [source.info(name) for name in source.keys()]  # sizes bound the config before building
-    check_config_sizes(config, num_tensors=len(infos), total_numel=sum(i.numel for i in infos),
-                       where=str(source.path))
+    check_config_sizes(
+        config, num_tensors=len(infos), total_numel=sum(i.numel for i in infos), where=str(source.path)
+    )
     model = build_model(arch, config, source_format=source.format, has_lm_head="lm_head.weight" in source)
     state = arch.remap_weights(lazy_state(source))
     load_weights(model, state, device=device, dtype=dtype, where=str(source.path), progress=progress)

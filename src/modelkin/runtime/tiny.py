@@ -195,7 +195,9 @@ def make_tiny(
             tensors = spec.to_hf(tensors)
         if spec.extra is not None:
             tensors.update(spec.extra(config))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors", {"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors", {"format": "pt"}
+        )
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
         (tmp / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}, indent=2) + "\n")
