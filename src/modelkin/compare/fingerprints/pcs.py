@@ -1,0 +1,101 @@
+"""HuRef's parameter cosine similarity (PCS) over same-shape tensors, with an exact sign-flip null.
+
+PCS = Σ_t <A_t, B_t> / (‖A‖ ‖B‖) over every tensor name both checkpoints hold with the same shape.
+Null: flipping the sign of one residual (hidden-size) dimension of B — its embedding column, the input
+columns of every projection reading the residual and the output rows of every projection writing it —
+is a symmetry of the model, and independent training (zero-mean symmetric init, sign-equivariant
+optimisers) is equivariant to it. The test statistic is the summed dot product of the tensors with a
+residual axis, T = Σ_j g_j (g_j: the part carried by residual dimension j); under random flips
+T_s = Σ_j s_j g_j has mean 0 and variance Σ_j g_j². One pass over the weights, no D×D products.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from modelkin.compare import significance as sig
+from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
+from modelkin.compare.fingerprints.weights import ModelWeights, parse_name
+
+NAME = "pcs"
+NULL = ("H0: B's residual dimensions carry independent random signs relative to A's (a symmetry of "
+        "independent training); randomisation p over sign flips of the summed dot product of the tensors "
+        "with a residual axis (norm weights and biases count in the score only); z from its exact variance.")
+# roles whose residual (hidden-size) axis is dim 1, or dim 0
+_COLS = {"embed", "lm_head", "q", "k", "v", "qkv", "gate", "up", "router", "expert_gate", "expert_up",
+         "shared_gate", "shared_up", "shared_router"}
+_ROWS = {"o", "down", "expert_down", "shared_down"}
+
+
+def residual_contributions(role: str | None, product: torch.Tensor, hidden: int) -> torch.Tensor | None:
+    """g_j = the part of <a, b> (product = a*b) carried by residual dimension j, or None without one."""
+    if product.dim() != 2:
+        return None
+    if role in _COLS and product.shape[1] == hidden:
+        return product.sum(0)
+    if role in _ROWS and product.shape[0] == hidden:
+        return product.sum(1)
+    return None
+
+
+def shared_tensors(a: ModelWeights, b: ModelWeights) -> tuple[list[str], list[str]]:
+    """Names both hold with equal shapes (float tensors), and names both hold with different shapes."""
+    names_b = set(b.source.keys())
+    same, mismatched = [], []
+    for name in a.source.keys():
+        if name not in names_b:
+            continue
+        ia, ib = a.source.info(name), b.source.info(name)
+        if not ia.torch_dtype.is_floating_point or not ib.torch_dtype.is_floating_point:
+            continue
+        (same if tuple(ia.shape) == tuple(ib.shape) else mismatched).append(name)
+    return same, mismatched
+
+
+def sign_flip_null(g: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Σ_j s_j g_j for n random sign vectors s (in chunks of 1000 to bound memory)."""
+    out = []
+    for start in range(0, n, 1000):
+        signs = rng.integers(0, 2, size=(min(1000, n - start), g.size)) * 2.0 - 1.0
+        out.append(signs @ g)
+    return np.concatenate(out) if out else np.empty(0)
+
+
+def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_flips: int = 9999, top: int = 10) -> MethodResult:
+    """PCS of a pair, per-tensor cosines (the ``top`` largest tensors in details) and the sign-flip p-value."""
+    same, mismatched = shared_tensors(a, b)
+    if not same:
+        raise NotApplicable("the checkpoints share no tensor name with equal shapes")
+    hidden = a.geometry().hidden_size if a.config.get("num_attention_heads") else -1
+    dev = a.device
+    dot = norm_a = norm_b = 0.0
+    g = None
+    per_tensor = []
+    for name in same:
+        ta, tb = a.source.get_tensor(name).to(dev, torch.float32), b.source.get_tensor(name).to(dev, torch.float32)
+        product = ta * tb
+        # float32 sums are cascaded (pairwise) in torch: relative error ~1e-7, ample for a cosine
+        d, na, nb = float(product.sum()), float(ta.square().sum()), float(tb.square().sum())
+        dot, norm_a, norm_b = dot + d, norm_a + na, norm_b + nb
+        per_tensor.append((name, ta.numel(), d / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0))
+        key = parse_name(name)
+        part = residual_contributions(key[1] if key else None, product, hidden)
+        if part is not None:
+            g = part.double() if g is None else g + part.double()
+        del ta, tb, product
+    score = dot / math.sqrt(norm_a * norm_b) if norm_a > 0 and norm_b > 0 else 0.0
+    per_tensor.sort(key=lambda t: -t[1])
+    details = {"tensors": len(same), "params": sum(n for _, n, _ in per_tensor),
+               "skipped_shape_mismatch": mismatched,
+               "cosines": {name: cos for name, _, cos in per_tensor[:top]}}
+    if g is None:
+        raise NotApplicable(f"no shared tensor has a residual axis of hidden_size {hidden}")
+    g_np = g.double().cpu().numpy()
+    observed, var = float(g_np.sum()), float((g_np * g_np).sum())
+    null = sign_flip_null(g_np, n_flips, np.random.default_rng(seed))
+    details.update({"test_statistic": observed, "n_flips": n_flips})
+    return MethodResult(name=NAME, score=score, p_value=sig.permutation_p(observed, null),
+                        z=observed / math.sqrt(var) if var > 0 else None, null=NULL, details=details).decide()

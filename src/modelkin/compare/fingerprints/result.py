@@ -1,0 +1,116 @@
+"""Results of the weight fingerprints: one MethodResult per method, gathered in a FingerprintReport.
+
+Call rule (every method, on its own p-value): p < 0.01 -> "related"; p >= 0.05 -> "unrelated"
+(no evidence of derivation at the 5% level); otherwise "inconclusive". The report's verdict applies
+Holm–Bonferroni over the methods that ran: "related" when some Holm-adjusted p < 0.01,
+"unrelated" when every raw p >= 0.05, else "inconclusive".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+RELATED_P = 0.01
+UNRELATED_P = 0.05
+CALL_RULE = (f"related if p < {RELATED_P}; unrelated if p >= {UNRELATED_P}; inconclusive in between; "
+             f"verdict: related if a Holm-adjusted p < {RELATED_P}, unrelated if every p >= {UNRELATED_P}")
+
+
+def call_for(p_value: float | None) -> str:
+    """The per-method call for a p-value (see the module docstring)."""
+    if p_value is None:
+        return "inconclusive"
+    if p_value < RELATED_P:
+        return "related"
+    if p_value >= UNRELATED_P:
+        return "unrelated"
+    return "inconclusive"
+
+
+@dataclass(kw_only=True)
+class MethodResult:
+    """One fingerprint method's outcome.
+
+    Attributes:
+        name: method name (std_curve, pcs, invariants, spectral, permtest, upcycle).
+        score: the method's similarity score (higher = more similar), None when skipped.
+        p_value: p-value under the method's null (``null``), None when skipped.
+        z: z-score of the observed statistic against the null, where one is defined.
+        call: related | unrelated | inconclusive | skipped.
+        null: one sentence saying what the null hypothesis and its distribution are.
+        details: method-specific numbers (JSON-safe).
+        skipped: why the method did not apply to this pair (then call == "skipped").
+        seconds: wall time.
+    """
+
+    name: str
+    score: float | None = None
+    p_value: float | None = None
+    z: float | None = None
+    call: str = "inconclusive"
+    null: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def skip(cls, name: str, reason: str, null: str = "") -> MethodResult:
+        return cls(name=name, call="skipped", skipped=reason, null=null)
+
+    def decide(self) -> MethodResult:
+        """Set ``call`` from ``p_value`` (skipped results keep their call)."""
+        if self.skipped is None:
+            self.call = call_for(self.p_value)
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"score": self.score, "p_value": self.p_value, "z": self.z, "call": self.call,
+                               "null": self.null, "seconds": round(self.seconds, 3)}
+        if self.skipped is not None:
+            out["skipped"] = self.skipped
+        out.update(self.details)
+        return out
+
+
+@dataclass(kw_only=True)
+class FingerprintReport:
+    """All methods run on one pair (A, B), with Holm-adjusted p-values and an overall verdict."""
+
+    a: str
+    b: str
+    device: str
+    seed: int
+    methods: dict[str, MethodResult]
+    p_holm: dict[str, float] = field(default_factory=dict)
+    verdict: str = "inconclusive"
+
+    def __getitem__(self, name: str) -> MethodResult:
+        return self.methods[name]
+
+    def finish(self) -> FingerprintReport:
+        """Compute Holm-adjusted p-values and the verdict from the methods' p-values."""
+        from modelkin.compare.significance import holm_bonferroni
+
+        ran = {n: r.p_value for n, r in self.methods.items() if r.skipped is None and r.p_value is not None}
+        self.p_holm = dict(zip(ran, holm_bonferroni(list(ran.values())))) if ran else {}
+        if any(p < RELATED_P for p in self.p_holm.values()):
+            self.verdict = "related"
+        elif ran and all(p >= UNRELATED_P for p in ran.values()):
+            self.verdict = "unrelated"
+        else:
+            self.verdict = "inconclusive"
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        methods = {}
+        for name, result in self.methods.items():
+            methods[name] = result.to_json()
+            if name in self.p_holm:
+                methods[name]["p_holm"] = self.p_holm[name]
+        return {"a": self.a, "b": self.b, "device": self.device, "seed": self.seed, "verdict": self.verdict,
+                "call_rule": CALL_RULE, "methods": methods}
+
+
+class NotApplicable(Exception):
+    """Raised by a method when the pair does not fit it (different widths, no MoE, …); reported as skipped."""

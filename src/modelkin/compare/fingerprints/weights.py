@@ -1,0 +1,179 @@
+"""Per-layer weight access for the fingerprints: canonical names -> (layer, role, expert), tensors on a device.
+
+Methods ask for ``weights.get(layer, "q")`` and read nothing else; every read goes through the
+checkpoint's TensorSource, so ``source.bytes_read`` shows what a method touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelkin.checkpoint import TensorSource, open_checkpoint
+from modelkin.errors import CheckpointError
+from modelkin.inspect.roles import UNKNOWN, classify
+
+ATTENTION_ROLES = ("q", "k", "v", "o")
+
+Key = tuple[int | None, str, int | None]
+
+
+def parse_name(name: str) -> Key | None:
+    """(layer, role, expert) of a canonical tensor name (modelkin.inspect.roles), None when unknown."""
+    found = classify(name)
+    return None if found.role == UNKNOWN else (found.layer, found.role, found.expert)
+
+
+def acc_dtype(device: torch.device) -> torch.dtype:
+    """float64 for reductions where the device has it (Ascend NPUs do not: float32 there)."""
+    return torch.float32 if device.type == "npu" else torch.float64
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Attention/MLP shapes read from the config (and the tensors where the config is silent)."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+class ModelWeights:
+    """One checkpoint seen as layers and roles; reads tensors lazily onto ``device``.
+
+    Args:
+        source: an open TensorSource.
+        device: where tensors are computed on.
+        label: a short name for reports (the path's name by default).
+    """
+
+    def __init__(self, source: TensorSource, device: torch.device, label: str | None = None):
+        self.source = source
+        self.device = device
+        self.label = label or Path(str(source.path)).name
+        self.index: dict[Key, str] = {}
+        for name in source.keys():
+            key = parse_name(name)
+            if key is not None:
+                self.index.setdefault(key, name)
+        self.layers = sorted({k[0] for k in self.index if k[0] is not None})
+        try:
+            self.config: dict[str, Any] = dict(source.config())
+        except CheckpointError:
+            self.config = {}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def has(self, layer: int | None, role: str, expert: int | None = None) -> bool:
+        if role in ATTENTION_ROLES and (layer, role, expert) not in self.index:
+            return (layer, "qkv", None) in self.index
+        return (layer, role, expert) in self.index
+
+    def name(self, layer: int | None, role: str, expert: int | None = None) -> str:
+        try:
+            return self.index[(layer, role, expert)]
+        except KeyError:
+            where = f"layer {layer} " if layer is not None else ""
+            raise CheckpointError(f"{self.source.path}: no {role} tensor {where}(expert {expert})"
+                                  if expert is not None else f"{self.source.path}: no {where}{role} tensor",
+                                  hint="this fingerprint needs it; check the checkpoint's tensor names") from None
+
+    def info(self, layer: int | None, role: str, expert: int | None = None):
+        return self.source.info(self.name(layer, role, expert))
+
+    def get(self, layer: int | None, role: str, expert: int | None = None,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One tensor on the device in ``dtype``; q/k/v split out of a fused qkv_proj when needed."""
+        if role in ATTENTION_ROLES[:3] and (layer, role, None) not in self.index and self.has(layer, role):
+            return self._split_qkv(layer, role).to(self.device, dtype)
+        tensor = self.source.get_tensor(self.name(layer, role, expert))
+        return tensor.to(self.device, dtype)
+
+    def _split_qkv(self, layer: int, role: str) -> torch.Tensor:
+        fused = self.source.get_tensor(self.index[(layer, "qkv", None)])
+        g = self.geometry()
+        sizes = [g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim, g.num_kv_heads * g.head_dim]
+        if sum(sizes) != fused.shape[0]:
+            sizes = [fused.shape[0] // 3] * 3  # LeaFBench's rule for fused Wqkv without head counts
+        return torch.split(fused, sizes, dim=0)["qkv".index(role)]
+
+    def experts(self, layer: int) -> list[int]:
+        return sorted({k[2] for k in self.index if k[0] == layer and k[1] == "expert_gate"})
+
+    @property
+    def is_moe(self) -> bool:
+        return any(k[1] == "expert_gate" for k in self.index)
+
+    def geometry(self) -> Geometry:
+        """Hidden size, head counts and head_dim from the config, checked against q/k shapes."""
+        cfg = self.config
+        layer = self.layers[0] if self.layers else 0
+        hidden = int(cfg.get("hidden_size") or self.info(layer, "q").shape[1])
+        heads = int(cfg.get("num_attention_heads") or 0)
+        kv = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or (hidden // heads if heads else 0))
+        if not heads or not head_dim:
+            raise CheckpointError(f"{self.source.path}: config.json has no num_attention_heads",
+                                  hint="this fingerprint needs the head layout; add it to config.json")
+        return Geometry(hidden_size=hidden, num_heads=heads, num_kv_heads=kv, head_dim=head_dim)
+
+
+@contextlib.contextmanager
+def open_weights(model: str | Path | TensorSource, device: torch.device,
+                 label: str | None = None) -> Iterator[ModelWeights]:
+    """ModelWeights over a path (opened and closed here) or an already open TensorSource (left open)."""
+    if isinstance(model, TensorSource):
+        yield ModelWeights(model, device, label)
+        return
+    with open_checkpoint(model) as source:
+        yield ModelWeights(source, device, label or Path(model).name)
+
+
+def pick_layers(layers: list[int], limit: int | None) -> list[int]:
+    """At most ``limit`` layers spread evenly over the depth (all of them when limit is None)."""
+    if limit is None or limit >= len(layers):
+        return list(layers)
+    if limit <= 1:
+        return [layers[-1]]
+    idx = [round(i * (len(layers) - 1) / (limit - 1)) for i in range(limit)]
+    return [layers[i] for i in sorted(set(idx))]
+
+
+def vocab_strings(weights: ModelWeights) -> list[str] | None:
+    """Token strings by id (GGUF vocabulary or tokenizer.json), or None when the checkpoint carries none."""
+    source = weights.source
+    if source.format == "gguf":
+        tokens = source.metadata().get("tokenizer.ggml.tokens")
+        return [str(t) for t in tokens] if tokens else None
+    folder = Path(str(source.path))
+    folder = folder if folder.is_dir() else folder.parent
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    raw = (data.get("model") or {}).get("vocab") or {}
+    if isinstance(raw, list):  # unigram models store [token, score] pairs in id order
+        vocab = {str(pair[0]): i for i, pair in enumerate(raw)}
+    else:
+        vocab = {str(k): int(v) for k, v in dict(raw).items()}
+    for added in data.get("added_tokens") or []:
+        vocab[str(added.get("content"))] = int(added.get("id"))
+    if not vocab:
+        return None
+    out = [""] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        out[int(i)] = token
+    return out
