@@ -198,9 +198,8 @@ def render_index(entries: Sequence[Mapping[str, Any]], title: str) -> str:
     rows = []
     for e in entries:
         colour = VERDICT_COLOURS.get(e.get("verdict", ""), "#555")
-        rows.append([f"<td><a href='{esc(e['href'])}'>{esc(e['name'])}</a></td>",
-                     f"<td><span class='verdict' style='background:{colour};font-size:.9em'>{esc(e.get('verdict'))}"
-                     "</span></td>",
+        badge = f"<span class='verdict' style='background:{colour};font-size:.9em'>{esc(e.get('verdict'))}</span>"
+        rows.append([f"<td><a href='{esc(e['href'])}'>{esc(e['name'])}</a></td>", f"<td>{badge}</td>",
                      *(_td(e.get(k), True) for k in ("js_divergence", "top1_agreement", "greedy_text_similarity",
                                                      "bpb_correlation", "weights_significant")),
                      _td(e.get("note"))])

@@ -118,11 +118,11 @@ def run_outputs(model: Any, prompts: Sequence[Prompt], settings: BehaviourSettin
     for p, row in zip(prompts, ids):
         if not row:
             raise InputError(f"prompt {p.id!r} encodes to zero tokens for {model.path}", hint="remove it")
-    is_moe = _reset_routing(model)
+    tele = _telemetry(model)
     t = time.perf_counter()
     tick("next-token distributions")
-    logprobs, topk, bpb = _logits_pass(model, prompts, ids, settings.top_k)
-    routing = _routing_summary(model) if is_moe else None
+    logprobs, topk, bpb = _logits_pass(model, prompts, ids, settings.top_k, tele)
+    routing = tele.to_json() if tele is not None else None
     timings["logits_s"] = time.perf_counter() - t
     greedy_ids, greedy_text = [], []
     if settings.wants("greedy"):
@@ -135,15 +135,29 @@ def run_outputs(model: Any, prompts: Sequence[Prompt], settings: BehaviourSettin
     sample_ids, sample_text = _samples(model, ids, settings, seed, tick, timings)
     return ModelOutputs(
         path=str(model.path), model_type=str(getattr(model.config, "model_type", "?")),
-        logits_size=int(logprobs[0].shape[-1]), vocab_hash=vocab_hash(tok), is_moe=is_moe, prompt_ids=ids,
+        logits_size=int(logprobs[0].shape[-1]), vocab_hash=vocab_hash(tok), is_moe=tele is not None, prompt_ids=ids,
         logprobs=logprobs, topk_ids=topk, bpb=bpb, greedy_ids=greedy_ids, greedy_text=greedy_text,
         sample_ids=sample_ids, sample_text=sample_text, routing=routing, timings=timings,
     )
 
 
-def _logits_pass(model: Any, prompts: Sequence[Prompt], ids: list[list[int]], k: int,
+def _logits_pass(model: Any, prompts: Sequence[Prompt], ids: list[list[int]], k: int, tele: Any | None,
                  budget: int = 1 << 26) -> tuple[list[Any], list[Any], list[float | None]]:
-    """Batches of prompts under ``budget`` logits elements; log-softmax on the device, kept as float16."""
+    """Batches of prompts under ``budget`` logits elements; log-softmax on the device, kept as float16.
+
+    With ``tele`` (an MoE's RoutingTelemetry) the routing of every real prompt token is recorded.
+    """
+    import contextlib
+
+    if tele is not None:
+        tele.reset()
+    recording = tele.recording(model.module) if tele is not None else contextlib.nullcontext()
+    with recording:
+        return _logits_batches(model, prompts, ids, k, tele, budget)
+
+
+def _logits_batches(model: Any, prompts: Sequence[Prompt], ids: list[list[int]], k: int, tele: Any | None,
+                    budget: int) -> tuple[list[Any], list[Any], list[float | None]]:
     import torch
 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -159,6 +173,9 @@ def _logits_pass(model: Any, prompts: Sequence[Prompt], ids: list[list[int]], k:
             width = max(width, len(ids[order[stop]]))
             stop += 1
         batch = order[start:stop]
+        if tele is not None:  # count real tokens only, not the right padding of the batch
+            tele.token_mask = torch.tensor([[j < len(ids[i]) for j in range(width)] for i in batch],
+                                           device=model.device)
         logits = model.logits([ids[i] for i in batch])
         for row, i in enumerate(batch):
             n = len(ids[i])
@@ -171,6 +188,8 @@ def _logits_pass(model: Any, prompts: Sequence[Prompt], ids: list[list[int]], k:
             logprobs[i] = lp.to(torch.float16).cpu()
         del logits
         start = stop
+    if tele is not None:
+        tele.token_mask = None
     return logprobs, topk, bpb
 
 
@@ -191,31 +210,9 @@ def _samples(model: Any, ids: list[list[int]], settings: BehaviourSettings, seed
     return sample_ids, sample_text
 
 
-def _routing_source(model: Any) -> Any | None:
-    """The object that records MoE routing (the model wrapper or its module), or None for dense models."""
-    for obj in (model, getattr(model, "module", None)):
-        if obj is not None and callable(getattr(obj, "routing_summary", None)):
-            return obj
-    return None
-
-
-def _reset_routing(model: Any) -> bool:
-    """Clear recorded routing before our pass; True when the model is an MoE with telemetry."""
-    source = _routing_source(model)
-    if source is None:
-        return False
-    for name in ("reset_routing", "reset_routing_telemetry", "clear_routing"):
-        fn = getattr(source, name, None)
-        if callable(fn):
-            fn()
-            break
-    return True
-
-
-def _routing_summary(model: Any) -> dict[str, Any] | None:
-    source = _routing_source(model)
-    summary = source.routing_summary() if source is not None else None
-    return summary if summary else None
+def _telemetry(model: Any) -> Any | None:
+    """The model's RoutingTelemetry (MoE models), or None for dense models."""
+    return getattr(model, "routing_telemetry", None)
 
 
 def _empty_device_cache(backend: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +70,20 @@ def _cached_outputs(path: Any, prompts: list[Prompt], settings: BehaviourSetting
     return out
 
 
-def _fingerprint(a: Any, b: Any, methods: Sequence[str] | None, device: str) -> tuple[dict | None, str | None]:
+def _fingerprint(a: Any, b: Any, methods: Sequence[str] | None, device: str, allow_fallback: bool | None,
+                 seed: int, options: Mapping[str, Mapping[str, Any]] | None,
+                 tick: Callable[[str], None]) -> tuple[dict | None, str | None]:
     try:
         from modelkin.compare.api import fingerprint
     except ImportError as err:
         return None, f"the fingerprint methods are not available in this build ({err})"
     try:
-        return fingerprint(a, b, methods=methods, device=device).to_json(), None
+        report = fingerprint(a, b, methods=list(methods) if methods else None, device=device, seed=seed,
+                             allow_fallback=allow_fallback, options=options,
+                             progress=lambda name: tick(f"weight fingerprint: {name}"))
     except ModelkinError as err:
         return None, str(err)
+    return report.to_json(), None
 
 
 def compare(
@@ -91,6 +96,7 @@ def compare(
     methods: Sequence[str] | None = None,
     settings: BehaviourSettings | None = None,
     fingerprints: bool = True,
+    fingerprint_options: Mapping[str, Mapping[str, Any]] | None = None,
     behaviour: bool = True,
     allow_fallback: bool | None = None,
     cache: OutputCache | None = None,
@@ -109,6 +115,7 @@ def compare(
         methods: fingerprint methods (None: the fingerprint command's default set).
         settings: behaviour budget and metrics (BehaviourSettings()).
         fingerprints / behaviour: run either half.
+        fingerprint_options: per-method options for ``fingerprint`` (e.g. fewer permutations).
 
     Raises:
         InputError: bad prompts or settings, or a named same-tokenizer metric with differing vocabularies.
@@ -133,13 +140,15 @@ def compare(
         if fingerprints:
             tick("weight fingerprints")
             t = time.perf_counter()
-            fp, fp_error = _fingerprint(a, b, methods, device)
+            fp, fp_error = _fingerprint(a, b, methods, device, allow_fallback, settings.seed,
+                                        fingerprint_options, tick)
             timings["fingerprint_s"] = time.perf_counter() - t
         else:
             fp_error = "not requested"
         if behaviour:
             t = time.perf_counter()
-            common = dict(device=device, dtype=dtype, allow_fallback=allow_fallback, cache=cache, tick=tick)
+            common = {"device": device, "dtype": dtype, "allow_fallback": allow_fallback, "cache": cache,
+                      "tick": tick}
             out_a = _cached_outputs(a, chosen, settings, seed=settings.seed, **common)
             out_b = _cached_outputs(b, chosen, settings, seed=settings.seed + 1, **common)
             tick("comparing outputs")

@@ -60,8 +60,8 @@ class BehaviourSettings:
     @classmethod
     def quick(cls, **overrides: Any) -> BehaviourSettings:
         """Smaller budget for demos and tests."""
-        base = dict(max_prompts=12, greedy_tokens=16, mmd_prompts=3, mmd_samples=6, mmd_tokens=12,
-                    permutations=1000)
+        base = {"max_prompts": 12, "greedy_tokens": 16, "mmd_prompts": 3, "mmd_samples": 6, "mmd_tokens": 12,
+                "permutations": 1000}
         return cls(**{**base, **overrides})
 
     def wants(self, metric: str) -> bool:

@@ -36,7 +36,8 @@ def read_dense(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, 
             raise UnsupportedArchitectureError(
                 f"{path}: variants are built from dense {' / '.join(DENSE_TYPES)} checkpoints, "
                 f"not model_type {config.get('model_type')!r}", hint="pass a Llama or Qwen2 checkpoint")
-        tensors = {name: src.get_tensor(name).to(torch.float32).contiguous() for name in src.keys()}
+        names = list(src.keys())
+        tensors = {name: src.get_tensor(name).to(torch.float32).contiguous() for name in names}
     return config, tensors
 
 

@@ -70,7 +70,7 @@ def weight_evidence(fingerprint: dict[str, Any] | None) -> list[dict[str, Any]]:
         if isinstance(p, (int, float)) and math.isfinite(p):
             row["p_value"] = float(p)
         else:
-            row["note"] = (m.get("reason") or m.get("error") or "no p-value") if isinstance(m, dict) else "no result"
+            row["note"] = (m.get("skipped") or "no p-value") if isinstance(m, dict) else "no result"
         rows.append(row)
     tested = [r for r in rows if r["p_value"] is not None]
     for r, adj in zip(tested, holm_bonferroni([r["p_value"] for r in tested])):

@@ -1,0 +1,111 @@
+"""`compare` on the real SmolLM2-135M: vs itself, vs a function-preserving permuted copy, vs an
+independently initialised twin (the issue's must-show cases, with a small prompt budget)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from modelkin.compare import variants
+from modelkin.compare.outputs import OutputCache
+from modelkin.compare.pipeline import compare
+from modelkin.compare.settings import BehaviourSettings
+
+SETTINGS = BehaviourSettings(max_prompts=6, greedy_tokens=10, mmd_prompts=2, mmd_samples=4, mmd_tokens=8,
+                             permutations=500)
+METHODS = ["std_curve", "spectral"]  # the two fastest weight methods keep the module well under a minute
+
+
+@pytest.fixture(scope="module")
+def relatives(smollm2_gguf, tmp_path_factory):
+    root = tmp_path_factory.mktemp("relatives")
+    config, tensors = variants.read_dense(smollm2_gguf)
+    perm = variants.write_hf_checkpoint(root / "perm", config, variants.permute_dense(config, tensors, seed=5),
+                                        tokenizer_from=smollm2_gguf)
+    twin = variants.write_hf_checkpoint(root / "twin", config, variants.random_like(config, tensors, seed=6),
+                                        tokenizer_from=smollm2_gguf)
+    return {"perm": perm, "twin": twin}
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return OutputCache(max_entries=2)  # SmolLM2's own outputs are computed once for the module
+
+
+@pytest.fixture(scope="module")
+def vs_perm(smollm2_gguf, relatives, cache):
+    return compare(smollm2_gguf, relatives["perm"], device="cpu", settings=SETTINGS, methods=METHODS,
+                   cache=cache).to_json()
+
+
+@pytest.fixture(scope="module")
+def vs_twin(smollm2_gguf, relatives, cache):
+    return compare(smollm2_gguf, relatives["twin"], device="cpu", settings=SETTINGS, methods=METHODS,
+                   cache=cache).to_json()
+
+
+def test_permuted_copy_has_the_same_tokenizer_and_nearly_equal_logits(smollm2_gguf, relatives):
+    import modelkin
+
+    a = modelkin.load(smollm2_gguf, device="cpu")
+    b = modelkin.load(relatives["perm"], device="cpu")
+    text = "今天早上 the capital of France is\n def f(x): return 2*x"
+    assert a.tokenizer.encode(text) == b.tokenizer.encode(text)
+    ids = a.tokenizer.encode(text)
+    la, lb = a.logits([ids]), b.logits([ids])
+    assert (la - lb).abs().max().item() < 1e-3 * la.abs().max().item()
+    assert a.score(text).bits_per_byte == pytest.approx(b.score(text).bits_per_byte, rel=1e-5)
+
+
+def test_permuted_copy_behaves_identically_and_is_called_related(vs_perm):
+    b = vs_perm["behaviour"]
+    assert b["same_tokenizer"] is True
+    assert b["js_divergence"] < 1e-6 and b["js_divergence_max"] < 1e-5
+    assert b["top1_agreement"] >= 0.99 and b["topk_overlap"] >= 0.99
+    assert b["greedy_exact_match"] == 1.0 and b["greedy_text_similarity"] == 1.0
+    for row in b["per_prompt"]:
+        assert row["bpb_b"] == pytest.approx(row["bpb_a"], rel=1e-4)
+        assert row["greedy_a"] == row["greedy_b"]
+    assert b["mmd"]["p_value"] > 0.05  # samples from the same distribution
+    assert vs_perm["verdict"] == "related"
+    assert vs_perm["reasons"][0].startswith("R2")
+
+
+def test_twin_behaves_differently_and_is_called_unrelated(vs_twin):
+    b = vs_twin["behaviour"]
+    assert b["js_divergence"] > 0.5
+    assert b["top1_agreement"] < 0.1
+    assert b["greedy_text_similarity"] < 0.5 and b["greedy_exact_match"] == 0.0
+    assert b["bpb_b"] > 2 * b["bpb_a"]  # an untrained model spreads its mass over the whole vocabulary
+    for e in vs_twin["evidence"]:
+        assert e["p_value"] >= 0.05, e
+    assert vs_twin["verdict"] == "unrelated"
+    assert vs_twin["reasons"][0].startswith("R5")
+
+
+def test_smollm2_against_itself_via_the_cli(smollm2_gguf, tmp_path, cli):
+    out = tmp_path / "self.json"
+    r = cli("compare", smollm2_gguf, smollm2_gguf, "--device", "cpu", "--no-fingerprint", "--max-prompts", "4",
+            "--greedy-tokens", "8", "--mmd-prompts", "2", "--mmd-samples", "3", "--mmd-tokens", "6", "--json", out)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    b = data["behaviour"]
+    assert b["js_divergence"] == 0.0 and b["kl_ab"] == 0.0
+    assert b["top1_agreement"] == 1.0 and b["topk_overlap"] == 1.0
+    assert b["greedy_exact_match"] == 1.0 and b["greedy_token_agreement"] == 1.0
+    assert b["bpb_correlation"] == pytest.approx(1.0)
+    assert all(row["greedy_a"] == row["greedy_b"] for row in b["per_prompt"])
+    assert data["verdict"] == "related" and data["fingerprint"] is None
+    assert "R2" in r.stdout
+
+
+def test_report_json_is_complete_and_finite(vs_perm):
+    text = json.dumps(vs_perm, allow_nan=False)
+    assert "NaN" not in text
+    fp = vs_perm["fingerprint"]["methods"]
+    assert set(fp) == set(METHODS)
+    assert len(fp["std_curve"]["curves"]["a"]["curves"]["q"]) == 30
+    assert vs_perm["models"]["a"]["timings"]["load_s"] > 0
+    assert all(math.isfinite(r["js"]) for r in vs_perm["behaviour"]["per_prompt"])
