@@ -82,3 +82,14 @@ def test_terabyte_tensor_claim_is_refused_without_allocating(case_dir):
     out = run_case("safetensors", lambda: exercise_checkpoint(d))
     assert isinstance(out, ModelkinError) and "truncated" in str(out)
     assert EDGE_INTS  # the strategies module exports the edge values used above
+
+
+@pytest.mark.parametrize("dtype", ["F8_E8M0", "F4", "Q4_0"])
+def test_dtype_outside_the_table_never_changes_under_info(case_dir, dtype):
+    """Found by fuzzing: an F8_E8M0 tensor came back as float8_e8m0fnu while info() said float32."""
+    header = {"w": {"dtype": dtype, "shape": [2], "data_offsets": [0, 2]}}
+    body = json.dumps(header).encode()
+    d = fresh(case_dir)
+    (d / "model.safetensors").write_bytes(len(body).to_bytes(8, "little") + body + bytes(2))
+    out = run_case("safetensors", lambda: exercise_checkpoint(d))
+    assert not isinstance(out, ModelkinError) or "does not read" in str(out) or "cannot read" in str(out)

@@ -156,6 +156,12 @@ class SafetensorsSource(TensorSource):
 
     def _read(self, name: str) -> torch.Tensor:
         file = self._entries[name].path
+        info = self._entries[name].info
+        if info.dtype not in TORCH_DTYPES:  # safetensors may read it, but info() could not describe it
+            raise CheckpointError(
+                f"tensor {name!r} in {file} has dtype {info.dtype!r}, which modelkin does not read",
+                hint=f"convert it to one of {', '.join(TORCH_DTYPES)}",
+            )
         try:
             handle = self._handles.get(file)
             if handle is None:

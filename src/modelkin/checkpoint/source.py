@@ -36,6 +36,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "C64": torch.complex64,
 }
+if hasattr(torch, "float8_e8m0fnu"):  # MX scale type (torch >= 2.7)
+    TORCH_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 
 
