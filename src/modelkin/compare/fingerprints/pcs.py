@@ -90,6 +90,8 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_flips: int = 9999,
     per_tensor.sort(key=lambda t: -t[1])
     details = {"tensors": len(same), "params": sum(n for _, n, _ in per_tensor),
                "skipped_shape_mismatch": mismatched,
+               "only_in_a": len(set(a.source.keys()) - set(b.source.keys())),
+               "only_in_b": len(set(b.source.keys()) - set(a.source.keys())),
                "cosines": {name: cos for name, _, cos in per_tensor[:top]}}
     if g is None:
         raise NotApplicable(f"no shared tensor has a residual axis of hidden_size {hidden}")

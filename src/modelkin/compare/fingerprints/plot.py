@@ -1,4 +1,4 @@
-"""Plot of two models' std curves overlaid per projection (matplotlib Agg, PNG)."""
+"""Plot of two models' std curves overlaid per projection (matplotlib object API, PNG)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,7 @@ PROJECTIONS = ("q", "k", "v", "o")
 
 def std_curves_png(a: StdCurves, b: StdCurves, *, title: str = "", r: dict[str, float] | None = None) -> bytes:
     """PNG bytes: one panel per projection, both models' z-scored std curves over relative depth."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # object API: no pyplot, no global backend switch
 
     fig = Figure(figsize=(10, 6.5), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True)
