@@ -90,7 +90,6 @@ def main(outdir: Path, smollm2: str, pangu: str) -> None:
                 str(outdir / "inspect_smol.json"),
             ]
         ),
-        "threads": torch.get_num_threads(),
     }
     torch.save(results, outdir / f"rank{rank}.pt")
     (outdir / f"rank{rank}.done").write_text(json.dumps({"rank": rank}))

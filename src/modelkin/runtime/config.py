@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from modelkin.errors import ConfigError
 
@@ -36,6 +36,17 @@ class DecoderArgs:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # sizes validate() requires > 0 (MoE configs without dense layers drop intermediate_size)
+    positive_keys: ClassVar[tuple[str, ...]] = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+    )
 
     @classmethod
     def from_hf_config(cls: type[A], config: dict[str, Any]) -> A:
@@ -78,16 +89,7 @@ class DecoderArgs:
 
     def validate(self) -> None:
         """Check relations between fields; raises ConfigError naming the keys."""
-        for key in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "max_position_embeddings",
-        ):
+        for key in self.positive_keys:
             if getattr(self, key) <= 0:
                 raise ConfigError(
                     f"config.json key {key!r} must be positive, found {getattr(self, key)}",

@@ -67,6 +67,8 @@ def load_parallel(
 
     Every rank returns a Model whose logits, generation and routing telemetry equal the
     single-process ones (within float rounding): outputs are replicated after each all-reduce.
+    Call its methods on every rank with the same arguments; when sampling (temperature > 0), pass
+    the same ``seed`` everywhere so that every rank draws the same tokens.
 
     Raises:
         CheckpointError, ConfigError, UnsupportedArchitectureError, DeviceError, InputError.

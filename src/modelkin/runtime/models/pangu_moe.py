@@ -11,6 +11,7 @@ weight p·router_scale[e], no renormalisation — plus an ungated shared expert 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ class ModelArgs(DecoderArgs):
     moe_intermediate_size: int
     shared_expert_intermediate_size: int
     intermediate_size: int = 0  # null in the release: no dense layers
+    positive_keys: ClassVar[tuple[str, ...]] = tuple(
+        k for k in DecoderArgs.positive_keys if k != "intermediate_size"
+    )
     rms_norm_eps: float = 1e-5
     rope_theta: float = 16000000.0
     architectures: tuple[str, ...] | list[str] = ()
