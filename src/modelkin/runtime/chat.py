@@ -19,6 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
 from modelkin.errors import InputError, TokenizerError
+from modelkin.runtime.chat_limits import LimitedSandbox, check_namespace_value, render_limited
 
 # Pangu Pro MoE / openPangu-Embedded chat format (pangu-pro-moe.md §5): [unused9] opens a turn, the
 # role name and a full-width colon (U+FF1A) follow, [unused10] closes it; a conversation without a
@@ -98,8 +99,8 @@ class ChatTemplate:
         context = {"tools": None, "documents": None, **dict(variables), **extra}
         context = {key: _plain(value) for key, value in context.items()}
         try:
-            return template.render(
-                messages=messages, add_generation_prompt=bool(add_generation_prompt), **context
+            return render_limited(
+                template, messages=messages, add_generation_prompt=bool(add_generation_prompt), **context
             )
         except TokenizerError:
             raise
@@ -159,8 +160,9 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-class _StrictSandbox(ImmutableSandboxedEnvironment):
-    """Unsafe attribute access raises at once (the stock sandbox returns an undefined value)."""
+class _StrictSandbox(LimitedSandbox, ImmutableSandboxedEnvironment):
+    """Unsafe attribute access raises at once (the stock sandbox returns an undefined value); loops,
+    sizes and output are bounded (chat_limits)."""
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is not allowed")
@@ -178,6 +180,7 @@ class _SafeNamespace(Namespace):
 
     def __setitem__(self, key: str, value: Any) -> None:
         _check_public(key)
+        check_namespace_value(value)
         Namespace.__setitem__(self, key, value)
 
 
