@@ -64,3 +64,13 @@ def fingerprint(a: str | Path | TensorSource, b: str | Path | TensorSource, meth
                   str(b if not isinstance(b, TensorSource) else b.path))
     return FingerprintReport(a=labels[0], b=labels[1], device=str(backend.device), seed=seed,
                              methods=results).finish()
+
+
+def compare(a: str | Path, b: str | Path, prompts: Any = None, device: str = "auto", **kwargs: Any):
+    """Fingerprints and behaviour of two models with one verdict -> ComparisonReport.
+
+    Thin entry point; arguments and behaviour are documented at ``modelkin.compare.pipeline.compare``.
+    """
+    from modelkin.compare.pipeline import compare as run_compare
+
+    return run_compare(a, b, prompts, device, **kwargs)
