@@ -115,3 +115,17 @@ def test_billion_layers_fail_fast_without_memory(bases):
     finally:
         (path / "config.json").write_text(original)
     assert isinstance(out, ConfigError), out
+
+
+@pytest.mark.parametrize("pad", [10**30, 2**63, -1])
+def test_special_ids_outside_the_vocabulary_do_not_break_running(bases, pad):
+    """Found by the long fuzz run: pad_token_id=10**30 made logits() raise OverflowError."""
+    path = bases["llama"]
+    original = (path / "config.json").read_text()
+    try:
+        (path / "config.json").write_text(json.dumps({**json.loads(original), "pad_token_id": pad}))
+        out = run_case("config", lambda: _load_and_run(path))
+    finally:
+        (path / "config.json").write_text(original)
+    assert not isinstance(out, ModelkinError), out
+    assert out.pad_token_id == 2  # the config's EOS

@@ -93,3 +93,13 @@ def test_dtype_outside_the_table_never_changes_under_info(case_dir, dtype):
     (d / "model.safetensors").write_bytes(len(body).to_bytes(8, "little") + body + bytes(2))
     out = run_case("safetensors", lambda: exercise_checkpoint(d))
     assert not isinstance(out, ModelkinError) or "does not read" in str(out) or "cannot read" in str(out)
+
+
+def test_negative_dims_are_refused_whatever_the_dtype(case_dir):
+    """Found by the long fuzz run: a dtype without a size check let shape [-1.0] through info()."""
+    header = {"0": {"dtype": "Q4_0", "shape": [-1.0], "data_offsets": [0, 2]}}
+    body = json.dumps(header).encode()
+    d = fresh(case_dir)
+    (d / "model.safetensors").write_bytes(len(body).to_bytes(8, "little") + body + bytes(2))
+    out = run_case("safetensors", lambda: exercise_checkpoint(d))
+    assert isinstance(out, ModelkinError) and "negative dims [-1]" in str(out), out

@@ -29,6 +29,15 @@ TEMPLATE_PARTS = [
     "{{ 'x' * 3 }}", "{{ cycler }}", "{{ self }}", "{{ lipsum(1) }}", "plain text \u4e2d",
 ]
 templates = st.lists(st.sampled_from(TEMPLATE_PARTS), min_size=1, max_size=4).map("".join)
+CONFIG_KEYS = ["bos_token", "eos_token", "unk_token", "pad_token", "added_tokens_decoder", "legacy", "add_bos_token",
+               "add_eos_token", "tokenizer_class", "chat_template", "additional_special_tokens",
+               "extra_special_tokens", "add_prefix_space", "clean_up_tokenization_spaces"]
+config_values = st.one_of(
+    json_values, st.sampled_from(TOKEN_TEXTS), templates, st.just("LlamaTokenizerFast"),
+    st.dictionaries(st.sampled_from(["0", "3", "-1", "x", "99999"]), json_values | st.sampled_from(TOKEN_TEXTS)),
+    st.lists(st.fixed_dictionaries({"name": st.sampled_from(["default", "tool_use", "x"]), "template": templates}),
+             max_size=2),
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +99,8 @@ def edits(draw, case):
             name = "tokenizer_config.json" if kind == "config" else "special_tokens_map.json"
             config = _loads((case / name).read_bytes().decode("utf-8", "replace")) if (case / name).is_file() else {}
             config = config if isinstance(config, dict) else {}
-            key = draw(st.sampled_from(["bos_token", "eos_token", "unk_token", "pad_token", "added_tokens_decoder",
-                                        "legacy", "add_bos_token", "add_eos_token", "tokenizer_class",
-                                        "chat_template", "additional_special_tokens", "add_prefix_space",
-                                        "clean_up_tokenization_spaces"]))
-            value = draw(st.one_of(
-                json_values, st.sampled_from(TOKEN_TEXTS), templates,
-                st.just("LlamaTokenizerFast"), st.dictionaries(st.sampled_from(["0", "3", "-1", "x", "99999"]),
-                                                              json_values | st.sampled_from(TOKEN_TEXTS)),
-                st.lists(st.fixed_dictionaries({"name": st.sampled_from(["default", "tool_use", "x"]),
-                                                "template": templates}), max_size=2)))
-            config[key] = value
+            for key in draw(st.lists(st.sampled_from(CONFIG_KEYS), min_size=1, max_size=3)):
+                config[key] = draw(config_values)
             (case / name).write_text(json.dumps(config))
         elif kind == "jinja":
             (case / "chat_template.jinja").write_text(draw(templates))
@@ -110,7 +110,7 @@ def edits(draw, case):
             (case / name).write_bytes(draw(st.sampled_from([b"", b"\xff\xfe\x00", b"null", b"[]", b"{", b"\x80\x02."])))
 
 
-@fuzz_settings(220)
+@fuzz_settings(300)
 @given(data=st.data(), kind=st.sampled_from(KINDS))
 def test_tokenizer_files(bases, data, kind):
     case = bases / "case"

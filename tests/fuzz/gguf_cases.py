@@ -111,7 +111,7 @@ def valid_gguf(draw: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     keys = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12)
     values = st.one_of(st.integers(0, 2**32 - 1), st.booleans(),
                        st.text(st.characters(codec="utf-8"), min_size=1, max_size=12),  # the writer drops ""
-                       st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=4),
+                       st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=4),  # written as INT32
                        st.lists(st.text(st.characters(codec="utf-8"), max_size=4), min_size=1, max_size=4))
     meta = draw(st.dictionaries(keys.map(lambda k: f"fuzz.{k}"), values, max_size=4))
     return tensors, meta

@@ -68,8 +68,10 @@ def _parse_entry(path: pathlib.Path, name: str, raw: Any, data_size: int) -> _En
         dtype = str(raw["dtype"])
         shape = tuple(int(d) for d in raw["shape"])
         begin, end = (int(x) for x in raw["data_offsets"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise _header_error(path, f"bad header entry for tensor {name!r}") from None
+    if any(d < 0 for d in shape):
+        raise _header_error(path, f"tensor {name!r} has negative dims {list(shape)}")
     if end > data_size:
         raise CheckpointError(
             f"{path} is truncated: tensor {name!r} ends at data byte {end} "

@@ -96,7 +96,7 @@ def _fast_backend(path: Path, config: dict[str, Any]) -> FastBackend:
         )
         (tk.add_special_tokens if token.special else tk.add_tokens)([token])
     # only SentencePiece-style vocabularies: some byte-level BPE tokenizers also name LlamaTokenizerFast
-    if config.get("tokenizer_class") in _LLAMA_CLASSES and getattr(tk.model, "byte_fallback", False):
+    if str(config.get("tokenizer_class")) in _LLAMA_CLASSES and getattr(tk.model, "byte_fallback", False):
         _llama_pipeline(tk, config)
     return FastBackend(tk, clean_up_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
 
@@ -152,6 +152,8 @@ def _extra_special(config: dict[str, Any]) -> list[str]:
     out = []
     for key in ("additional_special_tokens", "extra_special_tokens"):
         value = config.get(key) or []
+        if not isinstance(value, (list, dict)):  # a damaged config: nothing usable here
+            continue
         for t in value.values() if isinstance(value, dict) else value:
             text = token_text(t)
             if text:
