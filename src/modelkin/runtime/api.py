@@ -95,7 +95,10 @@ class Model:
         self.eos_token_ids = _eos_ids(self.config, generation_config or {}, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer is not None else None
         pad = self.config.pad_token_id if pad is None else pad
-        self.pad_token_id = int(pad) if pad is not None else min(self.eos_token_ids, default=0)
+        # ids outside the vocabulary (old configs say pad_token_id=-1) cannot pad: fall back to an EOS, or 0
+        vocab = self.config.vocab_size
+        usable = [int(i) for i in (pad, *sorted(self.eos_token_ids)) if isinstance(i, int) and 0 <= i < vocab]
+        self.pad_token_id = usable[0] if usable else 0
         self.routing_telemetry = moe_telemetry.RoutingTelemetry() if moe_telemetry.has_moe(module) else None
 
     def __repr__(self) -> str:
