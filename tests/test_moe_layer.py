@@ -19,6 +19,7 @@ from modelkin.runtime.moe import (
     experts_gather,
     experts_sorted,
 )
+from modelkin.runtime.moe_cpu import PackedExperts, balance, experts_threaded
 from modelkin.runtime.moe_telemetry import RoutingTelemetry
 from modelkin.runtime.moe_weights import stack_experts, unstack_experts
 
@@ -74,10 +75,16 @@ def reference_moe(case: dict, state: dict[str, torch.Tensor], x_TD: torch.Tensor
         x = x_TD[t].double()
         for e, w in _choose(case, st["gate.weight"] @ x):
             p = f"experts.{e}."
-            out[t] += w * _expert(x, st[p + "gate_proj.weight"], st[p + "up_proj.weight"], st[p + "down_proj.weight"])
+            out[t] += w * _expert(
+                x, st[p + "gate_proj.weight"], st[p + "up_proj.weight"], st[p + "down_proj.weight"]
+            )
         if case["shared"]:
-            sh = _expert(x, st["shared_expert.gate_proj.weight"], st["shared_expert.up_proj.weight"],
-                         st["shared_expert.down_proj.weight"])
+            sh = _expert(
+                x,
+                st["shared_expert.gate_proj.weight"],
+                st["shared_expert.up_proj.weight"],
+                st["shared_expert.down_proj.weight"],
+            )
             if case["shared_gate"]:
                 sh = sh / (1.0 + math.exp(-float(st["shared_expert_gate.weight"][0] @ x)))
             out[t] += sh
@@ -88,12 +95,32 @@ def reference_moe(case: dict, state: dict[str, torch.Tensor], x_TD: torch.Tensor
 
 
 CASES = {
-    "softmax_renorm": dict(policy="softmax_topk", experts=16, top_k=4, renorm=True, shared=False, shared_gate=False),
-    "softmax_plain_gated_shared": dict(policy="softmax_topk", experts=12, top_k=3, renorm=False, shared=True,
-                                       shared_gate=True),
-    "moge": dict(policy="moge", experts=16, top_k=4, groups=4, shared=True, shared_gate=False),
-    "sigmoid_bias": dict(policy="sigmoid_bias", experts=16, top_k=4, renorm=True, scaling=2.5, shared=True,
-                         shared_gate=False),
+    "softmax_renorm": {
+        "policy": "softmax_topk",
+        "experts": 16,
+        "top_k": 4,
+        "renorm": True,
+        "shared": False,
+        "shared_gate": False,
+    },
+    "softmax_plain_gated_shared": {
+        "policy": "softmax_topk",
+        "experts": 12,
+        "top_k": 3,
+        "renorm": False,
+        "shared": True,
+        "shared_gate": True,
+    },
+    "moge": {"policy": "moge", "experts": 16, "top_k": 4, "groups": 4, "shared": True, "shared_gate": False},
+    "sigmoid_bias": {
+        "policy": "sigmoid_bias",
+        "experts": 16,
+        "top_k": 4,
+        "renorm": True,
+        "scaling": 2.5,
+        "shared": True,
+        "shared_gate": False,
+    },
 }
 
 
@@ -122,12 +149,20 @@ def hf_state(case: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_block(case: dict, state: dict[str, torch.Tensor], impl: ExpertsImpl = ExpertsImpl.AUTO) -> SparseMoeBlock:
+def build_block(
+    case: dict, state: dict[str, torch.Tensor], impl: ExpertsImpl = ExpertsImpl.AUTO
+) -> SparseMoeBlock:
     with torch.device("meta"):
         block = SparseMoeBlock(
-            gate=Router(D, case["experts"], policy=RouterPolicy(case["policy"]), top_k=case["top_k"],
-                        num_groups=case.get("groups", 1), norm_topk_prob=case.get("renorm", False),
-                        routed_scaling_factor=case.get("scaling", 1.0)),
+            gate=Router(
+                D,
+                case["experts"],
+                policy=RouterPolicy(case["policy"]),
+                top_k=case["top_k"],
+                num_groups=case.get("groups", 1),
+                norm_topk_prob=case.get("renorm", False),
+                routed_scaling_factor=case.get("scaling", 1.0),
+            ),
             experts=StackedExperts(case["experts"], D, F_, impl=impl),
             shared_expert=MLP(D, F_SHARED) if case["shared"] else None,
             shared_expert_gate=case["shared_gate"],
@@ -182,7 +217,9 @@ def test_moge_selects_on_probability_before_scaling() -> None:
 
 
 def test_sigmoid_router_selects_with_bias_but_weights_without() -> None:
-    router = Router(3, 3, policy=RouterPolicy.SIGMOID_BIAS, top_k=1, norm_topk_prob=False, routed_scaling_factor=2.0)
+    router = Router(
+        3, 3, policy=RouterPolicy.SIGMOID_BIAS, top_k=1, norm_topk_prob=False, routed_scaling_factor=2.0
+    )
     with torch.no_grad():
         router.weight.copy_(torch.eye(3))
         router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
@@ -202,13 +239,20 @@ def test_dispatch_paths_agree(dtype: torch.dtype, num_tokens: int) -> None:
     ids = torch.stack([torch.randperm(num_experts, generator=g)[:k] for _ in range(num_tokens)])
     ids[:, 0] = 5  # one popular expert, several unused ones
     w = torch.rand(num_tokens, k, generator=g)
+    packed = PackedExperts(gate_up, down)
     with torch.no_grad():
         loop = experts_sorted(x, w, ids, gate_up, down)
-        grouped = experts_sorted(x, w, ids, gate_up, down, grouped=True)
+        grouped = experts_sorted(x, w, ids, gate_up, down, runner=ExpertsImpl.GROUPED_MM)
+        threads = experts_sorted(x, w, ids, gate_up, down, runner=ExpertsImpl.THREADS)
+        threads_packed = experts_sorted(x, w, ids, gate_up, down, runner=ExpertsImpl.THREADS, packed=packed)
+        loop_packed = experts_sorted(x, w, ids, gate_up, down, packed=packed)
         gather = experts_gather(x, w, ids, gate_up, down)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(grouped, loop, **tol)
     torch.testing.assert_close(gather, loop, **tol)
+    torch.testing.assert_close(threads, loop, **tol)  # same GEMMs on other threads (BLAS may split K)
+    torch.testing.assert_close(threads_packed, loop, **tol)
+    torch.testing.assert_close(loop_packed, loop, **tol)
     assert loop.dtype == dtype and loop.shape == (num_tokens, D)
     # per-pair reference from the unstacked expert tensors
     ref = torch.zeros(num_tokens, D, dtype=torch.float64)
@@ -224,7 +268,7 @@ def test_block_impls_and_grad_mode_give_identical_outputs() -> None:
     state = hf_state(case)
     x = torch.randn(20, D, generator=torch.Generator().manual_seed(3))
     outs = []
-    for impl in (ExpertsImpl.LOOP, ExpertsImpl.GROUPED_MM, ExpertsImpl.GATHER):
+    for impl in (ExpertsImpl.LOOP, ExpertsImpl.GROUPED_MM, ExpertsImpl.GATHER, ExpertsImpl.THREADS):
         block = build_block(case, state, impl)
         with torch.no_grad():
             outs.append(block(x))
@@ -234,6 +278,7 @@ def test_block_impls_and_grad_mode_give_identical_outputs() -> None:
     assert block.experts.gate_up_proj.grad is not None
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[3], outs[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(with_grad.detach(), outs[0], rtol=0, atol=0)
     with torch.no_grad():
         assert torch.equal(build_block(case, state, ExpertsImpl.LOOP)(x), outs[0])  # deterministic
@@ -276,15 +321,17 @@ def test_telemetry_counts_entropy_and_padding_mask() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(num_experts=12, top_k=5, num_groups=5), "split evenly into 5 groups"),
-        (dict(num_experts=16, top_k=8, num_groups=4), "must equal the groups"),
-        (dict(num_experts=4, top_k=6, num_groups=1), "between 1 and num_experts=4"),
+        ({"num_experts": 12, "top_k": 5, "num_groups": 5}, "split evenly into 5 groups"),
+        ({"num_experts": 16, "top_k": 8, "num_groups": 4}, "must equal the groups"),
+        ({"num_experts": 4, "top_k": 6, "num_groups": 1}, "between 1 and num_experts=4"),
     ],
 )
 def test_router_config_errors(kwargs: dict, message: str) -> None:
     policy = RouterPolicy.MOGE if kwargs["num_groups"] > 1 else RouterPolicy.SOFTMAX_TOPK
     with pytest.raises(ConfigError, match=message):
-        Router(D, kwargs["num_experts"], policy=policy, top_k=kwargs["top_k"], num_groups=kwargs["num_groups"])
+        Router(
+            D, kwargs["num_experts"], policy=policy, top_k=kwargs["top_k"], num_groups=kwargs["num_groups"]
+        )
 
 
 def test_stack_experts_round_trip_and_missing_expert() -> None:
@@ -293,7 +340,9 @@ def test_stack_experts_round_trip_and_missing_expert() -> None:
     assert stacked["experts.gate_up_proj"].shape == (16, 2 * F_, D)
     assert stacked["experts.down_proj"].shape == (16, D, F_)
     assert not any(k.startswith("experts.3.") for k in stacked)
-    for e, (gate, up, down) in enumerate(unstack_experts(stacked["experts.gate_up_proj"], stacked["experts.down_proj"])):
+    for e, (gate, up, down) in enumerate(
+        unstack_experts(stacked["experts.gate_up_proj"], stacked["experts.down_proj"])
+    ):
         assert torch.equal(gate, state[f"experts.{e}.gate_proj.weight"])
         assert torch.equal(up, state[f"experts.{e}.up_proj.weight"])
         assert torch.equal(down, state[f"experts.{e}.down_proj.weight"])
@@ -312,9 +361,39 @@ def test_lazy_stacking_matches_eager_and_rejects_extra_experts() -> None:
     assert gate_up.shape == (16, 2 * F_, D) and len(gate_up.sources) == 32
     eager = stack_experts(dict(state), "model.layers.1.mlp.experts")
     assert torch.equal(gate_up.load(), eager["model.layers.1.mlp.experts.gate_up_proj"])
-    assert torch.equal(stacked["model.layers.1.mlp.experts.down_proj"].load(),
-                       eager["model.layers.1.mlp.experts.down_proj"])
-    back = unstack_layer_experts({k: (v.load() if isinstance(v, LazyTensor) else v) for k, v in stacked.items()})
+    assert torch.equal(
+        stacked["model.layers.1.mlp.experts.down_proj"].load(), eager["model.layers.1.mlp.experts.down_proj"]
+    )
+    back = unstack_layer_experts(
+        {k: (v.load() if isinstance(v, LazyTensor) else v) for k, v in stacked.items()}
+    )
     assert sorted(back) == sorted(state) and all(torch.equal(back[k], state[k]) for k in state)
     with pytest.raises(ConfigError, match="expert 15 .* but num_experts=8"):
         stack_experts(dict(state), "model.layers.1.mlp.experts", 8)
+
+
+def test_cpu_workers_run_single_threaded_and_leave_the_caller_alone() -> None:
+    spans = [(e, 4 * e, 4 * e + 4) for e in range(6)]
+    groups = balance(spans, 2)
+    assert [s for g in groups for s in g] == spans and len(groups) == 2
+    before = torch.get_num_threads()
+    seen = []
+    gate_up, down = torch.randn(6, 8, 16), torch.randn(6, 16, 4)
+
+    def spy(x, w):
+        seen.append(torch.get_num_threads())
+        return x @ w.t()
+
+    class Spy(PackedExperts):
+        def __init__(self):
+            self.gate_up, self.down = list(gate_up), list(down)
+
+        linear = staticmethod(spy)
+
+    torch.set_num_threads(2)
+    try:
+        ys = experts_threaded(torch.randn(24, 16), spans, gate_up, down, Spy())
+        assert ys.shape == (24, 16) and seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelkin.errors import ConfigError
-from modelkin.runtime import npu_ops
+from modelkin.runtime import moe_cpu, npu_ops
 
 Routing = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (weights_TK fp32, ids_TK int64, scores_TE fp32)
 
@@ -32,6 +32,7 @@ class ExpertsImpl(str, enum.Enum):
 
     AUTO = "auto"  # pick per device/dtype/T (see `choose_impl`)
     LOOP = "loop"  # sort by expert, one matmul per hit expert on contiguous slices (one host sync)
+    THREADS = "threads"  # LOOP with the hit experts split across single-threaded CPU workers
     GROUPED_MM = "grouped_mm"  # sort by expert, torch grouped GEMM with offsets (no host sync)
     GATHER = "gather"  # per-pair gathered weights + bmm: no data-dependent shapes (export, tiny T)
     NPU = "npu"  # torch_npu fused routing + grouped matmul (runtime/npu_ops.py)
@@ -163,25 +164,36 @@ class StackedExperts(nn.Module):
         self.impl = ExpertsImpl(impl)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.packed: moe_cpu.PackedExperts | None = None  # see prepack_cpu
 
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-        impl = choose_impl(self.impl, x_TD, ids_TK.numel())
+        impl = choose_impl(self.impl, x_TD, self.gate_up_proj)
         if impl is ExpertsImpl.NPU:
             return npu_ops.moe_experts(x_TD, weights_TK, ids_TK, self.gate_up_proj, self.down_proj)
         if impl is ExpertsImpl.GATHER:
             return experts_gather(x_TD, weights_TK, ids_TK, self.gate_up_proj, self.down_proj)
+        packed = self.packed if impl in (ExpertsImpl.LOOP, ExpertsImpl.THREADS) else None
         return experts_sorted(
-            x_TD, weights_TK, ids_TK, self.gate_up_proj, self.down_proj,
-            grouped=impl is ExpertsImpl.GROUPED_MM,
+            x_TD, weights_TK, ids_TK, self.gate_up_proj, self.down_proj, runner=impl, packed=packed
         )
+
+    def prepack_cpu(self) -> bool:
+        """Keep a oneDNN-prepacked copy of the expert weights for the CPU loop (faster small GEMMs,
+        twice the expert memory). Returns False where unsupported. Plain weights stay the reference."""
+        if not moe_cpu.PackedExperts.supported(self.gate_up_proj):
+            return False
+        with torch.no_grad():
+            self.packed = moe_cpu.PackedExperts(self.gate_up_proj.detach(), self.down_proj.detach())
+        return True
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, impl={self.impl.value}"
 
 
-def choose_impl(impl: ExpertsImpl, x_TD: torch.Tensor, num_pairs: int) -> ExpertsImpl:
-    """Resolve AUTO. Measured on CPU (bench/moe.py): LOOP wins at every T in fp32 and bf16;
-    GATHER is the only path without data-dependent shapes, so it serves tracing/export."""
+def choose_impl(impl: ExpertsImpl, x_TD: torch.Tensor, weight: torch.Tensor) -> ExpertsImpl:
+    """Resolve AUTO (measured in bench/moe.py). CPU: THREADS with more than one torch thread, else
+    LOOP. CUDA bf16: GROUPED_MM. NPU with torch_npu: its fused ops. Tracing/export: GATHER, the only
+    path without data-dependent shapes. Autograd through the weights: LOOP."""
     if impl is not ExpertsImpl.AUTO:
         return impl
     if _is_tracing():
@@ -191,7 +203,13 @@ def choose_impl(impl: ExpertsImpl, x_TD: torch.Tensor, num_pairs: int) -> Expert
         return ExpertsImpl.NPU
     if device == "cuda" and x_TD.dtype == torch.bfloat16 and _has_grouped_mm():
         return ExpertsImpl.GROUPED_MM
+    if moe_cpu.use_threads(x_TD.device) and not _needs_grad(x_TD, weight):
+        return ExpertsImpl.THREADS
     return ExpertsImpl.LOOP
+
+
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 def _is_tracing() -> bool:
@@ -224,11 +242,14 @@ def experts_sorted(
     gate_up_EFD: torch.Tensor,
     down_EDF: torch.Tensor,
     *,
-    grouped: bool = False,
+    runner: ExpertsImpl = ExpertsImpl.LOOP,
+    packed: moe_cpu.PackedExperts | None = None,
 ) -> torch.Tensor:
     """Sort the S token–expert pairs by expert, run each hit expert on its contiguous slice, combine.
 
-    The combine unpermutes and sums over K (no index_add_, so it is deterministic on GPU too).
+    `runner` LOOP / THREADS / GROUPED_MM picks how the slices are computed; `packed` (CPU) replaces
+    the plain weights in the GEMMs. The combine unpermutes and sums over K (no index_add_, so it is
+    deterministic on GPU too).
     """
     num_tokens, top_k = ids_TK.shape
     num_experts = gate_up_EFD.shape[0]
@@ -236,32 +257,36 @@ def experts_sorted(
     order_S = torch.argsort(ids_S, stable=True)
     xs_SD = x_TD.index_select(0, order_S // top_k)
     counts_E = torch.bincount(ids_S, minlength=num_experts)
-    if grouped:
+    if runner is ExpertsImpl.GROUPED_MM:
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         h_SF = swiglu(_grouped_mm(xs_SD, gate_up_EFD.transpose(1, 2), offs_E))
         ys_SD = _grouped_mm(h_SF, down_EDF.transpose(1, 2), offs_E)
+    elif runner is ExpertsImpl.THREADS and not _needs_grad(xs_SD, gate_up_EFD):
+        spans = _spans(counts_E.tolist())  # the one host sync
+        ys_SD = moe_cpu.experts_threaded(xs_SD, spans, gate_up_EFD, down_EDF, packed)
     else:
-        ys_SD = _experts_loop(xs_SD, counts_E.tolist(), gate_up_EFD, down_EDF)  # the one host sync
+        ys_SD = _experts_loop(xs_SD, counts_E.tolist(), gate_up_EFD, down_EDF, packed)  # one host sync
     ys_SD = ys_SD * weights_TK.reshape(-1)[order_S].to(ys_SD.dtype).unsqueeze(-1)
     y_SD = torch.empty_like(ys_SD).index_copy_(0, order_S, ys_SD)
     return y_SD.view(num_tokens, top_k, -1).sum(dim=1)
 
 
 def _experts_loop(
-    xs_SD: torch.Tensor, counts: list[int], gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor
+    xs_SD: torch.Tensor,
+    counts: list[int],
+    gate_up_EFD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    packed: moe_cpu.PackedExperts | None = None,
 ) -> torch.Tensor:
     spans = _spans(counts)
-    if torch.is_grad_enabled() and (gate_up_EFD.requires_grad or xs_SD.requires_grad):
+    if _needs_grad(xs_SD, gate_up_EFD):
         # autograd cannot see through mm(out=...): the same maths with cat (training, grad checks)
         h_SF = swiglu(torch.cat([xs_SD[a:b] @ gate_up_EFD[e].t() for e, a, b in spans]))
         return torch.cat([h_SF[a:b] @ down_EDF[e].t() for e, a, b in spans])
     h_SF2 = xs_SD.new_empty(xs_SD.shape[0], gate_up_EFD.shape[1])
-    for e, start, end in spans:
-        torch.mm(xs_SD[start:end], gate_up_EFD[e].t(), out=h_SF2[start:end])
-    h_SF = swiglu(h_SF2)
     ys_SD = xs_SD.new_empty(xs_SD.shape[0], down_EDF.shape[1])
-    for e, start, end in spans:
-        torch.mm(h_SF[start:end], down_EDF[e].t(), out=ys_SD[start:end])
+    if spans:
+        moe_cpu.run_spans(xs_SD, spans, gate_up_EFD, down_EDF, h_SF2, ys_SD, packed)
     return ys_SD
 
 

@@ -1,0 +1,151 @@
+"""CPU execution of the sorted expert loop: the hit experts are split across worker threads that run
+their small GEMMs single-threaded, and expert weights can be prepacked for oneDNN.
+
+Why: each expert's GEMM is tiny (M ≈ T·K/E rows); parallelising *inside* it costs an OpenMP
+fork/join per GEMM, hundreds per layer, and collapses when the cores are shared. Splitting *across*
+experts keeps every core streaming its own weights with no barrier. Measured in bench/moe.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+Span = tuple[int, int, int]  # (expert, first row, end row) in the expert-sorted pairs
+
+
+class _SingleThreadedWorkers:
+    """A lazily built thread pool whose threads run torch single-threaded (intra-op = 1).
+
+    torch.set_num_threads is per-thread for OpenMP and MKL, but it also writes two process-wide
+    values (the default for new threads, the pthreadpool size); those are restored to the caller's
+    count once every worker has set itself to 1.
+    """
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, size: int) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None or self._size != size:
+                if self._executor is not None:
+                    self._executor.shutdown(wait=True)
+                caller = torch.get_num_threads()
+                executor = ThreadPoolExecutor(size, thread_name_prefix="modelkin-experts")
+                barrier = threading.Barrier(size)
+                list(executor.map(lambda _: _single_threaded(barrier), range(size)))  # start them all
+                torch.set_num_threads(caller)
+                self._executor, self._size = executor, size
+            return self._executor
+
+
+def _single_threaded(barrier: threading.Barrier) -> None:
+    torch.get_num_threads()  # run torch's once-per-thread init first, or it would undo the next line
+    torch.set_num_threads(1)
+    barrier.wait()
+
+
+_WORKERS = _SingleThreadedWorkers()
+
+
+def use_threads(device: torch.device) -> bool:
+    return device.type == "cpu" and torch.get_num_threads() > 1
+
+
+def balance(spans: list[Span], parts: int) -> list[list[Span]]:
+    """Contiguous groups of experts with about equal cost (weight streaming + rows)."""
+    costs = [16 + end - start for _, start, end in spans]  # one expert's weights ≈ 16 rows of work
+    total, groups, acc = sum(costs), [[] for _ in range(parts)], 0
+    for span, cost in zip(spans, costs):
+        groups[min(parts - 1, int(parts * (acc + cost / 2) / total))].append(span)
+        acc += cost
+    return [g for g in groups if g]
+
+
+def experts_threaded(
+    xs_SD: torch.Tensor,
+    spans: list[Span],
+    gate_up_EFD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    packed: PackedExperts | None = None,
+) -> torch.Tensor:
+    """ys_SD for expert-sorted rows xs_SD, experts split across `torch.get_num_threads()` workers."""
+    size = torch.get_num_threads()
+    h_SF2 = xs_SD.new_empty(xs_SD.shape[0], gate_up_EFD.shape[1])
+    ys_SD = xs_SD.new_empty(xs_SD.shape[0], down_EDF.shape[1])
+    groups = balance(spans, size)
+    if len(groups) == 1:
+        run_spans(xs_SD, groups[0], gate_up_EFD, down_EDF, h_SF2, ys_SD, packed)
+        return ys_SD
+    pool = _WORKERS.get(size)
+    args = (xs_SD, gate_up_EFD, down_EDF, h_SF2, ys_SD, packed)
+    inference = torch.is_inference_mode_enabled()
+    futures = [pool.submit(_run_spans_without_autograd, inference, g, *args) for g in groups]
+    for future in futures:
+        future.result()
+    return ys_SD
+
+
+def _run_spans_without_autograd(inference: bool, spans: list[Span], xs_SD: torch.Tensor, *args) -> None:
+    # grad and inference modes are per thread: repeat the caller's (inference tensors are only
+    # writable in inference mode)
+    with torch.inference_mode() if inference else torch.no_grad():
+        run_spans(xs_SD, spans, *args)
+
+
+def run_spans(
+    xs_SD: torch.Tensor,
+    spans: list[Span],
+    gate_up_EFD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    h_SF2: torch.Tensor,
+    ys_SD: torch.Tensor,
+    packed: PackedExperts | None = None,
+) -> None:
+    """Experts of `spans` (contiguous rows): gate_up GEMMs, one SwiGLU, down GEMMs, into ys_SD."""
+    first, last = spans[0][1], spans[-1][2]
+    for e, start, end in spans:
+        if packed is None:
+            torch.mm(xs_SD[start:end], gate_up_EFD[e].t(), out=h_SF2[start:end])
+        else:
+            h_SF2[start:end] = packed.linear(xs_SD[start:end], packed.gate_up[e])
+    gate_SF, up_SF = h_SF2[first:last].chunk(2, dim=-1)
+    act_SF = F.silu(gate_SF).mul_(up_SF)
+    for e, start, end in spans:
+        rows = act_SF[start - first : end - first]
+        if packed is None:
+            torch.mm(rows, down_EDF[e].t(), out=ys_SD[start:end])
+        else:
+            ys_SD[start:end] = packed.linear(rows, packed.down[e])
+
+
+class PackedExperts:
+    """Expert weights reordered once into oneDNN's blocked layout (one tensor per expert and matrix).
+
+    Saves the per-call weight reorder (bf16) and replaces MKL by oneDNN (fp32); costs a second copy
+    of the expert weights, so it is opt-in: `StackedExperts.prepack_cpu()`.
+    """
+
+    def __init__(self, gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor):
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        self.gate_up = [reorder(w) for w in gate_up_EFD]
+        self.down = [reorder(w) for w in down_EDF]
+        self.dtype = gate_up_EFD.dtype
+
+    @staticmethod
+    def linear(x: torch.Tensor, packed_w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed_w, None, "none", [], "")
+
+    @staticmethod
+    def supported(gate_up_EFD: torch.Tensor) -> bool:
+        return (
+            gate_up_EFD.device.type == "cpu"
+            and gate_up_EFD.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        )
