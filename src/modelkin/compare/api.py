@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from modelkin.checkpoint import TensorSource
 from modelkin.compare.fingerprints import method_module, resolve_methods
 from modelkin.compare.fingerprints.result import FingerprintReport, MethodResult, NotApplicable
@@ -57,6 +59,9 @@ def fingerprint(a: str | Path | TensorSource, b: str | Path | TensorSource, meth
                 result = module.run(wa, wb, seed=seed, **options.get(name, {}))
             except NotApplicable as why:
                 result = MethodResult.skip(name, str(why), module.NULL)
+            except torch.linalg.LinAlgError as err:  # an SVD or solve over NaN/Inf weights
+                reason = f"not computable: {str(err).splitlines()[0]}"
+                result = MethodResult.skip(name, reason, module.NULL)
             backend.synchronize()
             result.seconds = time.perf_counter() - start
             results[name] = result
