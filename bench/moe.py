@@ -130,16 +130,23 @@ def _hf_experts_on_moge(mk: SparseMoeBlock, experts: torch.nn.Module) -> Callabl
 
 
 def _modelkin_variants(mk: SparseMoeBlock) -> dict[str, Callable]:
-    def variant(impl: ExpertsImpl) -> Callable:
+    """AUTO (what models use) plus every explicit runner, and THREADS on prepacked weights (opt-in)."""
+    mk.experts.prepack_cpu()
+    packed, mk.experts.packed = mk.experts.packed, None
+
+    def variant(impl: ExpertsImpl, use_packed: bool = False) -> Callable:
         def run(x: torch.Tensor) -> torch.Tensor:
             mk.experts.impl = impl
+            mk.experts.packed = packed if use_packed else None
             return mk(x)
 
         return run
 
     out = {"modelkin auto": variant(ExpertsImpl.AUTO)}
-    for impl in (ExpertsImpl.LOOP, ExpertsImpl.GROUPED_MM, ExpertsImpl.GATHER):
+    for impl in (ExpertsImpl.THREADS, ExpertsImpl.LOOP, ExpertsImpl.GROUPED_MM, ExpertsImpl.GATHER):
         out[f"modelkin {impl.value}"] = variant(impl)
+    if packed is not None:
+        out["modelkin threads+prepacked (opt-in)"] = variant(ExpertsImpl.THREADS, use_packed=True)
     return out
 
 
@@ -180,6 +187,7 @@ def bench_case(label: str, impls: dict[str, Callable], mk: SparseMoeBlock, *, dt
         outs = {n: f(x).float() for n, f in run.items()}
         _, ids, _ = mk.gate(x.view(-1, dim), mk.router_scale)
     ref = outs[next(iter(outs))]
+    load_before = os.getloadavg()[0]
     times = time_interleaved(run, x, repeats if tokens > 8 else repeats * 3)
     bound = layer_bound(ids, dim, mk.experts.hidden, x.element_size(), bw, rate, shared_hidden)
     rows = {}
@@ -192,6 +200,7 @@ def bench_case(label: str, impls: dict[str, Callable], mk: SparseMoeBlock, *, dt
     best_hf = min(hf) if hf else None
     mk_med = rows["modelkin auto"]["median_s"]
     return {"case": label, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "bound": bound,
+            "load_avg_1min": [load_before, os.getloadavg()[0]],
             "impls": rows, "best_transformers_s": best_hf,
             "speedup_vs_best_transformers": best_hf / mk_med if best_hf else None}
 
@@ -200,7 +209,8 @@ def print_case(r: dict) -> None:
     b = r["bound"]
     print(f"\n## {r['case']}  {r['dtype']}  T={r['tokens']}  (experts hit {b['experts_hit']}, "
           f"{b['bytes'] / 1e6:.0f} MB, {b['flops'] / 1e9:.2f} GFLOP; bound {b['bound_s'] * 1e3:.1f} ms = "
-          f"max(mem {b['mem_s'] * 1e3:.1f}, flops {b['flop_s'] * 1e3:.1f}))")
+          f"max(mem {b['mem_s'] * 1e3:.1f}, flops {b['flop_s'] * 1e3:.1f}));  load avg "
+          f"{r['load_avg_1min'][0]:.1f} → {r['load_avg_1min'][1]:.1f}")
     for name, row in r["impls"].items():
         print(f"  {name:32s} {row['median_s'] * 1e3:9.2f} ms median (min {row['min_s'] * 1e3:8.2f})  "
               f"{100 * row['fraction_of_bound']:5.1f}% of bound   max|Δ| {row['max_abs_diff_vs_first']:.2e}")
@@ -220,6 +230,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bw = copy_bandwidth()
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.1f}, nice {os.nice(0)}, "
           f"copy bandwidth {bw / 1e9:.1f} GB/s (read+write)")
     results = []
     for dname in args.dtypes:
@@ -242,7 +253,7 @@ def main() -> None:
             del impls, mk
     if args.json:
         meta = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor(),
-                "nproc": os.cpu_count()}
+                "nproc": os.cpu_count(), "nice": os.nice(0), "copy_bandwidth": bw}
         with open(args.json + ".tmp", "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
         os.replace(args.json + ".tmp", args.json)

@@ -288,3 +288,15 @@ def test_logits_match_transformers_with_padding(name, hf_models):
         hf_ids = hf.generate(torch.tensor([seqs[1]]), max_new_tokens=5, do_sample=False, pad_token_id=0,
                              eos_token_id=None)[0, len(seqs[1]):].tolist()
     assert result.tokens == hf_ids[: len(result.tokens)]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "mixtral"])
+def test_make_tiny_writes_layouts_transformers_loads(arch, tmp_path):
+    path = make_tiny(arch, tmp_path / arch, seed=1)
+    ours = modelkin.load(path, device="cpu", dtype="float32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = [ours.tokenizer.encode("Mixture-of-experts layers route each token.")]
+    with torch.inference_mode():
+        ref = hf(torch.tensor(ids)).logits
+    assert (ours.logits(ids) - ref).abs().max().item() <= 1e-4
+    assert ours.generate(ids[0], max_new_tokens=3).routing["layers"]
