@@ -58,7 +58,7 @@ def main(outdir: Path, smollm2: str, pangu: str) -> None:
     ctx_ep = init_distributed(cpu, tp=1, ep=2)
     rank = ctx_tp.rank
     results = {
-        "smollm2_tp2": run_model(load_parallel(smollm2, ctx_tp), SMOL_IDS, 16),
+        "smollm2_tp2": run_model(load_parallel(smollm2, ctx_tp), SMOL_IDS, 10),
         "pangu_ep2": tiny(pangu, ctx_ep),
         "pangu_tp2": tiny(pangu, ctx_tp),
         "cli_run": cli(

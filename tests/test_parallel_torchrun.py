@@ -83,7 +83,7 @@ def _check_logits(par: dict, ref: dict, mask: list[list[int]]) -> None:
 
 def test_smollm2_tp2_logits_and_greedy_tokens(ranks, smollm2_gguf):
     _, (r0, r1) = ranks
-    ref = _single(smollm2_gguf, SMOL_IDS, 16)
+    ref = _single(smollm2_gguf, SMOL_IDS, 10)
     for r in (r0, r1):  # every rank holds the full, replicated result
         _check_logits(r["smollm2_tp2"], ref, SMOL_IDS)
     assert torch.equal(r0["smollm2_tp2"]["logits"], r1["smollm2_tp2"]["logits"])
