@@ -116,9 +116,8 @@ def test_null_library_roundtrip_and_zscore(std_pair, tmp_path):
     std_curve.save_curves([a], tmp_path / "three.json")  # A itself is in the library: left out of the null
     result = fingerprint(pa, pb, methods="std_curve", device="cpu", null_library=tmp_path)["std_curve"]
     library = result.details["library"]
-    assert library["n"] == 25  # 12 models against A and against B, plus the copy of A against B
+    assert library["n"] == 24  # 12 models against A and against B; the copy of A is not an unrelated model
     null = [np.mean(list(std_curve.correlate(x, m).values())) for m in loaded for x in (a, b)]
-    null.append(np.mean(list(std_curve.correlate(b, a).values())))
     observed = result.details["mean_r"]
     assert library["null_mean"] == pytest.approx(np.mean(null))
     assert library["z"] == pytest.approx((observed - np.mean(null)) / np.std(null, ddof=1))
@@ -233,3 +232,32 @@ def test_report_holm_and_verdict():
     assert report.verdict == "inconclusive"  # 0.004 does not survive Holm at 0.01; not every p >= 0.05
     methods["x"].p_value = 0.001
     assert report.finish().verdict == "related"
+
+
+def test_cli_fingerprint_json_plot_curves_and_library(std_pair, tmp_path, capsys):
+    from modelkin.cli import main
+
+    pa, pb = std_pair
+    curves, plot = tmp_path / "curves.json", tmp_path / "std.png"
+    code = main(["fingerprint", str(pa), str(pb), "--methods", "std_curve,pcs,permtest", "--device", "cpu",
+                 "--json", "-", "--save-curves", str(curves), "--plot", str(plot)])
+    assert code == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    std = data["methods"]["std_curve"]
+    for key in ("score", "p_value", "null", "r", "mean_r", "leafbench_score", "layers_a", "layers_b", "curves"):
+        assert key in std
+    assert set(std["r"]) == {"q", "k", "v", "o"} and std["call"] in ("related", "unrelated", "inconclusive")
+    assert data["methods"]["permtest"]["call"] == "skipped" and "different depths" in data["methods"]["permtest"]["skipped"]
+    assert "verdict" in captured.err and "std_curve" in captured.err  # the table goes to stderr with --json -
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [m.label for m in std_curve.load_library(curves)] == ["a", "b"]
+    assert main(["fingerprint", str(pa), str(pb), "--methods", "std_curve", "--device", "cpu",
+                 "--null-library", str(curves), "--json", str(tmp_path / "r.json")]) == 0
+    lib = json.loads((tmp_path / "r.json").read_text())["methods"]["std_curve"]["library"]
+    assert lib["n"] == 0  # the library holds exactly A and B: both are left out of the null
+    capsys.readouterr()
+    assert main(["fingerprint", str(pa), str(pb), "--methods", "spectral,honesty"]) == 2
+    assert "unknown fingerprint method(s): honesty" in capsys.readouterr().err
+    assert main(["fingerprint", str(pa), str(pb), "--methods", "pcs", "--plot", str(plot)]) == 2
+    assert "need the std_curve method" in capsys.readouterr().err

@@ -157,12 +157,11 @@ def library_null(a: StdCurves, b: StdCurves, library: list[StdCurves], roles: tu
     """Mean r of A and of B against each library model that is neither of them."""
     values = []
     for entry in library:
+        shared = tuple(r for r in roles if r in entry.curves)
+        if not shared or _same(a, entry) or _same(b, entry):
+            continue
         for model in (a, b):
-            if _same(model, entry):
-                continue
-            shared = tuple(r for r in roles if r in entry.curves)
-            if shared:
-                values.append(float(np.mean(list(correlate(model, entry, shared).values()))))
+            values.append(float(np.mean(list(correlate(model, entry, shared).values()))))
     return np.array(values)
 
 
