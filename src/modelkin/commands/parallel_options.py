@@ -165,7 +165,7 @@ def _plan(
 def _prompt_len(args: argparse.Namespace) -> int:
     """An upper bound of the prompt's tokens without loading the tokenizer: its UTF-8 bytes plus
     room for special and chat-template tokens."""
-    return len(args.prompt.encode("utf-8")) + (256 if args.chat else 8)
+    return len((args.prompt or "").encode("utf-8")) + (256 if args.chat else 8)
 
 
 def _show(args: argparse.Namespace, plan: Any) -> None:

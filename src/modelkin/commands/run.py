@@ -18,7 +18,7 @@ from modelkin.errors import InputError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="HF model directory or .gguf file")
-    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--prompt", default=None, help="the text to continue (required unless --dry-run)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy")
@@ -62,6 +62,8 @@ def _load(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if args.prompt is None and not args.dry_run:
+        raise InputError("--prompt is required", hint='pass --prompt "TEXT" (or --dry-run to plan memory)')
     setup = parallel_options.prepare(args)  # torchrun group, memory plan (--dry-run stops here)
     if setup is None:
         return 0
