@@ -59,7 +59,8 @@ def w_rows(w: ModelWeights) -> int:
 
 def embedding(w: ModelWeights, rows: list[int]) -> torch.Tensor:
     """Rows of the input embedding (lm_head for checkpoints that only store it)."""
-    return w.get(None, _embedding_role(w))[torch.as_tensor(rows, device=w.device)]
+    full = w.source.get_tensor(w.name(None, _embedding_role(w)))  # stored dtype: index before converting
+    return full[torch.as_tensor(rows)].to(w.device, torch.float32)
 
 
 def _mlp_term(w: ModelWeights, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -124,8 +125,8 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_tokens: int = 1024
     ta = torch.stack([t for layer in la for t in layer_terms(a, layer, xa)])
     tb = torch.stack([t for layer in lb for t in layer_terms(b, layer, xb)])
     del xa, xb
-    norm = float(ta.double().norm() * tb.double().norm())
-    observed = float((ta.double() * tb.double()).sum()) / norm
+    norm = float(ta.norm()) * float(tb.norm())
+    observed = float(torch.dot(ta.reshape(-1), tb.reshape(-1))) / norm
     per_term = (ta * tb).flatten(1).sum(1) / (ta.flatten(1).norm(dim=1) * tb.flatten(1).norm(dim=1))
     null = _token_null(ta, tb, n_permutations, seed) / norm
     names = [f"{kind}@{x}/{y}" for x, y in zip(la, lb) for kind in ("qk", "vo", "mlp")]

@@ -84,7 +84,7 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_flips: int = 9999,
         key = parse_name(name)
         part = residual_contributions(key[1] if key else None, product, hidden)
         if part is not None:
-            g = part.double() if g is None else g + part.double()
+            g = part.cpu().double() if g is None else g + part.cpu().double()  # no float64 on NPUs
         del ta, tb, product
     score = dot / math.sqrt(norm_a * norm_b) if norm_a > 0 and norm_b > 0 else 0.0
     per_tensor.sort(key=lambda t: -t[1])
@@ -95,7 +95,7 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_flips: int = 9999,
                "cosines": {name: cos for name, _, cos in per_tensor[:top]}}
     if g is None:
         raise NotApplicable(f"no shared tensor has a residual axis of hidden_size {hidden}")
-    g_np = g.double().cpu().numpy()
+    g_np = g.cpu().double().numpy()
     observed, var = float(g_np.sum()), float((g_np * g_np).sum())
     null = sign_flip_null(g_np, n_flips, np.random.default_rng(seed))
     details.update({"test_statistic": observed, "n_flips": n_flips})

@@ -62,7 +62,7 @@ def _layer(a: ModelWeights, b: ModelWeights, layer: int, split: Split, rng: np.r
     units = fa1.shape[0]
     idx = np.sort(rng.choice(units, size=min(units, max_units), replace=False))
     sel = torch.as_tensor(idx, device=fa1.device)
-    cos = (fa1[sel] @ fb1.T).double().cpu().numpy()
+    cos = (fa1[sel] @ fb1.T).cpu().double().numpy()
     _, matched = linear_sum_assignment(cos, maximize=True)
     rho = float(_spearman_identity(matched))
     # relabelling B's units by a uniform π makes the ranks of π[matched] a uniform permutation of 0..K-1

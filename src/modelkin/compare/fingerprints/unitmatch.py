@@ -55,8 +55,8 @@ def cross_moment(fa2: torch.Tensor, fb2: torch.Tensor) -> np.ndarray:
     Matched pairs are row-aligned (fb2 = B's matched units). trace(M) is the summed D2 cosine.
     """
     half = fa2.shape[1] // 2
-    m = fa2[:, :half].double().T @ fb2[:, :half].double() + fa2[:, half:].double().T @ fb2[:, half:].double()
-    return m.cpu().numpy()
+    fa2, fb2 = fa2.cpu().double(), fb2.cpu().double()  # small [K, 2|D2|]; Ascend NPUs have no float64
+    return (fa2[:, :half].T @ fb2[:, :half] + fa2[:, half:].T @ fb2[:, half:]).numpy()
 
 
 def relabelled(m: np.ndarray, perms: np.ndarray) -> np.ndarray:

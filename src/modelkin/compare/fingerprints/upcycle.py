@@ -89,7 +89,7 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
         for label, (f1, f2) in units[m].items():
             best = (f1 @ d1.T).argmax(dim=1)
             moment = cross_moment(f2, d2[best])
-            cos = (f2 * d2[best]).sum(1).double().cpu().numpy()
+            cos = (f2 * d2[best]).sum(1).cpu().double().numpy()
             null = relabelled(moment, split.perms) / len(cos)
             experts[label] = {"matched_fraction": float(np.mean(cos > threshold)), "mean_cosine": float(cos.mean()),
                               "null_mean": float(null.mean()), "p_value": sig.permutation_p(float(cos.mean()), null)}
