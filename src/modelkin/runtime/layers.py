@@ -200,6 +200,8 @@ def attend(
     q_BHLd: torch.Tensor, k_BKSd: torch.Tensor, v_BKSd: torch.Tensor, mask_BLS: torch.Tensor | None
 ) -> torch.Tensor:
     """Scaled dot-product attention with GQA; ``mask_BLS`` None means every key slot is visible."""
+    if torch.jit.is_tracing():  # TorchScript ONNX export (export/onnx.py): one path for every L
+        return _attend_traced(q_BHLd, k_BKSd, v_BKSd, mask_BLS)
     B, H, L, Dh = q_BHLd.shape
     K = k_BKSd.shape[1]
     if L == 1:
@@ -208,6 +210,19 @@ def attend(
     # contiguous copies: SDPA's CPU kernels are very slow on strided views of the cache
     q, k, v = q_BHLd.contiguous(), k_BKSd.contiguous(), v_BKSd.contiguous()
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)
+
+
+def _attend_traced(
+    q_BHLd: torch.Tensor, k_BKSd: torch.Tensor, v_BKSd: torch.Tensor, mask_BLS: torch.Tensor | None
+) -> torch.Tensor:
+    """``attend`` for tracing: no branch on shapes (traced sizes are tensors) and the kv heads
+    repeated explicitly, since the TorchScript ONNX exporter cannot convert ``enable_gqa``."""
+    B, H, L, Dh = q_BHLd.shape
+    K, S = k_BKSd.shape[1], k_BKSd.shape[2]
+    k_BHSd = k_BKSd[:, :, None].expand(B, K, H // K, S, Dh).reshape(B, H, S, Dh)
+    v_BHSd = v_BKSd[:, :, None].expand(B, K, H // K, S, Dh).reshape(B, H, S, Dh)
+    mask = None if mask_BLS is None else mask_BLS[:, None]
+    return F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, attn_mask=mask)
 
 
 def _attend_one(
