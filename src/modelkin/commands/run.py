@@ -45,7 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    backend = common.backend_from_args(args)
     if args.engine == "onnxruntime":
         try:
             from modelkin.export.ort_engine import load as load_ort
@@ -53,7 +52,9 @@ def _load(args: argparse.Namespace) -> Any:
             raise InputError(
                 "the onnxruntime engine is not available in this build", hint="use --engine torch"
             ) from err
-        return load_ort(args.model, device=backend, dtype=args.dtype)
+        # the device picks an onnxruntime provider, checked against onnxruntime, not torch
+        return load_ort(args.model, device=args.device, dtype=args.dtype, allow_fallback=args.allow_fallback)
+    backend = common.backend_from_args(args)
     from modelkin.runtime.api import load
 
     return load(args.model, device=backend, dtype=args.dtype)

@@ -144,6 +144,7 @@ class OrtModel(Model):
     """An exported model on onnxruntime with the torch Model's surface: ``logits``, ``generate``,
     ``generate_batch``, ``stream``, ``score``, ``encode_prompt``, ``tokenizer``, ``config``.
 
+    ``backend`` is the ProviderChoice (``device`` is a string such as "cpu" or "cuda:0").
     Extra attributes: ``manifest`` (OnnxManifest), ``providers`` (the session's providers).
     """
 
@@ -192,8 +193,8 @@ def load(
     outdir = outdir.parent if outdir.is_file() else outdir
     manifest = OnnxManifest.load(outdir)
     _check_dtype(dtype, manifest, outdir)
-    backend, providers, options = resolve_providers(device, allow_fallback=allow_fallback)
-    if manifest.dtype == "bfloat16" and providers[0] == CPU:
+    choice = resolve_providers(device, allow_fallback=allow_fallback)
+    if manifest.dtype == "bfloat16" and choice.providers[0] == CPU:
         raise DeviceError(
             f"{outdir} holds bfloat16 graphs, which onnxruntime's CPUExecutionProvider cannot run "
             "(it has no bfloat16 kernels)",
@@ -201,12 +202,12 @@ def load(
         )
     config = load_hf_config(outdir)
     args = get_architecture(config).ModelArgs.from_hf_config(config)
-    session = _session(outdir / manifest.decode, providers, options, threads)
+    session = _session(outdir / manifest.decode, choice.providers, choice.options, threads)
     return OrtModel(
         OrtDecoder(session, manifest, args),
         manifest=manifest,
         tokenizer=load_export_tokenizer(outdir, config),
-        backend=backend,
+        backend=choice,
         dtype=_TORCH_DTYPES[manifest.dtype],
         path=str(outdir),
         generation_config=config.get("_generation_config"),

@@ -1,8 +1,9 @@
-"""onnxruntime execution providers for a device: the backend says which provider matches it, this
-module checks that the installed onnxruntime build has it, and errs or falls back to CPU if not."""
+"""onnxruntime execution providers for a device: the backend classes say which provider matches each
+device family, this module checks the installed onnxruntime build has it, and errs or falls back."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from typing import Any
@@ -19,20 +20,44 @@ PACKAGES = {
 _SPEC = re.compile(r"^(auto|cpu|cuda|npu)(?::(\d+))?$")
 
 
-def _backend_for(name: str, index: int | None) -> Any:
-    """The backend object for a device family, built without probing torch: onnxruntime runs a
-    graph on CUDA or CANN whether or not torch itself can reach that device."""
-    if name == "cpu":
-        from modelkin.backends.cpu import CPUBackend
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderChoice:
+    """Where an onnxruntime session runs: ``providers`` / ``options`` for InferenceSession (in
+    preference order, CPU last), the device family and index, and why it fell back, if it did."""
 
-        return CPUBackend()
-    if name == "cuda":
-        from modelkin.backends.cuda import CUDABackend
+    family: str  # cpu | cuda | npu
+    index: int | None
+    providers: list[str]
+    options: list[dict[str, Any]]
+    fallback_reason: str | None = None
 
-        return CUDABackend(index)
-    from modelkin.backends.npu import NPUBackend
+    @property
+    def device(self) -> str:
+        return self.family if self.index is None else f"{self.family}:{self.index}"
 
-    return NPUBackend(index)
+
+def _provider_of(family: str) -> str:
+    """The provider name a backend class declares (read from the class: building an NPU backend
+    would import torch_npu, and onnxruntime needs neither torch_npu nor torch's CUDA)."""
+    if family == "cpu":
+        from modelkin.backends.cpu import CPUBackend as cls
+    elif family == "cuda":
+        from modelkin.backends.cuda import CUDABackend as cls
+    else:
+        from modelkin.backends.npu import NPUBackend as cls
+    return cls.ort_provider
+
+
+def _choice(family: str, index: int | None, reason: str | None = None) -> ProviderChoice:
+    if family == "cpu":
+        return ProviderChoice(family="cpu", index=None, providers=[CPU], options=[{}], fallback_reason=reason)
+    device_index = 0 if index is None else index
+    return ProviderChoice(
+        family=family,
+        index=device_index,
+        providers=[_provider_of(family), CPU],  # nodes the device provider lacks run on CPU
+        options=[{"device_id": device_index}, {}],
+    )
 
 
 def available_providers() -> list[str]:
@@ -41,17 +66,14 @@ def available_providers() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
-def resolve_providers(
-    device: str | Any = "auto", *, allow_fallback: bool | None = None
-) -> tuple[Any, list[str], list[dict[str, Any]]]:
-    """(backend, providers, provider_options) for ``onnxruntime.InferenceSession``: the providers
-    in preference order, and the Backend whose provider leads them (CPU after a fallback).
+def resolve_providers(device: str | Any = "auto", *, allow_fallback: bool | None = None) -> ProviderChoice:
+    """The providers for ``device``, checked against this onnxruntime build.
 
     Args:
         device: "auto" (CANN > CUDA > CPU, whichever this onnxruntime has), "cpu", "cuda[:i]",
-            "npu[:i]", or a Backend from ``modelkin.backends.get_backend``.
-        allow_fallback: run on CPU with a warning when the provider is missing (None reads
-            MODELKIN_ALLOW_FALLBACK).
+            "npu[:i]" (the CANN provider), or a Backend from ``modelkin.backends.get_backend``.
+        allow_fallback: use the CPU provider, with a warning, when the wanted one is missing
+            (None reads MODELKIN_ALLOW_FALLBACK).
 
     Raises:
         InputError: a malformed device string.
@@ -59,42 +81,35 @@ def resolve_providers(
     """
     from modelkin.backends import fallback_allowed
 
+    family, index = _parse(device)
     have = available_providers()
-    if isinstance(device, str):
-        match = _SPEC.match(device.strip().lower())
-        if not match:
-            raise InputError(f"invalid device {device!r}", hint="use auto, cpu, cuda, cuda:N, npu or npu:N")
-        name, index = match.group(1), match.group(2)
-        if name == "auto":
-            for family in ("npu", "cuda"):
-                backend = _backend_for(family, None)
-                if backend.ort_provider in have:
-                    return _options(backend)
-            return _options(_backend_for("cpu", None))
-        backend = _backend_for(name, int(index) if index is not None else None)
-    else:
-        backend = device
-    wanted = backend.ort_provider
+    if family == "auto":
+        for candidate in ("npu", "cuda"):
+            if _provider_of(candidate) in have:
+                return _choice(candidate, None)
+        return _choice("cpu", None)
+    wanted = _provider_of(family)
     if wanted in have:
-        return _options(backend)
+        return _choice(family, index)
     import onnxruntime
 
-    reason = (
-        f"onnxruntime {onnxruntime.__version__} here has no {wanted} (available: {', '.join(have)})"
-    )
+    reason = f"onnxruntime {onnxruntime.__version__} here has no {wanted} (available: {', '.join(have)})"
     if not fallback_allowed(allow_fallback):
-        package = PACKAGES.get(wanted, "an onnxruntime build with that provider")
         raise DeviceError(
             reason,
-            hint=f"pip uninstall -y onnxruntime && pip install {package} (the packages share the "
-            "import name; keep one), or use --device cpu, or allow CPU fallback with "
+            hint=f"pip uninstall -y onnxruntime && pip install {PACKAGES[wanted]} (the packages share "
+            "the import name; keep one), or use --device cpu, or allow CPU fallback with "
             "--allow-fallback or MODELKIN_ALLOW_FALLBACK=1",
         )
     warnings.warn(f"{reason}; falling back to {CPU}", stacklevel=2)
-    cpu = _backend_for("cpu", None)
-    cpu.fallback_reason = reason
-    return _options(cpu)
+    return _choice("cpu", None, reason)
 
 
-def _options(backend: Any) -> tuple[Any, list[str], list[dict[str, Any]]]:
-    return backend, backend.ort_providers(), backend.ort_provider_options()
+def _parse(device: str | Any) -> tuple[str, int | None]:
+    if not isinstance(device, str):  # a Backend (already resolved, possibly a CPU fallback)
+        return device.name, device.index
+    match = _SPEC.match(device.strip().lower())
+    if not match:
+        raise InputError(f"invalid device {device!r}", hint="use auto, cpu, cuda, cuda:N, npu or npu:N")
+    index = match.group(2)
+    return match.group(1), int(index) if index is not None else None
