@@ -122,4 +122,4 @@ def test_cli_json_and_html_outputs(tiny, tmp_path, cli):
     assert set(data["fingerprint"]["methods"]) == {"std_curve", "pcs"}
     html = page.read_text()
     assert html.startswith("<!DOCTYPE html>") and "<script" not in html and "data:image/png;base64," in html
-    assert "verdict" in r.stdout.lower()
+    assert f"verdict: {data['verdict'].upper()}" in r.stdout

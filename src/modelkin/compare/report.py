@@ -76,7 +76,7 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
     verdict = report["verdict"]
     colour = {"related": "red", "unrelated": "green"}.get(verdict, "yellow")
     body = "\n".join(f"• {r}" for r in report.get("reasons", []))
-    console.print(Panel(body, title=f"[bold]{names}: [{colour}]{verdict.upper()}[/]", expand=False))
+    console.print(Panel(body, title=f"[bold]{names} — verdict: [{colour}]{verdict.upper()}[/]", expand=False))
     fp = report.get("fingerprint")
     if fp:
         table = Table(title="weight fingerprints", title_justify="left")
