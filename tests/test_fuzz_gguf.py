@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from modelkin.errors import ModelkinError
 from tests.ckpt_factory import write_gguf_file
 from tests.fuzz.exercise import exercise_checkpoint, exercise_tokenizer
-from tests.fuzz.gguf_cases import build_bases, mutated_gguf, valid_gguf
+from tests.fuzz.gguf_cases import build_bases, metadata_values, mutated_gguf, valid_gguf
 from tests.fuzz.harness import Violation, fuzz_settings, run_case, scratch_dir
 from tests.fuzz.strategies import overwrite_int
 
@@ -70,6 +70,29 @@ def test_mutated_files(workdir, bases, data):
     path = workdir / "case.gguf"
     path.write_bytes(raw)
     run_case("gguf", lambda: _both(path))
+
+
+def _load_and_run(path):
+    import modelkin
+
+    model = modelkin.load(path, device="cpu")
+    vocab = model.config.vocab_size
+    logits = model.logits([[1, 2, 3]])
+    if tuple(logits.shape) != (1, 3, vocab):
+        raise Violation(f"logits of shape {list(logits.shape)} for vocab {vocab}")
+    tokens = model.generate([1, 2], max_new_tokens=2).tokens
+    if not all(0 <= t < vocab for t in tokens):
+        raise Violation(f"generated {tokens} for vocab {vocab}")
+    return model
+
+
+@fuzz_settings(100)
+@given(data=st.data())
+def test_metadata_values_through_load(workdir, bases, data):
+    """GGUF metadata becomes the model config: absurd head counts, sizes, rope bases, epsilons, ids."""
+    path = workdir / "meta.gguf"
+    path.write_bytes(data.draw(metadata_values(bases)))
+    run_case("gguf", lambda: _load_and_run(path))
 
 
 def test_bases_are_valid_and_readable(workdir, bases):

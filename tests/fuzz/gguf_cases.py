@@ -3,6 +3,7 @@ their structure (magic, version, counts, string/array lengths, value types, tens
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,26 +23,29 @@ class BaseGGUF:
     data: bytes
     ints: tuple[tuple[int, int], ...]  # (offset, size) of every structural integer
     arrays: tuple[int, ...]  # offset of each metadata array's item type (its length follows)
+    values: tuple[tuple[int, int], ...]  # (offset, value type) of each scalar metadata value
     header_end: int  # start of the tensor data section
 
 
-def _structure(path: Path) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...], int]:
+def _structure(path: Path) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...], tuple, int]:
     """Offsets of the integers that describe the file (counts, lengths, types, dims, offsets)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
     fields = [*reader.fields.values(), *(t.field for t in reader.tensors)]
     found: list[tuple[int, int]] = [(0, 4), (4, 4), (8, 8), (16, 8)]
-    arrays = []
+    arrays, values = [], []
     for field in fields:
         offset = field.offset
+        if len(field.types) == 1 and field.types[0] in (4, 5, 6) and not field.name.startswith("GGUF."):
+            values.append((offset + sum(p.nbytes for p in field.parts[:-1]), int(field.types[0])))
         if field.types and field.types[0] == 9:  # ARRAY: key length, key, value type, item type, count
             arrays.append(offset + sum(p.nbytes for p in field.parts[:3]))
         for part in field.parts:
             if part.dtype.kind in "ui" and part.dtype.itemsize in (4, 8):
                 found += [(offset + i * part.dtype.itemsize, part.dtype.itemsize) for i in range(min(part.size, 4))]
             offset += part.nbytes
-    return tuple(sorted(set(found))), tuple(arrays), reader.data_offset
+    return tuple(sorted(set(found))), tuple(arrays), tuple(values), reader.data_offset
 
 
 def build_bases(directory: Path) -> list[BaseGGUF]:
@@ -62,8 +66,8 @@ def build_bases(directory: Path) -> list[BaseGGUF]:
     for i, meta in enumerate((spm, bpe)):
         path = directory / f"base{i}.gguf"
         write_gguf_file(path, "llama", tensors, meta, qtypes=QTYPES if i == 0 else None)
-        ints, arrays, header_end = _structure(path)
-        bases.append(BaseGGUF(path.read_bytes(), ints, arrays, header_end))
+        ints, arrays, values, header_end = _structure(path)
+        bases.append(BaseGGUF(path.read_bytes(), ints, arrays, values, header_end))
     return bases
 
 
@@ -95,6 +99,23 @@ def mutated_gguf(draw: Any, bases: list[BaseGGUF]) -> bytes:
             data = data[:cut + draw(st.integers(0, 3))]
         else:
             data = draw(byte_mutations(data, focus=base.header_end))
+    return data
+
+
+FLOATS = [0.0, -1.0, 1e-30, 1e38, float("inf"), float("-inf"), float("nan"), 3.0]
+
+
+@st.composite
+def metadata_values(draw: Any, bases: list[BaseGGUF]) -> bytes:
+    """One base file with 1-3 scalar metadata values (head counts, sizes, rope base, eps, ids) replaced."""
+    base = draw(st.sampled_from(bases))
+    data = base.data
+    for _ in range(draw(st.integers(1, 3))):
+        offset, kind = draw(st.sampled_from(base.values))
+        if kind == 6:
+            data = data[:offset] + struct.pack("<f", draw(st.sampled_from(FLOATS))) + data[offset + 4:]
+        else:
+            data = overwrite_int(data, offset, 4, draw(u32_values | st.sampled_from([3, 5, 7, 16, 31, 33])))
     return data
 
 

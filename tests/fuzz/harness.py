@@ -177,6 +177,18 @@ def _violation(reader: str, what: str) -> Violation:
     return Violation(what)
 
 
+_warm: list[bool] = []
+
+
+def _warm_up() -> None:
+    """Trigger torch's lazy imports (torch._dynamo, on the first meta-device init) outside the timer:
+    an alarm inside a half-done import would leave the module broken for every later case."""
+    if not _warm:
+        with torch.device("meta"):
+            torch.nn.Embedding(2, 2)
+        _warm.append(True)
+
+
 def run_case(reader: str, action: Callable[[], Any]) -> Any:
     """Run ``action`` under the invariants; return its result or the ModelkinError it raised.
 
@@ -185,6 +197,7 @@ def run_case(reader: str, action: Callable[[], Any]) -> Any:
             long or its peak RSS grew too much.
     """
     STATS.cases[reader] += 1
+    _warm_up()
     rss_before = _proc_status("VmRSS")
     measured = _reset_peak_rss()
     start = time.perf_counter()
