@@ -46,7 +46,7 @@ def vs_twin(smollm2_gguf, relatives, cache):
                    cache=cache).to_json()
 
 
-def test_permuted_copy_has_the_same_tokenizer_and_nearly_equal_logits(smollm2_gguf, relatives):
+def test_permuted_copy_has_the_same_tokenizer_and_nearly_equal_logits(smollm2_gguf, relatives, vs_perm):
     import modelkin
 
     a = modelkin.load(smollm2_gguf, device="cpu")
@@ -57,6 +57,9 @@ def test_permuted_copy_has_the_same_tokenizer_and_nearly_equal_logits(smollm2_gg
     la, lb = a.logits([ids]), b.logits([ids])
     assert (la - lb).abs().max().item() < 1e-3 * la.abs().max().item()
     assert a.score(text).bits_per_byte == pytest.approx(b.score(text).bits_per_byte, rel=1e-5)
+    # compare's bits per byte come from its own batched pass: they must equal Model.score's
+    for row in vs_perm["behaviour"]["per_prompt"][:3]:
+        assert row["bpb_a"] == pytest.approx(a.score(row["prompt"]).bits_per_byte, rel=1e-4)
 
 
 def test_permuted_copy_behaves_identically_and_is_called_related(vs_perm):
