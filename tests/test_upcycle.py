@@ -93,7 +93,7 @@ def test_experts_partition_the_dense_mlp(tiny):
     record = json.loads((tiny["out"] / "modelkin_upcycle.json").read_text())
     for i in range(2):
         part = record["partition"][str(i)]
-        ids = sorted(sum(part["experts"], []) + part["shared"])
+        ids = sorted([u for rows in part["experts"] for u in rows] + part["shared"])
         assert ids == list(range(40))
         p = f"model.layers.{i}."
         gate = sd[p + "mlp.gate_proj.weight"]
@@ -103,7 +103,7 @@ def test_experts_partition_the_dense_mlp(tiny):
         # routed experts plus the shared expert, all with weight 1, compute the dense MLP exactly
         x = torch.randn(5, 16, generator=torch.Generator().manual_seed(i))
 
-        def mlp(g, u, d):
+        def mlp(g, u, d, x=x):
             return (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ d.T
 
         dense = mlp(*(sd[f"{p}mlp.{r}_proj.weight"] for r in ("gate", "up", "down")))

@@ -37,8 +37,11 @@ def _table(report, console) -> None:
     for col in ("method", "score", "p-value", "Holm p", "z", "call", "note"):
         table.add_column(col, justify="right" if col in ("score", "p-value", "Holm p", "z") else "left")
     colour = {"related": "red", "unrelated": "green", "inconclusive": "yellow", "skipped": "dim"}
+
+    def fmt(v: float | None) -> str:
+        return "" if v is None else f"{v:.4g}"
+
     for name, r in report.methods.items():
-        fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
         note = r.skipped or ""
         table.add_row(name, fmt(r.score), fmt(r.p_value), fmt(report.p_holm.get(name)), fmt(r.z),
                       f"[{colour.get(r.call, '')}]{r.call}[/]", note)

@@ -104,6 +104,7 @@ class _ShardWriter:
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for i, name in enumerate(names):
             (self.folder / f"shard-{i}.tmp").rename(self.folder / name)
+            (self.folder / name).chmod(0o644)  # safetensors creates its files owner-only
         if n > 1:
             index = {"metadata": {"total_size": self.total},
                      "weight_map": {k: names[v] for k, v in sorted(self.weight_map.items())}}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from modelkin.compare import significance as sig
 from modelkin.compare.fingerprints.heads import product_singular_values, qk_factors, vo_factors
