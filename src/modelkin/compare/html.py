@@ -171,7 +171,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     colour = VERDICT_COLOURS.get(verdict, "#555")
     reasons = "".join(f"<li>{esc(r)}</li>" for r in report.get("reasons", []))
     model_rows = [[_td(side.upper()), _td(m.get("name")), _td(m.get("path")), _td(m.get("model_type")),
-                   _td(m.get("is_moe")), _td(m.get("logits_size"), True)] for side, m in models.items()]
+                   _td(fmt(m.get("is_moe"))), _td(m.get("logits_size"), True)] for side, m in models.items()]
     rules = "".join(f"<li>{esc(r)}</li>" for r in report.get("rules", []))
     settings = esc(", ".join(f"{k}={v}" for k, v in (report.get("settings") or {}).items()))
     timings = esc(", ".join(f"{k} {v:.1f}s" for k, v in (report.get("timings") or {}).items()
@@ -193,7 +193,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     )
 
 
-def render_index(entries: Sequence[Mapping[str, Any]], title: str) -> str:
+def render_index(entries: Sequence[Mapping[str, Any]], title: str, intro: str = "") -> str:
     """An index page linking several reports: entries hold name, href, verdict and headline numbers."""
     rows = []
     for e in entries:
@@ -201,9 +201,11 @@ def render_index(entries: Sequence[Mapping[str, Any]], title: str) -> str:
         badge = f"<span class='verdict' style='background:{colour};font-size:.9em'>{esc(e.get('verdict'))}</span>"
         rows.append([f"<td><a href='{esc(e['href'])}'>{esc(e['name'])}</a></td>", f"<td>{badge}</td>",
                      *(_td(e.get(k), True) for k in ("js_divergence", "top1_agreement", "greedy_text_similarity",
-                                                     "bpb_correlation", "weights_significant")),
+                                                     "bpb_correlation", "mmd_p_value", "weights_significant")),
                      _td(e.get("note"))])
-    header = ["comparison", "verdict", "JS (bits)", "top-1", "greedy sim.", "bpb r", "weight methods sig.", "about"]
+    header = ["comparison", "verdict", "JS (bits)", "top-1", "greedy sim.", "bpb r", "MMD p", "weight methods sig.",
+              "about"]
+    intro_html = f"<p>{esc(intro)}</p>" if intro else ""
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><link rel='icon' href='data:,'>"
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body><h1>{esc(title)}</h1>"
+            f"<title>{esc(title)}</title><style>{CSS}</style></head><body><h1>{esc(title)}</h1>{intro_html}"
             f"{_table(header, rows)}</body></html>\n")

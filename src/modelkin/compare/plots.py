@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 COLOURS = {"a": "#1f5fa8", "b": "#d9541e"}
+STYLES = {"a": {"lw": 2.6, "ls": "-", "alpha": 0.55}, "b": {"lw": 1.3, "ls": "--", "alpha": 1.0}}  # overlap stays visible
 PROJECTIONS = ("q", "k", "v", "o")
 
 
@@ -35,15 +36,15 @@ def std_curves_png(curves: Mapping[str, Any], labels: tuple[str, str]) -> bytes 
     roles = [r for r in PROJECTIONS if all(r in (curves.get(s) or {}).get("curves", {}) for s in ("a", "b"))]
     if not roles:
         return None
-    fig = Figure(figsize=(10, 2.6))
+    fig = Figure(figsize=(12, 3.2), layout="constrained")
     axes = fig.subplots(1, len(roles), squeeze=False)[0]
     for ax, role in zip(axes, roles):
         for side in ("a", "b"):
             values = curves[side]["curves"][role]
             n = len(values)
             xs = [i / (n - 1) if n > 1 else 0.0 for i in range(n)]
-            ax.plot(xs, _zscore(values), color=COLOURS[side], lw=1.6, label=labels[0 if side == "a" else 1],
-                    marker="o", ms=2.5, alpha=0.85)
+            ax.plot(xs, _zscore(values), color=COLOURS[side], label=labels[0 if side == "a" else 1], marker="o",
+                    ms=2.5, **STYLES[side])
         ax.set_title(f"{role}_proj std (z-scored)", fontsize=9)
         ax.set_xlabel("depth (fraction of layers)", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -60,7 +61,7 @@ def bpb_scatter_png(rows: Sequence[Mapping[str, Any]], labels: tuple[str, str]) 
            if r.get("bpb_a") is not None and r.get("bpb_b") is not None]
     if not pts:
         return None
-    fig = Figure(figsize=(4.6, 4))
+    fig = Figure(figsize=(4.6, 4), layout="constrained")
     ax = fig.subplots()
     cats = sorted({c for _, _, c in pts})
     cmap = ["#1f5fa8", "#d9541e", "#2a9d4a", "#8e44ad", "#c0392b", "#7f8c8d", "#b8860b", "#17becf"]
@@ -90,7 +91,7 @@ def per_prompt_png(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
               if any(x is not None for x in v)]
     if not panels:
         return None
-    fig = Figure(figsize=(10, 1.9 * len(panels) + 0.6))
+    fig = Figure(figsize=(10, 2.2 * len(panels) + 0.6), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     ids = [str(r.get("id", i)) for i, r in enumerate(rows)]
     for ax, (values, title, colour) in zip(axes, panels):
@@ -113,7 +114,7 @@ def routing_png(behaviour: Mapping[str, Any], labels: tuple[str, str]) -> bytes 
     series = [(s, layers) for s, layers in series if layers and any(v["entropy"] is not None for v in layers.values())]
     if not series:
         return None
-    fig = Figure(figsize=(6, 2.6))
+    fig = Figure(figsize=(6, 2.6), layout="constrained")
     ax = fig.subplots()
     for side, layers in series:
         xs = sorted(layers)
