@@ -18,6 +18,18 @@ SETTINGS = BehaviourSettings(max_prompts=6, greedy_tokens=8, mmd_prompts=2, mmd_
 METHODS = ["std_curve", "spectral"]  # the two fastest weight methods keep the module well under a minute
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small batches: on a shared 2-core machine intra-op threads mostly spin against other processes
+    (measured 5-15x slower than one thread here); restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def relatives(smollm2_gguf, tmp_path_factory):
     root = tmp_path_factory.mktemp("relatives")
