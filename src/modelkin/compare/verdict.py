@@ -152,7 +152,8 @@ def _unrelated_or_not(tested: list[dict[str, Any]], behaviour: dict[str, Any] | 
     if len(tested) < 2:
         missing.append(f"only {len(tested)} weight method(s) gave a p-value (need 2)")
     if low:
-        missing.append("weak weight evidence: " + ", ".join(f"{e['method']} p={_fmt(e['p_value'])}" for e in low))
+        missing.append("weak weight evidence (raw p < 0.05 but not significant after Holm), too low to call "
+                       "the models unrelated: " + ", ".join(f"{e['method']} p={_fmt(e['p_value'])}" for e in low))
     why_diff = _distinguishable(behaviour) if behaviour else None
     if not behaviour:
         missing.append("behaviour was not compared")
