@@ -103,7 +103,7 @@ def _print_table(rows: list[dict[str, Any]], console: Any) -> None:
                       *(fmt(r[k], 3) for k in ("js_divergence", "top1_agreement", "greedy_text_similarity",
                                                "bpb_correlation", "mmd_p_value")),
                       r["weights_significant"], f"{r['seconds']:.0f}")
-    console.print(table)
+    console.print(table, soft_wrap=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     source = smollm2_path()
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory", hint="pass a directory path")
     device = str(common.backend_from_args(args).device)
     settings = (BehaviourSettings.quick(seed=args.seed) if args.quick
                 else BehaviourSettings(max_prompts=18, greedy_tokens=24, seed=args.seed))
@@ -145,7 +147,11 @@ def run(args: argparse.Namespace) -> int:
             data = report.to_json()
             print_summary(data, console)
             rows.append(_summary_row(name, about, data, time.perf_counter() - t))
-    atomic_write_text(out / "index.html", render_index(rows, "modelkin demo: SmolLM2-135M vs its relatives", INTRO))
+    try:
+        atomic_write_text(out / "index.html", render_index(rows, "modelkin demo: SmolLM2-135M vs its relatives", INTRO))
+    except OSError as err:
+        raise InputError(f"cannot write {out / 'index.html'}: {err.strerror or err}",
+                         hint="pass a writable --out directory") from err
     _print_table(rows, console)
     total = time.perf_counter() - start
     console.print(f"reports in {out}/ (index.html); device {device}; total {total:.0f} s")

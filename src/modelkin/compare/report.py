@@ -76,7 +76,7 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
     verdict = report["verdict"]
     colour = {"related": "red", "unrelated": "green"}.get(verdict, "yellow")
     body = "\n".join(f"• {r}" for r in report.get("reasons", []))
-    console.print(Panel(body, title=f"[bold]{names} — verdict: [{colour}]{verdict.upper()}[/]", expand=False))
+    console.print(Panel(body, title=f"[bold]{names} — verdict: [{colour}]{verdict.upper()}[/]", expand=False), soft_wrap=False)
     fp = report.get("fingerprint")
     if fp:
         table = Table(title="weight fingerprints", title_justify="left")
@@ -86,7 +86,7 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
         for name, m in (fp.get("methods") or {}).items():
             table.add_row(name, fmt(m.get("score")), fmt(m.get("p_value")), fmt(holm.get(name)),
                           m.get("call", "") + (f" ({m['skipped']})" if m.get("skipped") else ""))
-        console.print(table)
+        console.print(table, soft_wrap=False)
     elif report.get("fingerprint_error"):
         console.print(f"weight fingerprints: not available ({report['fingerprint_error']})")
     b = report.get("behaviour")
@@ -97,7 +97,7 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
         table.add_column("note", style="dim")
         for label, value, note in behaviour_rows(b):
             table.add_row(label, fmt(value), note or "")
-        console.print(table)
+        console.print(table, soft_wrap=False)
 
 
 @contextlib.contextmanager
