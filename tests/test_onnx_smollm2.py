@@ -12,11 +12,11 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-import modelkin  # noqa: E402
-from modelkin.export import ort_engine  # noqa: E402
-from modelkin.export.onnx import export_onnx  # noqa: E402
-from modelkin.export.verify import compare_engines  # noqa: E402
-from modelkin.runtime.kv_cache import attention_mask, positions_from_mask  # noqa: E402
+import modelkin
+from modelkin.export import ort_engine
+from modelkin.export.onnx import export_onnx
+from modelkin.export.verify import compare_engines
+from modelkin.runtime.kv_cache import attention_mask, positions_from_mask
 
 TEXTS = ("The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n")
 # Both engines compute in float32 and each sits ~7e-5 from a float64 evaluation of the same weights
@@ -65,8 +65,9 @@ def test_difference_is_at_the_float32_noise_floor(smol):
     mask = torch.ones_like(ids)
     module64 = copy.deepcopy(torch_model.module).double()
     with torch.inference_mode():
-        exact = module64(ids, positions_BL=positions_from_mask(mask),
-                         mask_BLS=attention_mask(mask.bool(), 0, ids.shape[1])).float()
+        exact = module64(
+            ids, positions_BL=positions_from_mask(mask), mask_BLS=attention_mask(mask.bool(), 0, ids.shape[1])
+        ).float()
     del module64
     torch_err = (torch_model.logits(ids) - exact).abs().max().item()
     ort_err = (ort_model.logits(ids) - exact).abs().max().item()
@@ -87,7 +88,7 @@ def test_greedy_generations_are_token_identical(smol):
 
 
 def test_other_batch_size_and_a_long_prompt(smol):
-    manifest, _, torch_model, ort_model = smol
+    _manifest, _, torch_model, ort_model = smol
     long_text = " ".join(["The river runs past the old mill and under the stone bridge."] * 9)
     long_ids = torch_model.tokenizer.encode(long_text)
     assert len(long_ids) > 100  # the trace sample had 3 new tokens after a past of 4

@@ -1,14 +1,14 @@
 """ONNX export of any supported model and an onnxruntime engine with the torch Model's surface.
 
-    export_onnx(model, outdir, dtype="float32") -> OnnxManifest      (export/onnx.py)
-    load(outdir, device="auto") -> OrtModel: logits / generate / score (export/ort_engine.py)
+export_onnx(model, outdir, dtype="float32") -> OnnxManifest      (export/onnx.py)
+load(outdir, device="auto") -> OrtModel: logits / generate / score (export/ort_engine.py)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["export_onnx", "load", "OnnxManifest", "OrtModel"]
+__all__ = ["OnnxManifest", "OrtModel", "export_onnx", "load"]
 
 
 def __getattr__(name: str) -> Any:

@@ -83,9 +83,7 @@ class OnnxManifest:
             )
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.name not in data and f.default is dataclasses.MISSING
+            f.name for f in dataclasses.fields(cls) if f.name not in data and f.default is dataclasses.MISSING
         )
         if missing:
             raise CheckpointError(f"{path} lacks {', '.join(missing)}", hint="re-export the model")

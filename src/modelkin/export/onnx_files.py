@@ -102,24 +102,29 @@ def derive_prefill(decode: Any, *, past_inputs: list[str], kv_heads: int, head_d
     del graph.input[:]
     graph.input.extend(kept)
     p = PREFILL_PREFIX
-    int64 = TensorProto.INT64
+
+    def node(op: str, inputs: list[str], name: str, **attrs: Any) -> Any:
+        return helper.make_node(op, [p + i for i in inputs], [p + name], name=p + name, **attrs)
+
+    def const(name: str, values: list[int]) -> Any:
+        value = helper.make_tensor(p + name + "_value", TensorProto.INT64, [len(values)], values)
+        return node("Constant", [], name, value=value)
+
+    fill = helper.make_tensor(p + "fill", kv_type, [1], [0])
+
     new_nodes = [
-        helper.make_node("Shape", ["input_ids"], [p + "ids_shape"], name=p + "Shape"),
-        helper.make_node("Constant", [], [p + "zero"], name=p + "zero",
-                         value=helper.make_tensor(p + "zero_value", int64, [1], [0])),
-        helper.make_node("Constant", [], [p + "one"], name=p + "one",
-                         value=helper.make_tensor(p + "one_value", int64, [1], [1])),
-        helper.make_node("Slice", [p + "ids_shape", p + "zero", p + "one"], [p + "batch"], name=p + "Slice"),
-        helper.make_node("Constant", [], [p + "kv_dims"], name=p + "kv_dims",
-                         value=helper.make_tensor(p + "kv_dims_value", int64, [3], [kv_heads, 0, head_dim])),
-        helper.make_node("Concat", [p + "batch", p + "kv_dims"], [p + "empty_shape"], name=p + "Concat", axis=0),
-        helper.make_node("ConstantOfShape", [p + "empty_shape"], [p + "empty_past"], name=p + "Empty",
-                         value=helper.make_tensor(p + "fill", kv_type, [1], [0])),
+        helper.make_node("Shape", ["input_ids"], [p + "ids_shape"], name=p + "ids_shape"),
+        const("zero", [0]),
+        const("one", [1]),
+        node("Slice", ["ids_shape", "zero", "one"], "batch"),
+        const("kv_dims", [kv_heads, 0, head_dim]),
+        node("Concat", ["batch", "kv_dims"], "empty_shape", axis=0),
+        node("ConstantOfShape", ["empty_shape"], "empty_past", value=fill),
     ]
-    for node in graph.node:
-        for i, name in enumerate(node.input):
+    for existing in graph.node:
+        for i, name in enumerate(existing.input):
             if name in dropped:
-                node.input[i] = p + "empty_past"
+                existing.input[i] = p + "empty_past"
     nodes = new_nodes + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
@@ -136,4 +141,7 @@ def io_table(model: Any) -> dict[str, list[dict[str, Any]]]:
         dims = [d.dim_param or d.dim_value for d in tt.shape.dim]
         return {"name": value.name, "dtype": TensorProto.DataType.Name(tt.elem_type).lower(), "shape": dims}
 
-    return {"inputs": [entry(v) for v in model.graph.input], "outputs": [entry(v) for v in model.graph.output]}
+    return {
+        "inputs": [entry(v) for v in model.graph.input],
+        "outputs": [entry(v) for v in model.graph.output],
+    }

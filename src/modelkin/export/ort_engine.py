@@ -134,9 +134,7 @@ class OrtDecoder(nn.Module):
         if kept is not None and kept[0] == length:
             return kept[1]
         return [  # a cache filled elsewhere: copy its slots out
-            _to_numpy(t[:, :, :length], self._np_kv)
-            for pair in zip(cache.keys, cache.values)
-            for t in pair
+            _to_numpy(t[:, :, :length], self._np_kv) for pair in zip(cache.keys, cache.values) for t in pair
         ]
 
 
@@ -241,4 +239,3 @@ def _session(graph: Path, providers: list[str], options: list[dict], threads: in
             f"onnxruntime cannot load {graph} ({type(err).__name__}: {str(err).splitlines()[0]})",
             hint="re-export the model with `modelkin export-onnx`",
         ) from None
-
