@@ -14,6 +14,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,8 +83,16 @@ def export_onnx(
         with atomic_path(outdir) as tmp:
             tmp.mkdir(parents=True)
             tokenizer = write_assets(source, Path(model), tmp, args=lm.args, dtype=dtype_name)
-            manifest = _write_graphs(lm, tmp, opset=opset, dtype=torch_dtype)
-            manifest = _finish(manifest, source_name=Path(model).name, tokenizer=tokenizer)
+            io, ir_version = _write_graphs(lm, tmp, opset=opset, dtype=torch_dtype)
+            manifest = _manifest(
+                lm,
+                io=io,
+                ir_version=ir_version,
+                opset=opset,
+                dtype=dtype_name,
+                source_name=Path(model).name,
+                tokenizer=tokenizer,
+            )
             manifest.save(tmp)
     return manifest
 
@@ -98,7 +107,10 @@ def _check_outdir(outdir: Path) -> None:
         )
 
 
-def _write_graphs(lm: torch.nn.Module, outdir: Path, *, opset: int, dtype: torch.dtype) -> dict:
+def _write_graphs(
+    lm: torch.nn.Module, outdir: Path, *, opset: int, dtype: torch.dtype
+) -> tuple[dict[str, Any], int]:
+    """Trace, name, externalise and save both graphs; returns (their io tables, IR version)."""
     import onnx
 
     from modelkin.export import onnx_files
@@ -119,14 +131,8 @@ def _write_graphs(lm: torch.nn.Module, outdir: Path, *, opset: int, dtype: torch
     for proto, name in ((prefill, "model.onnx"), (decode, "decode.onnx")):
         onnx.save(proto, str(outdir / name))
         onnx.checker.check_model(str(outdir / name))
-    return {
-        "io": {"prefill": onnx_files.io_table(prefill), "decode": onnx_files.io_table(decode)},
-        "ir_version": int(decode.ir_version),
-        "opset": opset,
-        "dtype": str(dtype).removeprefix("torch."),
-        "args": args,
-        "sliding_window": lm.sliding_window,
-    }
+    io = {"prefill": onnx_files.io_table(prefill), "decode": onnx_files.io_table(decode)}
+    return io, int(decode.ir_version)
 
 
 def trace(lm: torch.nn.Module, workdir: Path, *, opset: int, dtype: torch.dtype):
@@ -144,7 +150,11 @@ def trace(lm: torch.nn.Module, workdir: Path, *, opset: int, dtype: torch.dtype)
     workdir.mkdir(parents=True)
     path = workdir / "decode.onnx"
     with warnings.catch_warnings(), torch.no_grad(), symbolics.translations(opset):
-        warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
+        # tracing notes (sizes read as constants, Python branches) and the exporter's deprecation
+        # notice are about code paths this module chose on purpose
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
             DecoderWithPast(lm).eval(),
             sample_inputs(lm, dtype=dtype),
@@ -159,19 +169,28 @@ def trace(lm: torch.nn.Module, workdir: Path, *, opset: int, dtype: torch.dtype)
     return onnx.load(str(path), load_external_data=False)
 
 
-def _finish(parts: dict, *, source_name: str, tokenizer: str | None) -> OnnxManifest:
+def _manifest(
+    lm: torch.nn.Module,
+    *,
+    io: dict[str, Any],
+    ir_version: int,
+    opset: int,
+    dtype: str,
+    source_name: str,
+    tokenizer: str | None,
+) -> OnnxManifest:
     from modelkin import __version__
 
-    args = parts["args"]
+    args = lm.args
     return OnnxManifest(
         model_type=args.model_type,
         architecture=type(args).__module__.rpartition(".")[2],
         source=source_name,
-        dtype=parts["dtype"],
-        kv_dtype=parts["dtype"],
+        dtype=dtype,
+        kv_dtype=dtype,
         logits_dtype="float32",
-        opset=parts["opset"],
-        ir_version=parts["ir_version"],
+        opset=opset,
+        ir_version=ir_version,
         exporter=f"torch.onnx (TorchScript) {torch.__version__}",
         num_layers=args.num_hidden_layers,
         num_attention_heads=args.num_attention_heads,
@@ -179,8 +198,8 @@ def _finish(parts: dict, *, source_name: str, tokenizer: str | None) -> OnnxMani
         head_dim=args.head_dim,
         hidden_size=args.hidden_size,
         vocab_size=args.vocab_size,
-        sliding_window=parts["sliding_window"],
+        sliding_window=lm.sliding_window,
         tokenizer=tokenizer,
-        io=parts["io"],
+        io=io,
         modelkin_version=__version__,
     )

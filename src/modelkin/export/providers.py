@@ -38,7 +38,7 @@ class ProviderChoice:
 
 def _provider_of(family: str) -> str:
     """The provider name a backend class declares (read from the class: building an NPU backend
-    would import torch_npu, and onnxruntime needs neither torch_npu nor torch's CUDA)."""
+    would load torch_npu, and onnxruntime needs neither torch_npu nor torch's CUDA)."""
     if family == "cpu":
         from modelkin.backends.cpu import CPUBackend as cls
     elif family == "cuda":
