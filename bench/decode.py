@@ -4,8 +4,10 @@ bound (weight bytes read per token / measured copy bandwidth).
 
     python bench/decode.py [--threads 2] [--tokens 64] [--repeats 5] [--json FILE]
 
-Decode rate = (N - 1) / (t(generate N tokens) - t(generate 1 token)): prefill and the first token cancel
-out. Engines run interleaved, repeat by repeat; the median is reported.
+Decode rate = (N - 1) / (time from the first to the N-th generated token), each engine timed by its own
+streaming callback, so prefill is excluded. Engines run interleaved, repeat by repeat; the median is
+reported. Run it as ``python -P bench/decode.py`` (or from another directory): ``bench/`` holds an
+``inspect.py`` that would otherwise shadow the standard library's.
 """
 
 from __future__ import annotations
@@ -48,12 +50,24 @@ def modelkin_engine(model, ids: list[int]) -> tuple[Callable[[int], float], int]
     weights = {p.data_ptr(): p.numel() * p.element_size() for p in model.module.parameters()}
 
     def run(n: int) -> float:
-        start = time.perf_counter()
-        result = model.generate(ids, max_new_tokens=n)
-        assert len(result.tokens) == n
-        return time.perf_counter() - start
+        stamps = [time.perf_counter() for _ in model.stream([ids], max_new_tokens=n)]
+        assert len(stamps) == n
+        return (n - 1) / (stamps[-1] - stamps[0])
 
     return run, sum(weights.values())
+
+
+class _Stamps:
+    """A transformers streamer that only records when each new token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def transformers_engine(path: Path, ids: list[int]) -> Callable[[int], float]:
@@ -64,13 +78,19 @@ def transformers_engine(path: Path, ids: list[int]) -> Callable[[int], float]:
     x = torch.tensor([ids])
 
     def run(n: int) -> float:
-        start = time.perf_counter()
+        stamps = _Stamps()
         with torch.inference_mode():
-            out = model.generate(
-                x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False
+            model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                streamer=stamps,
             )
-        assert out.shape[1] == x.shape[1] + n
-        return time.perf_counter() - start
+        new = stamps.times[1:]  # the first put() is the prompt
+        assert len(new) == n
+        return (n - 1) / (new[-1] - new[0])
 
     return run
 
@@ -83,12 +103,13 @@ def llama_cpp_engine(path: Path, ids: list[int], threads: int) -> Callable[[int]
     llm = Llama(model_path=str(path), n_threads=threads, n_ctx=512, verbose=False)
 
     def run(n: int) -> float:
-        start = time.perf_counter()
         llm.reset()
-        for i, _ in enumerate(llm.generate(ids, temp=0.0)):
-            if i + 1 == n:
+        stamps = []
+        for _ in llm.generate(ids, temp=0.0):
+            stamps.append(time.perf_counter())
+            if len(stamps) == n:
                 break
-        return time.perf_counter() - start
+        return (n - 1) / (stamps[-1] - stamps[0])
 
     return run
 
@@ -119,7 +140,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {name: [] for name in engines}
     for repeat in range(args.repeats):
         for name, run in engines.items():
-            rates[name].append((args.tokens - 1) / (run(args.tokens) - run(1)))
+            rates[name].append(run(args.tokens))
         print(f"repeat {repeat + 1}: " + ", ".join(f"{n} {r[-1]:.2f}" for n, r in rates.items()), flush=True)
 
     bandwidth = copy_bandwidth()

@@ -24,9 +24,18 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: batch-1 work gains little from a second, and on a busy machine every
+    OpenMP team waits for its descheduled thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ours(smollm2_gguf):
-    torch.set_num_threads(2)
     return modelkin.load(smollm2_gguf, device="cpu", dtype="float32")
 
 

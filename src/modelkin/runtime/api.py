@@ -363,6 +363,7 @@ def load(
     """
     from modelkin.backends import get_backend
     from modelkin.checkpoint import open_checkpoint
+    from modelkin.runtime.layers import prefer_gemv_layout
     from modelkin.runtime.loader import load_model
     from modelkin.runtime.tokenizer import load_tokenizer
 
@@ -370,6 +371,8 @@ def load(
     torch_dtype = backend.resolve_dtype(dtype)
     with open_checkpoint(path) as source:
         module = load_model(source, device=backend.device, dtype=torch_dtype, progress=progress)
+        if backend.name == "cpu" and torch_dtype == torch.float32:
+            prefer_gemv_layout(module)
         tokenizer = load_tokenizer(source, path)
         generation_config = source.config().get("_generation_config")
     return Model(

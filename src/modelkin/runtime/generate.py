@@ -32,11 +32,15 @@ def decode_step(model: nn.Module, ids_B: torch.Tensor, cache: KVCache) -> torch.
     return model(ids_B[:, None], positions_BL=positions_BL, mask_BLS=mask_BLS, cache=cache)[:, -1]
 
 
-def check_finite(logits: torch.Tensor, *, step: int) -> None:
-    """Raise NumericalError if ``logits`` hold NaN or Inf (costs a device sync)."""
-    if not bool(torch.isfinite(logits).all()):
+def check_finite(picked_B: torch.Tensor, *, step: int, dtype: torch.dtype) -> None:
+    """Raise NumericalError unless the picked tokens' log-probabilities are finite.
+
+    A NaN or +Inf anywhere in a row of logits makes its whole log_softmax NaN, and argmax/sampling
+    pick the NaN: checking the B picked values catches it without a pass over the vocabulary.
+    """
+    if not bool(torch.isfinite(picked_B).all()):
         raise NumericalError(
-            f"the model produced NaN/Inf logits at generation step {step} (dtype {logits.dtype})",
+            f"the model produced NaN/Inf logits at generation step {step} (dtype {dtype})",
             hint="retry with --dtype float32; if that fails too the weights are damaged",
         )
 
@@ -61,9 +65,10 @@ def generate_step(
         cache = make_kv_cache(model, batch_size=B, max_len=L + max_new_tokens)
     logits = prefill(model, input_ids_BL, mask_BL, cache)
     for step in range(max_new_tokens):
-        check_finite(logits, step=step)
         ids_B = sampler(logits, generator)
-        yield ids_B, logits.float().log_softmax(dim=-1)
+        logprobs_BV = logits.float().log_softmax(dim=-1)
+        check_finite(logprobs_BV.gather(-1, ids_B[:, None]), step=step, dtype=logits.dtype)
+        yield ids_B, logprobs_BV
         if step + 1 < max_new_tokens:
             logits = decode_step(model, ids_B, cache)
 
