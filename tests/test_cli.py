@@ -46,3 +46,13 @@ def test_json_to_unwritable_path_is_user_error(cli, tmp_path):
     blocker.write_text("x")
     proc = cli("doctor", "--json", str(blocker / "sub" / "out.json"))
     assert proc.returncode == 2 and "cannot write JSON" in proc.stderr
+
+
+def test_public_api_names_survive_subpackage_imports():
+    import modelkin
+    import modelkin.compare.verdict  # noqa: F401  (binds modelkin.compare to the subpackage)
+    from modelkin.compare.api import compare
+
+    assert callable(modelkin.compare)
+    assert modelkin.compare.compare is compare
+    assert callable(modelkin.load) and callable(modelkin.inspect_checkpoint) and callable(modelkin.fingerprint)
