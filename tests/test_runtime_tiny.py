@@ -36,6 +36,15 @@ VARIANTS = {
             "sliding_window": None,
         },
     ),
+    "mistral_window": (
+        "llama",
+        {
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            "rope_scaling": None,
+            "sliding_window": 16,
+        },
+    ),
     "qwen2": ("qwen2", {}),  # tied embeddings
     "qwen2_untied_yarn": (
         "qwen2",
@@ -116,9 +125,17 @@ def test_variants_exercise_what_they_claim(models):
     attn = models["pangu_embedded"].module.model.layers[0].self_attn
     assert attn.o_proj.bias is not None and attn.q_proj.bias is not None
     assert models["qwen2"].module.model.layers[0].self_attn.o_proj.bias is None
+    windowed = models["mistral_window"]
+    ids = [list(range(3, 60))]
+    full_view = windowed.logits(ids)
+    windowed.module.sliding_window = None
+    try:
+        assert not torch.allclose(windowed.logits(ids)[0, 20:], full_view[0, 20:])  # the window matters
+    finally:
+        windowed.module.sliding_window = 16
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "pangu_embedded"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "pangu_embedded", "mistral_window"])
 def test_prefill_then_decode_equals_full_forward(name, models):
     model = models[name]
     ids = torch.randint(3, 512, (1, 24), generator=torch.Generator().manual_seed(3))

@@ -121,7 +121,7 @@ class Model:
         """
         ids_BT, mask_BT = self._batch(input_ids)
         ids_BT, mask_BT = ids_BT.to(self.device), mask_BT.to(self.device)
-        mask_BTS = attention_mask(mask_BT.bool(), 0, ids_BT.shape[1])
+        mask_BTS = attention_mask(mask_BT.bool(), 0, ids_BT.shape[1], self.module.sliding_window)
         with torch.inference_mode():
             out = self.module(ids_BT, positions_BL=positions_from_mask(mask_BT), mask_BLS=mask_BTS)
         return out.float()
