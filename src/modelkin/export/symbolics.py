@@ -1,6 +1,6 @@
 """ONNX translations the TorchScript exporter lacks for ops the runtime uses, registered only while
 export traces (``translations(opset)``): ``aten::rms_norm`` (runtime/layers.py RMSNorm's fused
-fp32 path) becomes x · 1/sqrt(mean(x²) + eps) · weight, the decomposition RMSNorm documents."""
+fp32 path) becomes x / sqrt(mean(x²) + eps) · weight."""
 
 from __future__ import annotations
 
@@ -24,15 +24,17 @@ def _rms_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> A
         eps_value = torch.finfo(torch.float32).eps
     else:
         eps_value = symbolic_helper._get_const(eps, "f", "eps")
-    square = g.op("Mul", x, x)
+    # Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern onnxruntime fuses into one
+    # SimplifiedLayerNormalization kernel
+    two = g.op("CastLike", g.op("Constant", value_t=torch.tensor(2.0)), x)
+    square = g.op("Pow", x, two)
     if g.opset >= 18:  # axes moved from an attribute to an input
         axes_t = g.op("Constant", value_t=torch.tensor(axes, dtype=torch.int64))
         mean = g.op("ReduceMean", square, axes_t, keepdims_i=1)
     else:
         mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
     eps_t = g.op("CastLike", g.op("Constant", value_t=torch.tensor(eps_value)), x)
-    scale = g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean, eps_t)))
-    out = g.op("Mul", x, scale)
+    out = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, eps_t)))
     return out if symbolic_helper._is_none(weight) else g.op("Mul", out, weight)
 
 
