@@ -129,3 +129,16 @@ def test_special_ids_outside_the_vocabulary_do_not_break_running(bases, pad):
         (path / "config.json").write_text(original)
     assert not isinstance(out, ModelkinError), out
     assert out.pad_token_id == 2  # the config's EOS
+
+
+def test_odd_head_dim_is_a_config_error(bases):
+    """Found by the long fuzz run: 3 heads of a 16-wide model (head_dim 5) crashed the YaRN table."""
+    path = bases["qwen2"]
+    original = (path / "config.json").read_text()
+    config = {**json.loads(original), "num_attention_heads": 3, "rope_scaling": {"rope_type": "yarn", "factor": 2}}
+    try:
+        (path / "config.json").write_text(json.dumps(config))
+        out = run_case("config", lambda: _load_and_run(path))
+    finally:
+        (path / "config.json").write_text(original)
+    assert isinstance(out, ConfigError) and "head_dim=5 is odd" in str(out), out

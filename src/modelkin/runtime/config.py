@@ -95,6 +95,9 @@ class DecoderArgs:
                     f"config.json key {key!r} must be positive, found {getattr(self, key)}",
                     hint="fix config.json",
                 )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} is odd; rotary embeddings need an even head_dim",
+                              hint="fix head_dim (or hidden_size / num_attention_heads) in config.json")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
