@@ -186,7 +186,10 @@ def make_tiny(
     with atomic_path(outdir) as tmp:
         tmp.mkdir(parents=True)
         if tokenizer and spec.tokenizer:
-            config = _write_tokenizer(tmp, spec.tokenizer, config)
+            from modelkin.runtime.tokenizer import write_tiny_tokenizer
+
+            # a real trained tokenizer whose ids stay below the config's vocab_size
+            write_tiny_tokenizer(tmp, spec.tokenizer, vocab_size=config["vocab_size"])
         module = get_architecture(config)
         with torch.device("meta"):
             model = module.Model(module.ModelArgs.from_hf_config(config))
@@ -203,10 +206,3 @@ def make_tiny(
         (tmp / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}, indent=2) + "\n")
     return outdir
 
-
-def _write_tokenizer(directory: Path, kind: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Write tokenizer files whose ids stay below the config's vocab_size."""
-    from modelkin.runtime.tokenizer import write_tiny_tokenizer
-
-    write_tiny_tokenizer(directory, kind, vocab_size=config["vocab_size"])
-    return config
