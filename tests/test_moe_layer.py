@@ -279,9 +279,37 @@ def test_block_impls_and_grad_mode_give_identical_outputs() -> None:
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[3], outs[0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(with_grad.detach(), outs[0], rtol=0, atol=0)
+    torch.testing.assert_close(with_grad.detach(), outs[0], rtol=1e-6, atol=1e-6)  # outs: prepacked
     with torch.no_grad():
         assert torch.equal(build_block(case, state, ExpertsImpl.LOOP)(x), outs[0])  # deterministic
+
+
+def test_autopack_builds_drops_stale_copies_and_can_be_disabled(monkeypatch) -> None:
+    case = CASES["softmax_renorm"]
+    state = hf_state(case)
+    block = build_block(case, state, ExpertsImpl.LOOP)
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(8))  # ≥ 4 rows per expert: fp32 packs
+    monkeypatch.setattr("modelkin.runtime.moe_cpu._meminfo", lambda: (100 << 30, 90 << 30))
+    with torch.no_grad():
+        first = block(x)
+        packed = block.experts.packed
+        assert packed is not None and packed.matches(block.experts.gate_up_proj, block.experts.down_proj)
+        block.experts.down_proj.mul_(2.0)  # an in-place edit makes the packed copy stale
+        second = block(x)
+        assert block.experts.packed is not packed
+        plain = experts_sorted(x, *block.gate(x)[:2], block.experts.gate_up_proj, block.experts.down_proj)
+    torch.testing.assert_close(second, plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, second)
+    monkeypatch.setattr("modelkin.runtime.moe_cpu._meminfo", lambda: (100 << 30, 40 << 30))  # < half free
+    fresh = build_block(case, state, ExpertsImpl.LOOP)
+    with torch.no_grad():
+        fresh(x)
+    assert fresh.experts.packed is None
+    monkeypatch.setattr("modelkin.runtime.moe_cpu._meminfo", lambda: (100 << 30, 90 << 30))
+    monkeypatch.setenv("MODELKIN_MOE_PREPACK", "0")
+    with torch.no_grad():
+        fresh(x)
+    assert fresh.experts.packed is None
 
 
 def test_telemetry_counts_entropy_and_padding_mask() -> None:

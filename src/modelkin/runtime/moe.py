@@ -164,7 +164,8 @@ class StackedExperts(nn.Module):
         self.impl = ExpertsImpl(impl)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.packed: moe_cpu.PackedExperts | None = None  # see prepack_cpu
+        self.packed: moe_cpu.PackedExperts | None = None  # oneDNN copy of the weights (CPU), see packed_weights
+        self.autopack = True  # pack on the first CPU forward when moe_cpu.should_pack allows
 
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         impl = choose_impl(self.impl, x_TD, self.gate_up_proj)
@@ -172,18 +173,25 @@ class StackedExperts(nn.Module):
             return npu_ops.moe_experts(x_TD, weights_TK, ids_TK, self.gate_up_proj, self.down_proj)
         if impl is ExpertsImpl.GATHER:
             return experts_gather(x_TD, weights_TK, ids_TK, self.gate_up_proj, self.down_proj)
-        packed = self.packed if impl in (ExpertsImpl.LOOP, ExpertsImpl.THREADS) else None
+        packed = self.packed_weights() if impl in (ExpertsImpl.LOOP, ExpertsImpl.THREADS) else None
         return experts_sorted(
             x_TD, weights_TK, ids_TK, self.gate_up_proj, self.down_proj, runner=impl, packed=packed
         )
 
+    def packed_weights(self) -> moe_cpu.PackedExperts | None:
+        """The oneDNN-prepacked copy for the CPU loop: dropped when the plain weights changed, built
+        on first use when `autopack` and memory allow. The plain weights stay the reference."""
+        if self.packed is not None and not self.packed.matches(self.gate_up_proj, self.down_proj):
+            self.packed = None
+        if self.packed is None and self.autopack and moe_cpu.should_pack(self.gate_up_proj, self.down_proj):
+            self.packed = moe_cpu.PackedExperts(self.gate_up_proj, self.down_proj)
+        return self.packed
+
     def prepack_cpu(self) -> bool:
-        """Keep a oneDNN-prepacked copy of the expert weights for the CPU loop (faster small GEMMs,
-        twice the expert memory). Returns False where unsupported. Plain weights stay the reference."""
+        """Build the prepacked copy now, whatever the memory heuristic says; False where unsupported."""
         if not moe_cpu.PackedExperts.supported(self.gate_up_proj):
             return False
-        with torch.no_grad():
-            self.packed = moe_cpu.PackedExperts(self.gate_up_proj.detach(), self.down_proj.detach())
+        self.packed = moe_cpu.PackedExperts(self.gate_up_proj, self.down_proj)
         return True
 
     def extra_repr(self) -> str:
@@ -261,11 +269,14 @@ def experts_sorted(
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         h_SF = swiglu(_grouped_mm(xs_SD, gate_up_EFD.transpose(1, 2), offs_E))
         ys_SD = _grouped_mm(h_SF, down_EDF.transpose(1, 2), offs_E)
-    elif runner is ExpertsImpl.THREADS and not _needs_grad(xs_SD, gate_up_EFD):
-        spans = _spans(counts_E.tolist())  # the one host sync
-        ys_SD = moe_cpu.experts_threaded(xs_SD, spans, gate_up_EFD, down_EDF, packed)
     else:
-        ys_SD = _experts_loop(xs_SD, counts_E.tolist(), gate_up_EFD, down_EDF, packed)  # one host sync
+        spans = _spans(counts_E.tolist())  # the one host sync
+        if packed is not None and not packed.worth_it(ids_S.numel(), len(spans)):
+            packed = None
+        if runner is ExpertsImpl.THREADS and not _needs_grad(xs_SD, gate_up_EFD):
+            ys_SD = moe_cpu.experts_threaded(xs_SD, spans, gate_up_EFD, down_EDF, packed)
+        else:
+            ys_SD = _experts_loop(xs_SD, spans, gate_up_EFD, down_EDF, packed)
     ys_SD = ys_SD * weights_TK.reshape(-1)[order_S].to(ys_SD.dtype).unsqueeze(-1)
     y_SD = torch.empty_like(ys_SD).index_copy_(0, order_S, ys_SD)
     return y_SD.view(num_tokens, top_k, -1).sum(dim=1)
@@ -273,12 +284,11 @@ def experts_sorted(
 
 def _experts_loop(
     xs_SD: torch.Tensor,
-    counts: list[int],
+    spans: list[tuple[int, int, int]],
     gate_up_EFD: torch.Tensor,
     down_EDF: torch.Tensor,
     packed: moe_cpu.PackedExperts | None = None,
 ) -> torch.Tensor:
-    spans = _spans(counts)
     if _needs_grad(xs_SD, gate_up_EFD):
         # autograd cannot see through mm(out=...): the same maths with cat (training, grad checks)
         h_SF = swiglu(torch.cat([xs_SD[a:b] @ gate_up_EFD[e].t() for e, a, b in spans]))

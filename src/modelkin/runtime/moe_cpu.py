@@ -8,6 +8,7 @@ experts keeps every core streaming its own weights with no barrier. Measured in 
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -127,15 +128,27 @@ def run_spans(
 class PackedExperts:
     """Expert weights reordered once into oneDNN's blocked layout (one tensor per expert and matrix).
 
-    Saves the per-call weight reorder (bf16) and replaces MKL by oneDNN (fp32); costs a second copy
-    of the expert weights, so it is opt-in: `StackedExperts.prepack_cpu()`.
+    Saves oneDNN's per-call weight reorder (bf16) and replaces MKL by oneDNN (fp32, several rows per
+    expert). A second copy of the expert weights: `should_pack` only allows it while half of the
+    machine's memory stays available, and `matches` notices when the plain weights change.
     """
 
     def __init__(self, gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor):
         reorder = torch.ops.mkldnn._reorder_linear_weight
-        self.gate_up = [reorder(w) for w in gate_up_EFD]
-        self.down = [reorder(w) for w in down_EDF]
+        with torch.no_grad():
+            self.gate_up = [reorder(w) for w in gate_up_EFD.detach()]
+            self.down = [reorder(w) for w in down_EDF.detach()]
         self.dtype = gate_up_EFD.dtype
+        self._source = (_identity(gate_up_EFD), _identity(down_EDF))
+
+    def matches(self, gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor) -> bool:
+        """Whether the plain weights are still the ones packed (same storage, no in-place change)."""
+        return self._source == (_identity(gate_up_EFD), _identity(down_EDF))
+
+    def worth_it(self, num_pairs: int, num_hit: int) -> bool:
+        """bf16: always (oneDNN's per-call reorder is the cost). fp32: from 4 rows per expert; below
+        that MKL's GEMV streams the plain weights faster (bench/moe.py, T=1)."""
+        return self.dtype == torch.bfloat16 or num_pairs >= 4 * num_hit
 
     @staticmethod
     def linear(x: torch.Tensor, packed_w: torch.Tensor) -> torch.Tensor:
@@ -149,3 +162,32 @@ class PackedExperts:
             and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         )
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t._version, t.dtype, tuple(t.shape))
+
+
+def should_pack(gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor) -> bool:
+    """Pack automatically when supported, not training, not disabled (MODELKIN_MOE_PREPACK=0), and
+    the copy leaves at least half of the machine's memory available."""
+    if os.environ.get("MODELKIN_MOE_PREPACK", "auto") == "0" or not PackedExperts.supported(gate_up_EFD):
+        return False
+    if torch.is_grad_enabled() and gate_up_EFD.requires_grad:
+        return False
+    total, available = _meminfo()
+    nbytes = gate_up_EFD.numel() * gate_up_EFD.element_size() + down_EDF.numel() * down_EDF.element_size()
+    return total > 0 and available - nbytes >= total // 2
+
+
+def _meminfo() -> tuple[int, int]:
+    """(MemTotal, MemAvailable) in bytes from /proc/meminfo; (0, 0) where there is none."""
+    values = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                values[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return values.get("MemTotal", 0), values.get("MemAvailable", 0)
