@@ -126,3 +126,16 @@ def test_base_tokenizers_work(bases):
         out = run_case("tokenizer", lambda k=kind: exercise_tokenizer(bases / k))
         assert not isinstance(out, ModelkinError) and out["tokenizer"] is not None, out
         assert out["tokenizer"].decode(out["ids"], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bpe"])
+def test_negative_added_token_id_is_refused(bases, kind):
+    """Found by a 60k-case fuzz run: added_tokens_decoder {"-1": "<s>"} made encode() emit id -1."""
+    case = bases / "case"
+    shutil.rmtree(case, ignore_errors=True)
+    shutil.copytree(bases / kind, case)
+    config = json.loads((case / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {"-1": {"content": "<s>", "special": True}}
+    (case / "tokenizer_config.json").write_text(json.dumps(config))
+    out = run_case("tokenizer", lambda: exercise_tokenizer(case))
+    assert isinstance(out, ModelkinError) and "key '-1' is not a token id" in str(out), out

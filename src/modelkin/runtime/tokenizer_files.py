@@ -173,6 +173,8 @@ def _added_tokens(config: dict[str, Any], path: Path) -> dict[int, dict[str, Any
     for key, value in entries.items():
         try:
             i = int(key)
+            if i < 0:
+                raise ValueError(key)
         except ValueError:
             raise TokenizerError(
                 f"{path.parent / 'tokenizer_config.json'}: added_tokens_decoder key {key!r} is not "
