@@ -90,3 +90,29 @@ def test_kv_cache_reserve_and_update():
     with pytest.raises(Exception, match="exceeds the KV cache of 4 slots"):
         cache.reserve(1)
     assert math.isclose(cache.nbytes(), 2 * 2 * 1 * 4 * 2 * 4)
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_gemv_matches_linear(column_major, bias):
+    from modelkin.runtime.layers import Linear, prefer_gemv_layout
+
+    gen = torch.Generator().manual_seed(0)
+    layer = Linear(256, 1536, bias=bias)  # wide: stored column-major by prefer_gemv_layout
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(1536, 256, generator=gen))
+        if bias:
+            layer.bias.copy_(torch.randn(1536, generator=gen))
+    if column_major:
+        prefer_gemv_layout(layer)
+    assert layer.weight.stride() == ((1, 1536) if column_major else (256, 1))
+    x = torch.randn(1, 1, 256, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        split = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert split.shape == plain.shape == (1, 1, 1536)
+    assert (split - plain).abs().max().item() <= 1e-4

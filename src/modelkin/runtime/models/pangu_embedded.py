@@ -15,7 +15,7 @@ from torch import nn
 
 from modelkin.runtime.config import DecoderArgs
 from modelkin.runtime.kv_cache import KVCache
-from modelkin.runtime.layers import MLP, Attention, DecoderLayer, DecoderStack
+from modelkin.runtime.layers import MLP, Attention, DecoderLayer, DecoderStack, Linear
 from modelkin.runtime.loader import StateDict, drop_rotary_buffers
 
 
@@ -35,7 +35,7 @@ class Model(nn.Module):
         self.sliding_window = None
         layers = [_layer(args, i) for i in range(args.num_hidden_layers)]
         self.model = DecoderStack(args=args, layers=layers)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:  # the 1B release ties, the 7B does not
             self.lm_head.weight = self.model.embed_tokens.weight
 
