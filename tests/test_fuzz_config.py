@@ -142,3 +142,16 @@ def test_odd_head_dim_is_a_config_error(bases):
     finally:
         (path / "config.json").write_text(original)
     assert isinstance(out, ConfigError) and "head_dim=5 is odd" in str(out), out
+
+
+@pytest.mark.parametrize("theta", [2**64, 10**400])
+def test_huge_integer_rope_theta(bases, theta):
+    """Found by a 42k-case fuzz run: rope_theta=2**64 as a JSON integer raised OverflowError in torch."""
+    path = bases["qwen2"]
+    original = (path / "config.json").read_text()
+    try:
+        (path / "config.json").write_text(json.dumps({**json.loads(original), "rope_theta": theta}))
+        out = run_case("config", lambda: _load_and_run(path))
+    finally:
+        (path / "config.json").write_text(original)
+    assert not isinstance(out, Exception) or isinstance(out, ConfigError), out

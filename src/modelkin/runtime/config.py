@@ -148,7 +148,8 @@ def _matches(value: Any, annotation: str) -> bool:
 
 
 def _check_types(cls: type, kwargs: dict[str, Any]) -> None:
-    """Raise ConfigError for a config.json value of the wrong JSON type (before it reaches torch)."""
+    """Raise ConfigError for a config.json value of the wrong JSON type (before it reaches torch);
+    integers given for float fields become floats (rope_theta: 10000)."""
     for field in dataclasses.fields(cls):
         value = kwargs.get(field.name)
         if value is not None and isinstance(field.type, str) and not _matches(value, field.type):
@@ -156,6 +157,12 @@ def _check_types(cls: type, kwargs: dict[str, Any]) -> None:
                 f"config.json key {field.name!r} must be {field.type}, found {value!r}"[:300],
                 hint="fix config.json",
             )
+        if field.type == "float" and isinstance(value, int):
+            try:
+                kwargs[field.name] = float(value)
+            except OverflowError:
+                raise ConfigError(f"config.json key {field.name!r} is too large: {value}"[:300],
+                                  hint="fix config.json") from None
 
 
 def normalise_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
