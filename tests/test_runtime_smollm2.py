@@ -19,8 +19,10 @@ PROMPTS = [
     "今天天气很好，我们一起去公园散步。",
     "Prices rose 3.5% in 2024; emojis 🙂🚀 and    runs of spaces\n\n\ttabs.",
     "<|im_start|>user\nWrite a haiku about autumn leaves.<|im_end|>\n<|im_start|>assistant\n",
-    "Once upon a time, in a small village at the edge of a great forest, there lived an old "
-    "clockmaker who had never once left his workshop. Every morning he wound",
+    (
+        "Once upon a time, in a small village at the edge of a great forest, there lived an old "
+        "clockmaker who had never once left his workshop. Every morning he wound"
+    ),
 ]
 
 

@@ -252,7 +252,7 @@ def attend(
     """Scaled dot-product attention with GQA; ``mask_BLS`` None means every key slot is visible."""
     if torch.jit.is_tracing():  # TorchScript ONNX export (export/onnx.py): one path for every L
         return _attend_traced(q_BHLd, k_BKSd, v_BKSd, mask_BLS)
-    B, H, L, Dh = q_BHLd.shape
+    _, H, L, _ = q_BHLd.shape
     K = k_BKSd.shape[1]
     if L == 1:
         return _attend_one(q_BHLd, k_BKSd, v_BKSd, mask_BLS)
