@@ -90,3 +90,13 @@ def random_pickles(draw):
 def test_random_pickle_opcodes(workdir, raw):
     (workdir / "model.pt").write_bytes(raw)
     run_case("torch", lambda: exercise_checkpoint(workdir / "model.pt"))
+
+
+def test_zip_declaring_an_unsupported_version(workdir):
+    """Found by a 44k-case fuzz run: zipfile raises NotImplementedError for 'zip file version 6.4'."""
+    raw = bytearray(_saved({"w": torch.zeros(2)}))
+    central = raw.index(b"PK\x01\x02")
+    raw[central + 6] = 64  # 'version needed to extract' of the first central-directory entry: 6.4
+    (workdir / "pytorch_model.bin").write_bytes(bytes(raw))
+    out = run_case("torch", lambda: exercise_checkpoint(workdir / "pytorch_model.bin"))
+    assert not isinstance(out, ModelkinError) and out["keys"] == ["w"]  # torch's own zip reader copes

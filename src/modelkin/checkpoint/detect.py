@@ -33,7 +33,7 @@ def sniff_file(path: pathlib.Path) -> str | None:
         try:
             with zipfile.ZipFile(path) as z:
                 return "torch" if any(n.endswith("data.pkl") for n in z.namelist()) else None
-        except (zipfile.BadZipFile, UnicodeDecodeError, OSError, ValueError):
+        except (zipfile.BadZipFile, UnicodeDecodeError, OSError, ValueError, NotImplementedError):
             # a damaged zip: torch's reader explains it for files named like a checkpoint
             return "torch" if path.suffix in _TORCH_SUFFIXES else None
     if head[:1] == _TORCH_LEGACY_FIRST_BYTE and path.suffix in _TORCH_SUFFIXES:
