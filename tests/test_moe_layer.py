@@ -425,3 +425,24 @@ def test_cpu_workers_run_single_threaded_and_leave_the_caller_alone() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_auto_runs_prepacked_experts_in_the_loop_unless_the_cpu_is_oversubscribed(monkeypatch, busy) -> None:
+    from modelkin.runtime import moe_cpu
+
+    case = CASES["softmax_renorm"]
+    block = build_block(case, hf_state(case)).to(torch.bfloat16)
+    block.experts.prepack_cpu()
+    calls = []
+    real = moe_cpu.experts_threaded
+    monkeypatch.setattr(moe_cpu, "oversubscribed", lambda: busy)
+    monkeypatch.setattr(moe_cpu, "experts_threaded", lambda *a: calls.append(1) or real(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            block(torch.randn(8, D).to(torch.bfloat16))
+    finally:
+        torch.set_num_threads(before)
+    assert bool(calls) == busy

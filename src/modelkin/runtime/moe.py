@@ -166,6 +166,7 @@ class StackedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.packed: moe_cpu.PackedExperts | None = None  # oneDNN copy of the weights (CPU), see packed_weights
         self.autopack = True  # pack on the first CPU forward when moe_cpu.should_pack allows
+        self._declined: tuple | None = None
 
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         impl = choose_impl(self.impl, x_TD, self.gate_up_proj)
@@ -175,7 +176,8 @@ class StackedExperts(nn.Module):
             return experts_gather(x_TD, weights_TK, ids_TK, self.gate_up_proj, self.down_proj)
         packed = self.packed_weights() if impl in (ExpertsImpl.LOOP, ExpertsImpl.THREADS) else None
         return experts_sorted(
-            x_TD, weights_TK, ids_TK, self.gate_up_proj, self.down_proj, runner=impl, packed=packed
+            x_TD, weights_TK, ids_TK, self.gate_up_proj, self.down_proj, runner=impl, packed=packed,
+            adaptive=self.impl is ExpertsImpl.AUTO,
         )
 
     def packed_weights(self) -> moe_cpu.PackedExperts | None:
@@ -183,8 +185,11 @@ class StackedExperts(nn.Module):
         on first use when `autopack` and memory allow. The plain weights stay the reference."""
         if self.packed is not None and not self.packed.matches(self.gate_up_proj, self.down_proj):
             self.packed = None
-        if self.packed is None and self.autopack and moe_cpu.should_pack(self.gate_up_proj, self.down_proj):
-            self.packed = moe_cpu.PackedExperts(self.gate_up_proj, self.down_proj)
+        if self.packed is None and self.autopack and self._declined != moe_cpu.identity(self.gate_up_proj):
+            if moe_cpu.should_pack(self.gate_up_proj, self.down_proj):
+                self.packed = moe_cpu.PackedExperts(self.gate_up_proj, self.down_proj)
+            else:
+                self._declined = moe_cpu.identity(self.gate_up_proj)  # ask again only for new weights
         return self.packed
 
     def prepack_cpu(self) -> bool:
@@ -199,8 +204,8 @@ class StackedExperts(nn.Module):
 
 
 def choose_impl(impl: ExpertsImpl, x_TD: torch.Tensor, weight: torch.Tensor) -> ExpertsImpl:
-    """Resolve AUTO (measured in bench/moe.py). CPU: THREADS with more than one torch thread, else
-    LOOP. CUDA bf16: GROUPED_MM. NPU with torch_npu: its fused ops. Tracing/export: GATHER, the only
+    """Resolve AUTO (measured in bench/moe.py). CPU: THREADS with more than one torch thread (and
+    LOOP on prepacked weights when the CPU is not oversubscribed, see `experts_sorted`), else LOOP. CUDA bf16: GROUPED_MM. NPU with torch_npu: its fused ops. Tracing/export: GATHER, the only
     path without data-dependent shapes. Autograd through the weights: LOOP."""
     if impl is not ExpertsImpl.AUTO:
         return impl
@@ -252,11 +257,13 @@ def experts_sorted(
     *,
     runner: ExpertsImpl = ExpertsImpl.LOOP,
     packed: moe_cpu.PackedExperts | None = None,
+    adaptive: bool = False,
 ) -> torch.Tensor:
     """Sort the S token–expert pairs by expert, run each hit expert on its contiguous slice, combine.
 
     `runner` LOOP / THREADS / GROUPED_MM picks how the slices are computed; `packed` (CPU) replaces
-    the plain weights in the GEMMs. The combine unpermutes and sums over K (no index_add_, so it is
+    the plain weights in the GEMMs. `adaptive` (AUTO): THREADS becomes LOOP when the prepacked
+    weights are used and the CPU is not oversubscribed (oneDNN's own threading is then faster). The combine unpermutes and sums over K (no index_add_, so it is
     deterministic on GPU too).
     """
     num_tokens, top_k = ids_TK.shape
@@ -273,6 +280,8 @@ def experts_sorted(
         spans = _spans(counts_E.tolist())  # the one host sync
         if packed is not None and not packed.worth_it(ids_S.numel(), len(spans)):
             packed = None
+        if adaptive and runner is ExpertsImpl.THREADS and packed is not None and not moe_cpu.oversubscribed():
+            runner = ExpertsImpl.LOOP
         if runner is ExpertsImpl.THREADS and not _needs_grad(xs_SD, gate_up_EFD):
             ys_SD = moe_cpu.experts_threaded(xs_SD, spans, gate_up_EFD, down_EDF, packed)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -52,6 +53,32 @@ def _single_threaded(barrier: threading.Barrier) -> None:
 
 
 _WORKERS = _SingleThreadedWorkers()
+
+
+class _LoadProbe:
+    """Whether more tasks want to run than there are CPUs (1-minute load average, read once a second).
+
+    Our own busy threads count too, so 'oversubscribed' means at least one runnable task beyond
+    one per CPU: then every OpenMP barrier waits for a descheduled thread (bench/moe.py shows the
+    intra-op paths 5–30× slower), and splitting experts across threads wins.
+    """
+
+    def __init__(self) -> None:
+        self._checked_at = -1.0
+        self._value = False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked_at > 1.0:
+            try:
+                load = os.getloadavg()[0]
+            except OSError:
+                load = 0.0
+            self._value, self._checked_at = load >= (os.cpu_count() or 1) + 1, now
+        return self._value
+
+
+oversubscribed = _LoadProbe()
 
 
 def use_threads(device: torch.device) -> bool:
@@ -139,11 +166,11 @@ class PackedExperts:
             self.gate_up = [reorder(w) for w in gate_up_EFD.detach()]
             self.down = [reorder(w) for w in down_EDF.detach()]
         self.dtype = gate_up_EFD.dtype
-        self._source = (_identity(gate_up_EFD), _identity(down_EDF))
+        self._source = (identity(gate_up_EFD), identity(down_EDF))
 
     def matches(self, gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor) -> bool:
         """Whether the plain weights are still the ones packed (same storage, no in-place change)."""
-        return self._source == (_identity(gate_up_EFD), _identity(down_EDF))
+        return self._source == (identity(gate_up_EFD), identity(down_EDF))
 
     def worth_it(self, num_pairs: int, num_hit: int) -> bool:
         """bf16: always (oneDNN's per-call reorder is the cost). fp32: from 4 rows per expert; below
@@ -164,7 +191,8 @@ class PackedExperts:
         )
 
 
-def _identity(t: torch.Tensor) -> tuple:
+def identity(t: torch.Tensor) -> tuple:
+    """What makes two looks at a weight the same weight: storage, in-place version, dtype, shape."""
     return (t.data_ptr(), t._version, t.dtype, tuple(t.shape))
 
 
