@@ -262,8 +262,8 @@ def experts_sorted(
     """Sort the S token–expert pairs by expert, run each hit expert on its contiguous slice, combine.
 
     `runner` LOOP / THREADS / GROUPED_MM picks how the slices are computed; `packed` (CPU) replaces
-    the plain weights in the GEMMs. `adaptive` (AUTO): THREADS becomes LOOP when the prepacked
-    weights are used and the CPU is not oversubscribed (oneDNN's own threading is then faster). The combine unpermutes and sums over K (no index_add_, so it is
+    the plain weights in the GEMMs. `adaptive` (AUTO): THREADS becomes LOOP where intra-op threading
+    measured faster (`moe_cpu.prefer_intra_op`). The combine unpermutes and sums over K (no index_add_, so it is
     deterministic on GPU too).
     """
     num_tokens, top_k = ids_TK.shape
@@ -280,7 +280,7 @@ def experts_sorted(
         spans = _spans(counts_E.tolist())  # the one host sync
         if packed is not None and not packed.worth_it(ids_S.numel(), len(spans)):
             packed = None
-        if adaptive and runner is ExpertsImpl.THREADS and packed is not None and not moe_cpu.oversubscribed():
+        if adaptive and runner is ExpertsImpl.THREADS and moe_cpu.prefer_intra_op(packed, len(spans)):
             runner = ExpertsImpl.LOOP
         if runner is ExpertsImpl.THREADS and not _needs_grad(xs_SD, gate_up_EFD):
             ys_SD = moe_cpu.experts_threaded(xs_SD, spans, gate_up_EFD, down_EDF, packed)

@@ -81,6 +81,15 @@ class _LoadProbe:
 oversubscribed = _LoadProbe()
 
 
+def prefer_intra_op(packed: PackedExperts | None, num_hit: int) -> bool:
+    """AUTO's choice between LOOP (torch's own threads inside each GEMM) and THREADS (experts split
+    across workers), from bench/moe.py on a quiet 2-vCPU box: LOOP on prepacked weights (oneDNN
+    threads well) and for few experts (decode: hand-off to workers costs more than it saves);
+    THREADS for many experts on plain weights (MKL's small fp32 GEMMs thread poorly), and always
+    when the CPU is oversubscribed (every intra-op barrier then waits for a descheduled thread)."""
+    return not oversubscribed() and (packed is not None or num_hit <= 16)
+
+
 def use_threads(device: torch.device) -> bool:
     return device.type == "cpu" and torch.get_num_threads() > 1
 
