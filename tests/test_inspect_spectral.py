@@ -93,9 +93,10 @@ def test_spectral_scan_samples_experts(tmp_path):
     assert "spectral_alpha" in res.to_csv().splitlines()[0]
 
 
-def test_parallel_workers_agree_with_one():
+@pytest.mark.parametrize("histogram", [False, True])
+def test_parallel_workers_agree_with_one(histogram):
     x = torch.randn(3_000_017, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-    policy = AccumulationPolicy(torch.float64, 1 << 16)
+    policy = AccumulationPolicy(torch.float64, 1 << 16, histogram=histogram)
     acc = ParallelAccumulator(policy, workers=3)
     try:
         acc.update(x)

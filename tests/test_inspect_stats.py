@@ -184,3 +184,54 @@ def test_smollm2_gguf_parity(smollm2_gguf):
         assert len(got) == 19 and {t.dtype for t in res.tensors} >= {"Q4_1", "F32"}
         for name, t in got.items():
             assert_matches(t.stats, src.get_tensor(name).double().numpy(), where=name)
+
+
+# ---- bit-pattern counting (the CPU path for 8- and 16-bit tensors) --------------------------------
+
+COUNTING = AccumulationPolicy(torch.float64, 1 << 14, histogram=True)
+SUMMING = AccumulationPolicy(torch.float64, 1 << 14)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2,
+                                   torch.int16, torch.int8, torch.uint8])
+def test_counted_statistics_are_exact(dtype):
+    """Counting bit patterns gives the float64 reference to rounding (1e-12), NaN/±Inf/±0 included,
+    across several 1M-element counting chunks."""
+    g = torch.Generator().manual_seed(11)
+    if dtype.is_floating_point:
+        x = (torch.randn(3 * (1 << 20) + 5, generator=g) * 0.3 + 0.1).to(dtype)
+    else:
+        x = (torch.randn(3 * (1 << 20) + 5, generator=g) * 40 + 60).clamp(0, 120).to(dtype)
+    flat = x.view(-1)
+    if dtype.is_floating_point:
+        specials = [0.0, -0.0] + [float("nan")] * (dtype != torch.float8_e4m3fn)
+        specials += [float("inf"), float("-inf")] if dtype in (torch.bfloat16, torch.float16, torch.float8_e5m2) else []
+        for i, v in enumerate(specials):
+            flat[7 + 1000 * i] = v
+    got = tensor_stats(x, COUNTING)
+    assert got == tensor_stats(x)  # the CPU default counts these dtypes
+    assert_matches(got, x.to(torch.float32).double().numpy(), rel=1e-12, where=str(dtype))
+
+
+def test_counting_agrees_with_power_sums():
+    x = (torch.randn(1_000_003, generator=torch.Generator().manual_seed(12)) * 0.02 + 0.01).to(torch.bfloat16)
+    counted, summed = tensor_stats(x, COUNTING), tensor_stats(x, SUMMING)
+    for key, value in summed.items():
+        assert counted[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_one_accumulator_fed_several_dtypes():
+    """Counts are folded into the moments whenever the dtype changes, so mixed feeds stay exact."""
+    from modelkin.inspect.stats import StatsAccumulator
+
+    g = torch.Generator().manual_seed(13)
+    parts = [(torch.randn(5000, generator=g) + 1).to(torch.bfloat16), torch.randn(3000, generator=g) * 2,
+             (torch.randn(4000, generator=g) - 1).to(torch.float16), torch.tensor([float("nan"), 0.0])]
+    acc = StatsAccumulator(COUNTING)
+    for p in parts:
+        acc.update(p)
+    whole = np.concatenate([p.double().numpy() for p in parts])
+    assert_matches(acc.result(), whole, rel=1e-12)
+    acc.reset()
+    acc.update(parts[0])
+    assert_matches(acc.result(), parts[0].double().numpy(), rel=1e-12)  # reset drops pending counts
