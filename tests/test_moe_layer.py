@@ -263,6 +263,34 @@ def test_dispatch_paths_agree(dtype: torch.dtype, num_tokens: int) -> None:
     torch.testing.assert_close(loop.double(), ref, **tol)
 
 
+def test_one_row_experts_split_across_intra_op_threads(monkeypatch) -> None:
+    """Decoding (one row per hit expert) on plain weights runs each GEMV as layers.split_gemv over
+    the intra-op threads, with the same numbers as the per-pair float64 reference."""
+    from modelkin.runtime import moe_cpu
+
+    parts_seen = []
+    real = moe_cpu.split_gemv
+    monkeypatch.setattr(moe_cpu, "split_gemv", lambda *a: parts_seen.append(a[3]) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    gate_up = torch.randn(8, 2 * F_, D, generator=g) / D**0.5
+    down = torch.randn(8, D, F_, generator=g) / F_**0.5
+    x, w = torch.randn(1, D, generator=g), torch.rand(1, 3, generator=g)
+    ids = torch.tensor([[6, 1, 4]])
+    experts = unstack_experts(gate_up.double(), down.double())
+    ref = sum(w[0, j].item() * _expert(x[0].double(), *experts[ids[0, j]]) for j in range(3))
+    before = torch.get_num_threads()
+    try:
+        for threads, calls in ((2, [2] * 6), (1, [])):
+            torch.set_num_threads(threads)
+            parts_seen.clear()
+            with torch.no_grad():
+                out = experts_sorted(x, w, ids, gate_up, down, runner=ExpertsImpl.LOOP)
+            assert parts_seen == calls
+            torch.testing.assert_close(out[0].double(), ref, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_block_impls_and_grad_mode_give_identical_outputs() -> None:
     case = CASES["softmax_renorm"]
     state = hf_state(case)

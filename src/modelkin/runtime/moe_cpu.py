@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from modelkin.runtime.layers import split_gemv
+
 Span = tuple[int, int, int]  # (expert, first row, end row) in the expert-sorted pairs
 
 
@@ -84,7 +86,8 @@ oversubscribed = _LoadProbe()
 def prefer_intra_op(packed: PackedExperts | None, num_hit: int) -> bool:
     """AUTO's choice between LOOP (torch's own threads inside each GEMM) and THREADS (experts split
     across workers), from bench/moe.py on a quiet 2-vCPU box: LOOP on prepacked weights (oneDNN
-    threads well) and for few experts (decode: hand-off to workers costs more than it saves);
+    threads well) and for few experts (decode: each one-row GEMV is split over the threads, 1.6x
+    faster than THREADS in fp32 at T=1, and the hand-off to workers costs more than it saves);
     THREADS for many experts on plain weights (MKL's small fp32 GEMMs thread poorly), and always
     when the CPU is oversubscribed (every intra-op barrier then waits for a descheduled thread)."""
     return not oversubscribed() and (packed is not None or num_hit <= 16)
@@ -146,19 +149,29 @@ def run_spans(
 ) -> None:
     """Experts of `spans` (contiguous rows): gate_up GEMMs, one SwiGLU, down GEMMs, into ys_SD."""
     first, last = spans[0][1], spans[-1][2]
-    for e, start, end in spans:
-        if packed is None:
-            torch.mm(xs_SD[start:end], gate_up_EFD[e].t(), out=h_SF2[start:end])
-        else:
-            h_SF2[start:end] = packed.linear(xs_SD[start:end], packed.gate_up[e])
+    parts = torch.get_num_threads()  # one row on plain weights: split_gemv over the intra-op threads
+    if packed is None:
+        for e, start, end in spans:
+            _mm(xs_SD[start:end], gate_up_EFD[e], h_SF2[start:end], parts)
+    else:  # oneDNN's linear has no out=: one cat instead of a copy per expert
+        torch.cat([packed.linear(xs_SD[a:b], packed.gate_up[e]) for e, a, b in spans], out=h_SF2[first:last])
     gate_SF, up_SF = h_SF2[first:last].chunk(2, dim=-1)
     act_SF = F.silu(gate_SF).mul_(up_SF)
-    for e, start, end in spans:
-        rows = act_SF[start - first : end - first]
-        if packed is None:
-            torch.mm(rows, down_EDF[e].t(), out=ys_SD[start:end])
-        else:
-            ys_SD[start:end] = packed.linear(rows, packed.down[e])
+    if packed is None:
+        for e, start, end in spans:
+            _mm(act_SF[start - first : end - first], down_EDF[e], ys_SD[start:end], parts)
+    else:
+        torch.cat([packed.linear(act_SF[a - first : b - first], packed.down[e]) for e, a, b in spans],
+                  out=ys_SD[first:last])
+
+
+def _mm(x_MI: torch.Tensor, w_OI: torch.Tensor, out_MO: torch.Tensor, parts: int) -> None:
+    """out = x·wᵀ; a single row with several intra-op threads as layers.split_gemv (MKL's GEMV
+    stays on one core: 1.6x slower for one token's experts, bench/moe.py T=1 fp32)."""
+    if parts > 1 and x_MI.shape[0] == 1:
+        out_MO[0] = split_gemv(x_MI[0], w_OI, None, parts)
+    else:
+        torch.mm(x_MI, w_OI.t(), out=out_MO)
 
 
 class PackedExperts:
