@@ -5,7 +5,7 @@ Qwen3-30B-A3B dims (E=128, D=2048, F=768, top-8) and a MoGE layer at Pangu Pro M
 All implementations share the same weight tensors and run interleaved in one process; the bound is
 measured in the same run: max(expert bytes touched / copy bandwidth, FLOPs / plain GEMM rate).
 
-Usage (-P: bench/inspect.py must not shadow the stdlib module): python -P bench/moe.py [--tokens 1 8 128] [--dtypes float32 bfloat16] [--repeats 7] [--json FILE]
+Usage (from the repository root): python -m bench.moe [--tokens 1 8 128] [--dtypes float32 bfloat16] [--repeats 7] [--json FILE]
 """
 
 from __future__ import annotations
