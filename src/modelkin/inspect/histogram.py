@@ -4,7 +4,7 @@ A bf16 or fp16 tensor holds at most 65,536 distinct values (an 8-bit one 256), s
 pass (`torch.bincount` over the bit patterns) keeps everything the statistics need: the moments,
 extrema and zero/NaN/Inf counts then follow from at most 65,536 (value, count) pairs in float64, with
 two passes over the pairs instead of rounded power sums over the elements. On one core counting costs
-about 1 ns per element, 2.5x less than forming float64 power sums chunk by chunk (bench/inspect.py).
+0.98 ns per bf16 element against 1.44 ns for the float64 power sums chunk by chunk (2-vCPU EPYC VM).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Each chunk is read once from its source buffer; mean and central sums are formed in the accumulation
 dtype on the device (the upcast of bf16/fp16 happens inside the device kernels), and chunks are
 merged on the host in float64, so tensors of billions of elements stay accurate. On the CPU, 8- and
-16-bit tensors are counted by bit pattern instead (inspect/histogram.py): exact, and 2.5x cheaper.
+16-bit tensors are counted by bit pattern instead (inspect/histogram.py): exact, and 1.5x cheaper.
 """
 
 from __future__ import annotations
