@@ -234,7 +234,7 @@ def print_case(r: dict) -> None:
     b = r["bound"]
     print(f"\n## {r['case']}  {r['dtype']}  T={r['tokens']}  (experts hit {b['experts_hit']}, "
           f"{b['bytes'] / 1e6:.0f} MB, {b['flops'] / 1e9:.2f} GFLOP; bound {b['bound_s'] * 1e3:.1f} ms = "
-          f"max(mem {b['mem_s'] * 1e3:.1f}, flops {b['flop_s'] * 1e3:.1f}); with read bandwidth "
+          f"max(mem {b['mem_s'] * 1e3:.1f}, flops {b['flop_s'] * 1e3:.1f}); with the weights' read bandwidth "
           f"{b['strict_bound_s'] * 1e3:.1f} ms);  load avg "
           f"{r['load_avg_1min'][0]:.1f} → {r['load_avg_1min'][1]:.1f}")
     for name, row in r["impls"].items():
