@@ -272,9 +272,10 @@ def test_one_row_experts_split_across_intra_op_threads(monkeypatch) -> None:
     real = moe_cpu.split_gemv
     monkeypatch.setattr(moe_cpu, "split_gemv", lambda *a: parts_seen.append(a[3]) or real(*a))
     g = torch.Generator().manual_seed(3)
-    gate_up = torch.randn(8, 2 * F_, D, generator=g) / D**0.5
-    down = torch.randn(8, D, F_, generator=g) / F_**0.5
-    x, w = torch.randn(1, D, generator=g), torch.rand(1, 3, generator=g)
+    dim = hidden = 512  # both weights at least Linear.SPLIT_MIN_NUMEL, as in real models
+    gate_up = torch.randn(8, 2 * hidden, dim, generator=g) / dim**0.5
+    down = torch.randn(8, dim, hidden, generator=g) / hidden**0.5
+    x, w = torch.randn(1, dim, generator=g), torch.rand(1, 3, generator=g)
     ids = torch.tensor([[6, 1, 4]])
     experts = unstack_experts(gate_up.double(), down.double())
     ref = sum(w[0, j].item() * _expert(x[0].double(), *experts[ids[0, j]]) for j in range(3))

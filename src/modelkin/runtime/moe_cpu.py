@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from modelkin.runtime.layers import split_gemv
+from modelkin.runtime.layers import Linear, split_gemv
 
 Span = tuple[int, int, int]  # (expert, first row, end row) in the expert-sorted pairs
 
@@ -166,9 +166,10 @@ def run_spans(
 
 
 def _mm(x_MI: torch.Tensor, w_OI: torch.Tensor, out_MO: torch.Tensor, parts: int) -> None:
-    """out = x·wᵀ; a single row with several intra-op threads as layers.split_gemv (MKL's GEMV
-    stays on one core: 1.6x slower for one token's experts, bench/moe.py T=1 fp32)."""
-    if parts > 1 and x_MI.shape[0] == 1:
+    """out = x·wᵀ; a single row with several intra-op threads and a weight as large as layers.Linear
+    splits, as layers.split_gemv (MKL's GEMV stays on one core: 1.6x slower for one token's experts,
+    bench/moe.py T=1 fp32)."""
+    if parts > 1 and x_MI.shape[0] == 1 and w_OI.numel() >= Linear.SPLIT_MIN_NUMEL:
         out_MO[0] = split_gemv(x_MI[0], w_OI, None, parts)
     else:
         torch.mm(x_MI, w_OI.t(), out=out_MO)
