@@ -10,11 +10,12 @@ Public API (lazy: importing modelkin does not import torch):
 
 from __future__ import annotations
 
-from modelkin import _torch_env
+from modelkin import _moved, _torch_env
 from modelkin.errors import ModelkinError
 
 # Must run before anything imports torch: a torch-npu without CANN would otherwise break `import torch`.
 _torch_env.prepare()
+_moved.install()
 
 __version__ = "0.1.0"
 __all__ = [

@@ -1,0 +1,69 @@
+"""Old module paths that moved in the 0.2 layout keep importing, with a DeprecationWarning, for one release.
+
+`import modelkin` installs one finder at the end of `sys.meta_path`: a real module always wins, and only
+a name listed here that no longer exists resolves to the module object at its new path (the same object,
+so monkeypatching either name patches both).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+
+# old dotted path -> new dotted path; one block per package, each kept by whoever moves that package.
+
+# tokenizer/ (from runtime/)
+_TOKENIZER: dict[str, str] = {}
+
+
+# synth/ (checkpoint writers, from runtime/ and compare/)
+_SYNTH: dict[str, str] = {}
+
+
+# runtime/ (moe/, parallel/, cpu_kernels)
+_RUNTIME: dict[str, str] = {}
+
+
+# compare/ (stats, behaviour/, report/)
+_COMPARE: dict[str, str] = {}
+
+
+# checkpoint/
+_CHECKPOINT: dict[str, str] = {}
+
+
+MOVED: dict[str, str] = {**_TOKENIZER, **_SYNTH, **_RUNTIME, **_COMPARE, **_CHECKPOINT}
+
+
+class _AliasLoader(importlib.abc.Loader):
+    def __init__(self, new: str):
+        self.new = new
+
+    def create_module(self, spec):
+        module = importlib.import_module(self.new)
+        self._spec = module.__spec__  # the import system stamps the alias spec on it; put the real one back
+        return module
+
+    def exec_module(self, module) -> None:  # the module at the new path is already executed
+        module.__spec__ = self._spec
+
+
+class _MovedFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        new = MOVED.get(fullname)
+        if new is None:
+            return None
+        warnings.warn(
+            f"{fullname} moved to {new}; the old path is removed in the next release",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return importlib.util.spec_from_loader(fullname, _AliasLoader(new))
+
+
+def install() -> None:
+    if not any(isinstance(f, _MovedFinder) for f in sys.meta_path):
+        sys.meta_path.append(_MovedFinder())
