@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from modelkin.compare import variants
+from modelkin.synth import variants
 from modelkin.compare.outputs import OutputCache
 from modelkin.compare.pipeline import compare
 from modelkin.compare.settings import BehaviourSettings

@@ -95,7 +95,7 @@ def test_templates_use_the_immutable_sandbox():
     assert "ImmutableSandboxedEnvironment" in text
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from modelkin.runtime.chat import _environment
+    from modelkin.tokenizer.chat import _environment
 
     assert isinstance(_environment(), ImmutableSandboxedEnvironment)
 
