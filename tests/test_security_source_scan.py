@@ -91,7 +91,7 @@ def test_torch_load_exists_only_with_weights_only():
 
 
 def test_templates_use_the_immutable_sandbox():
-    text = (PACKAGE / "runtime" / "chat.py").read_text()
+    text = (PACKAGE / "tokenizer" / "chat.py").read_text()
     assert "ImmutableSandboxedEnvironment" in text
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 

@@ -8,8 +8,8 @@ import io
 import pytest
 
 from modelkin.errors import TokenizerError
-from modelkin.tokenizer.gguf_vocab import gguf_tokenizer_parts
 from modelkin.tokenizer import Tokenizer, load_tokenizer
+from modelkin.tokenizer.gguf_vocab import gguf_tokenizer_parts
 
 STRINGS = [
     "Hello world",

@@ -17,8 +17,8 @@ from modelkin.cli import main
 from modelkin.compare import fingerprint
 from modelkin.compare.fingerprints.std_curve import compute_std_curves
 from modelkin.compare.fingerprints.weights import ModelWeights
-from modelkin.synth.upcycle import plan, upcycle
 from modelkin.errors import ConfigError, InputError
+from modelkin.synth.upcycle import plan, upcycle
 from tests.ckpt_factory import tiny_llama_state, write_safetensors_checkpoint
 
 CPU = torch.device("cpu")

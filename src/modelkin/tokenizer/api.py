@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from modelkin.errors import InputError, TokenizerError
-from modelkin.tokenizer.chat import PANGU_CHAT_TEMPLATE, ChatTemplate, is_pangu_config
 from modelkin.tokenizer.base import TokenizerParts
+from modelkin.tokenizer.chat import PANGU_CHAT_TEMPLATE, ChatTemplate, is_pangu_config
 
 __all__ = ["Tokenizer", "load_tokenizer"]
 
@@ -164,8 +164,8 @@ def load_tokenizer(source: Any, path: str | Path) -> Tokenizer | None:
     Raises:
         TokenizerError: a tokenizer file exists but is unreadable or inconsistent (names the file).
     """
-    from modelkin.tokenizer.gguf_vocab import gguf_tokenizer_parts
     from modelkin.tokenizer.files import hf_tokenizer_parts, read_json
+    from modelkin.tokenizer.gguf_vocab import gguf_tokenizer_parts
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
