@@ -1,5 +1,5 @@
-"""Writing a tokenizer as HF files: the GGUF byte-level BPE writer keeps ids, BOS/EOS, every EOS and every chat
-template (for modelkin and transformers alike); the file copy takes named chat templates along."""
+"""Writing a tokenizer as HF files: the GGUF byte-level BPE writer keeps ids, BOS/EOS, every EOS and every
+chat template (for modelkin and transformers alike); the file copy takes named chat templates along."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ USER = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def bpe_meta(tmp_path_factory):
-    """GGUF metadata of a gpt2-kind vocabulary (the tiny byte-level BPE), adding BOS and EOS, with an eot id."""
+    """GGUF metadata of a gpt2-kind vocabulary (the tiny byte-level BPE): adds BOS and EOS, has an eot id."""
     folder = tmp_path_factory.mktemp("bpe")
     write_tiny_tokenizer(folder, "bpe", vocab_size=400)
     model = json.loads((folder / "tokenizer.json").read_text())["model"]
@@ -62,7 +62,8 @@ def test_written_gguf_tokenizer_reads_the_same_in_transformers(bpe_meta, tmp_pat
     ours, hf = load_tokenizer(None, tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     for text in TEXTS:
         assert hf(text)["input_ids"] == ours.encode(text), text
-    assert hf.apply_chat_template(USER, tokenize=False, add_generation_prompt=True) == ours.apply_chat_template(USER)
+    rendered = hf.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
+    assert rendered == ours.apply_chat_template(USER)
 
 
 def test_gguf_writer_refuses_what_has_no_tokenizer_json(tmp_path):

@@ -5,7 +5,8 @@ is the upcycle detector, compare/fingerprints/upcycle.py.
 Attention is copied (zero q/k/v/o biases added where the dense model has none); each layer's MLP
 neurons are split at random into E routed experts and one shared expert; the router starts from each
 expert's mean gate row; router_scale is ones; optional Gaussian noise of ``noise`` × each tensor's std.
-Tensor names and config follow docs/pangu-pro-moe.md §1–2. Written to a temporary directory, renamed.
+Tensor names and config are those runtime/models/pangu_moe.py loads. Written to a temporary directory,
+renamed.
 """
 
 from __future__ import annotations
@@ -186,7 +187,9 @@ def _tokenizer(src: TensorSource, dense: Path, out: Path) -> str:
     """Copy (HF dir) or write (GGUF byte-level BPE) the tokenizer; says what was done."""
     if src.format != "gguf":
         copied = copy_tokenizer_files(dense if dense.is_dir() else dense.parent, out)
-        return f"copied {', '.join(copied)}" if copied else "none: the dense checkpoint has no tokenizer files"
+        if not copied:
+            return "none: the dense checkpoint has no tokenizer files"
+        return f"copied {', '.join(copied)}"
     try:
         written = write_gguf_tokenizer(src.metadata(), str(dense), out)
     except TokenizerError as err:

@@ -2,7 +2,8 @@
 templates in a sandbox, and writing a checkpoint's tokenizer as HF files (one file list, one GGUF writer).
 
 Public names (imported lazily so that submodules stay light): ``Tokenizer``, ``load_tokenizer`` (api),
-``write_tiny_tokenizer`` (tiny), ``TOKENIZER_FILES``, ``copy_tokenizer_files``, ``write_gguf_tokenizer`` (write).
+``write_tiny_tokenizer`` (tiny), ``TOKENIZER_FILES``, ``copy_tokenizer_files``, ``write_gguf_tokenizer``
+(write).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def write_gguf_tokenizer(meta: Mapping[str, Any], where: str, outdir: str | Path
         The names of the files written.
 
     Raises:
-        TokenizerError: no vocabulary, or a SentencePiece ('llama') vocabulary, which has no tokenizer.json form.
+        TokenizerError: no vocabulary, or a SentencePiece ('llama') one: no tokenizer.json form here.
     """
     from tokenizers import Tokenizer
 
@@ -70,7 +70,7 @@ def write_gguf_tokenizer(meta: Mapping[str, Any], where: str, outdir: str | Path
     outdir = Path(outdir)
     parts = gguf_tokenizer_parts(meta, where)
     if parts is None:
-        raise TokenizerError(f"{where} carries no tokenizer vocabulary", hint="use a checkpoint with a tokenizer")
+        raise TokenizerError(f"{where} carries no tokenizer vocabulary", hint="use a checkpoint that has one")
     source_tk = getattr(parts.backend, "tk", None)
     if source_tk is None:
         raise TokenizerError(
