@@ -204,7 +204,10 @@ def report(rows: list[dict[str, Any]], methods: tuple[str, ...], print_: Callabl
                 extra = f"  {au:>6} {mg:>8}  {ks:>11}  {row['seconds_per_pair']:.2f}"
             print_(f"{m if label == 'related' else '':<12} {label:<9} " +
                    " ".join(f"{row[label][c]:>12}" for c in CALLS) + extra)
-    for m in EXACT:
+    for m in [x for x in EXACT if x in methods]:
+        twin_p = sorted(_values(rows, m, "p", stratum="seed-only"))
+        print_(f"{m}: seed-twin p-values (sorted): " + " ".join(f"{p:.3f}" for p in twin_p))
+    for m in [x for x in EXACT if x in methods]:
         misses = [f"{r['pair']} ({r['results'][m]['skipped'] or 'p=' + _fmt_p(r['results'][m]['p'])})"
                   for r in rows if r["label"] == "related" and r["results"][m]["call"] != "related"]
         false = [r["pair"] for r in rows if r["label"] == "unrelated" and r["results"][m]["call"] == "related"]
