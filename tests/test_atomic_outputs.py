@@ -124,8 +124,7 @@ ALLOWED = {
     "compare/upcycle_build.py:_tokenizer": "called with the atomic_path(outdir) temporary directory",
     "compare/variants.py:write_tokenizer_files": "called with the atomic_path(outdir) temporary directory",
     "compare/variants.py:_write_gguf_tokenizer": "called by write_tokenizer_files only",
-    "compare/plots.py:_png": "savefig into an in-memory buffer",
-    "compare/fingerprints/plot.py:std_curves_png": "savefig into an in-memory buffer",
+    "inspect/plot.py:figure_png": "savefig into an in-memory buffer",
     "commands/run.py:run": "opens os.devnull",
 }
 

@@ -1,8 +1,10 @@
-"""Compare two models: weight fingerprints with significance, behaviour, one verdict and report.
+"""Compare two models: weight fingerprints (fingerprints/) and behaviour (behaviour/) -> verdict -> report/.
 
-`modelkin.compare(a, b, ...)` is the public function; importing this subpackage makes Python bind the
-name `modelkin.compare` to the package instead, so the package itself is callable and forwards to
-`modelkin.compare.api.compare`.
+`modelkin.compare(a, b, ...)` is the public function, yet `import modelkin.compare.<module>` makes the
+import system bind the attribute `modelkin.compare` to this package (after it runs, so nothing here can
+undo it). The package therefore stays callable, forwarding to `api.compare`; a module instance cannot
+have `__call__`, so its class is set to a ModuleType subclass, the way the language reference documents
+for customising a module (https://docs.python.org/3/reference/datamodel.html#customizing-module-attribute-access).
 """
 
 from __future__ import annotations

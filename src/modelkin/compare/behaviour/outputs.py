@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from modelkin.compare.prompts import Prompt
+from modelkin.compare.behaviour.prompts import Prompt
 from modelkin.compare.settings import BehaviourSettings
 from modelkin.errors import InputError
 
