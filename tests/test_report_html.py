@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from modelkin.compare.api import compare
 from modelkin.compare.report.document import ComparisonReport
 from modelkin.compare.report.html import render_html, render_index
-from modelkin.compare.api import compare
 from modelkin.compare.settings import BehaviourSettings
 from modelkin.runtime.tiny import make_tiny
 

@@ -1,10 +1,9 @@
 """Compare two models: weight fingerprints (fingerprints/) and behaviour (behaviour/) -> verdict -> report/.
 
-`modelkin.compare(a, b, ...)` is the public function, yet `import modelkin.compare.<module>` makes the
-import system bind the attribute `modelkin.compare` to this package (after it runs, so nothing here can
-undo it). The package therefore stays callable, forwarding to `api.compare`; a module instance cannot
-have `__call__`, so its class is set to a ModuleType subclass, the way the language reference documents
-for customising a module (https://docs.python.org/3/reference/datamodel.html#customizing-module-attribute-access).
+The package is callable as `modelkin.compare(a, b, ...)` (-> api.compare): `import modelkin.compare.<x>` binds
+the attribute `modelkin.compare` to this package after it runs, so only a callable package keeps one object
+under that name; a module gets `__call__` only from its class, set below as the language reference documents
+(https://docs.python.org/3/reference/datamodel.html#customizing-module-attribute-access).
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""Statistics of a comparison: surrogate curves, permutation p-values, Fisher, Holm and z-scores for the
-weight fingerprints; a correlation test across texts and a two-sample MMD test (Hamming string kernel,
-Gao, Liang, Guestrin, "Model Equality Testing", ICLR 2025) for behaviour.
-
-Surrogates keep what a smooth per-layer curve has (its power spectrum, and for AAFT its values) and
-destroy everything else (its phases), so "r this high by chance" is judged against curves as smooth.
-"""
+"""Statistics of a comparison: permutation p-values, surrogate curves, Fisher, Holm and z-scores for the
+fingerprints; a correlation test across texts and a two-sample MMD test (Hamming kernel) for behaviour."""
 
 from __future__ import annotations
 
@@ -75,6 +70,8 @@ def _phase_randomise(x: np.ndarray, rng: np.random.Generator, mirror: bool) -> n
 def phase_surrogates(curves: np.ndarray, n: int, rng: np.random.Generator, *, mirror: bool = True) -> np.ndarray:
     """Fourier phase-randomised surrogates of C curves of length L -> array [n, C, L].
 
+    Surrogates keep what a smooth per-layer curve has (its power spectrum) and destroy its phases, so
+    "r this high by chance" is judged against curves as smooth.
     The same random phases are applied to every curve (multivariate surrogates, Prichard & Theiler 1994),
     so the cross-correlations between the C curves are kept along with each curve's power spectrum.
     ``mirror`` randomises the even extension [x, reversed x] and keeps its first half, which avoids the
@@ -183,7 +180,8 @@ def _mmd2_unbiased(k: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def mmd_test(samples_a: Sequence[Sequence[Sequence[int]]], samples_b: Sequence[Sequence[Sequence[int]]], *,
              length: int, permutations: int = 1000, seed: int = 0) -> TestResult:
-    """Two-sample MMD test on continuations grouped by prompt (H0: both models sample alike).
+    """Two-sample MMD test on continuations grouped by prompt (H0: both models sample alike; Gao, Liang,
+    Guestrin, "Model Equality Testing", ICLR 2025).
 
     The kernel on (prompt, continuation) pairs is 1[same prompt] x Hamming kernel, so the statistic is
     the mean over prompts of each prompt's unbiased MMD², and the permutation test shuffles the A/B labels

@@ -122,7 +122,8 @@ class FingerprintReport:
     def from_json(cls, data: dict[str, Any]) -> FingerprintReport:
         """The inverse of ``to_json``."""
         methods = data.get("methods") or {}
-        return cls(a=data.get("a", ""), b=data.get("b", ""), device=data.get("device", ""), seed=data.get("seed", 0),
+        return cls(a=data.get("a", ""), b=data.get("b", ""), device=data.get("device", ""),
+                   seed=data.get("seed", 0),
                    methods={n: MethodResult.from_json(n, m) for n, m in methods.items()},
                    p_holm={n: m["p_holm"] for n, m in methods.items() if m.get("p_holm") is not None},
                    verdict=data.get("verdict", "inconclusive"))

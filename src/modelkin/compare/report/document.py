@@ -55,10 +55,9 @@ class ComparisonReport:
         fp, beh = data.get("fingerprint"), data.get("behaviour")
         fields["fingerprint"] = FingerprintReport.from_json(fp) if fp else None
         fields["behaviour"] = BehaviourResult.from_json(beh) if beh else None
-        for name, empty in (("reasons", []), ("evidence", []), ("models", {}), ("settings", {}), ("timings", {}),
-                            ("rules", [])):
+        for name in ("reasons", "evidence", "rules", "models", "settings", "timings"):
             if fields[name] is None:
-                fields[name] = empty
+                fields[name] = [] if name in ("reasons", "evidence", "rules") else {}
         return cls(**fields)
 
     def save_json(self, path: str | Path) -> None:

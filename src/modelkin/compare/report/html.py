@@ -69,7 +69,8 @@ def _fingerprint_section(report: Any, labels: tuple[str, str]) -> str:
     std = fp.methods.get("std_curve")
     curves = std.details.get("curves") if std is not None else None
     png = std_curves_png(curves["a"]["curves"], curves["b"]["curves"], labels) if curves else None
-    return f"<h2>Weight fingerprints</h2>{table}<h3>Per-layer std curves (HonestAGI)</h3>{_img(png, 'std curves per projection')}"
+    plot = _img(png, "std curves per projection")
+    return f"<h2>Weight fingerprints</h2>{table}<h3>Per-layer std curves (HonestAGI)</h3>{plot}"
 
 
 def _behaviour_section(b: BehaviourResult | None, labels: tuple[str, str]) -> str:

@@ -14,7 +14,8 @@ STYLES = {"a": {"lw": 2.6, "ls": "-", "alpha": 0.55}, "b": {"lw": 1.3, "ls": "--
 
 
 def std_curves_png(curves_a: Mapping[str, Sequence[float]], curves_b: Mapping[str, Sequence[float]],
-                   labels: tuple[str, str], *, r: Mapping[str, float] | None = None, title: str = "") -> bytes | None:
+                   labels: tuple[str, str], *, r: Mapping[str, float] | None = None,
+                   title: str = "") -> bytes | None:
     """Both models' z-scored per-layer std curves overlaid, one panel per projection (q, k, v, o).
 
     ``curves_a``/``curves_b`` map a projection to its per-layer std; depth is drawn as a fraction of the
