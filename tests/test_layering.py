@@ -9,12 +9,13 @@ import modelkin
 
 ROOT = Path(modelkin.__file__).parent
 FORBIDDEN = {
-    "backends": ("runtime", "inspect", "compare", "export", "checkpoint", "cli", "commands"),
-    "checkpoint": ("runtime", "inspect", "compare", "export", "cli", "commands"),
-    "runtime": ("inspect", "compare", "export", "cli", "commands"),
-    "inspect": ("compare", "export", "cli", "commands"),
+    "backends": ("runtime", "inspect", "compare", "export", "checkpoint", "cli", "commands", "synth"),
+    "checkpoint": ("runtime", "inspect", "compare", "export", "cli", "commands", "synth"),
+    "runtime": ("inspect", "compare", "export", "cli", "commands", "synth"),
+    "inspect": ("compare", "export", "cli", "commands", "synth"),
     "compare": ("export", "cli", "commands"),
     "export": ("inspect", "compare", "cli", "commands"),
+    "synth": ("backends", "inspect", "compare", "export", "cli", "commands"),  # runtime, tokenizer, checkpoint
 }
 
 

@@ -408,7 +408,7 @@ def test_stack_experts_round_trip_and_missing_expert() -> None:
 
 
 def test_lazy_stacking_matches_eager_and_rejects_extra_experts() -> None:
-    from modelkin.runtime.loader import LazyTensor
+    from modelkin.checkpoint.lazy import LazyTensor
     from modelkin.runtime.moe_weights import stack_layer_experts, unstack_layer_experts
 
     state = {f"model.layers.1.mlp.{k}": v for k, v in hf_state(CASES["softmax_renorm"]).items()}

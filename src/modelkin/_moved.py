@@ -20,7 +20,10 @@ _TOKENIZER: dict[str, str] = {}
 
 
 # synth/ (checkpoint writers, from runtime/ and compare/)
-_SYNTH: dict[str, str] = {}
+_SYNTH: dict[str, str] = {
+    "modelkin.runtime.tiny": "modelkin.synth.tiny",
+    "modelkin.runtime.tiny_moe": "modelkin.synth.tiny",
+}
 
 
 # runtime/ (moe/, parallel/, cpu_kernels)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from modelkin.errors import ConfigError
-from modelkin.runtime.loader import LazyTensor
+from modelkin.checkpoint.lazy import LazyTensor
 
 SWIGLU_NAMES = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_NAMES = ("w1", "w3", "w2")  # gate, up, down

@@ -1,0 +1,1 @@
+"""Checkpoints modelkin writes: make-tiny, upcycled MoE, demo variants."""
