@@ -264,7 +264,7 @@ def test_dispatch_paths_agree(dtype: torch.dtype, num_tokens: int) -> None:
 
 
 def test_one_row_experts_split_across_intra_op_threads(monkeypatch) -> None:
-    """Decoding (one row per hit expert) on plain weights runs each GEMV as layers.split_gemv over
+    """Decoding (one row per hit expert) on plain weights runs each GEMV as cpu_kernels.split_gemv over
     the intra-op threads, with the same numbers as the per-pair float64 reference."""
     from modelkin.runtime import moe_cpu
 

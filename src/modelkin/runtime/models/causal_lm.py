@@ -68,7 +68,7 @@ def same_names(tensors: Tensors, args: Any) -> Tensors:
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Tiny:
     """An architecture's make-tiny entry (written by synth/tiny.py): config.json as its real
-    checkpoints spell it, and the kind of tiny tokenizer (runtime/tokenizer_tiny.py) to write."""
+    checkpoints spell it, and the kind of tiny tokenizer ('bpe', 'sentencepiece', 'pangu') to write."""
 
     config: dict[str, Any]
     tokenizer: str
