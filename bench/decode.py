@@ -178,8 +178,10 @@ def tiny_moe_lm_head(args: argparse.Namespace) -> None:
             rates[name].append(run(args.tokens))
         print(f"repeat {repeat + 1}: " + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()), flush=True)
     median = {name: statistics.median(r) for name, r in rates.items()}
-    print(f"\ntiny qwen3_moe decode tok/s, batch 1, float32, {args.threads} threads, {args.tokens} tokens, "
-          f"median of {args.repeats}; load average {os.getloadavg()[0]:.2f}:")
+    print(
+        f"\ntiny qwen3_moe decode tok/s, batch 1, float32, {args.threads} threads, {args.tokens} tokens, "
+        f"median of {args.repeats}; load average {os.getloadavg()[0]:.2f}:"
+    )
     for name, value in median.items():
         print(f"  lm_head {name:20s} {value:8.1f} tok/s")
     print(f"  cpu_kernels.Linear / nn.Linear = {median['cpu_kernels.Linear'] / median['nn.Linear']:.2f}x")
