@@ -14,7 +14,7 @@ from modelkin.compare.api import compare
 from modelkin.compare.report.document import ComparisonReport
 from modelkin.compare.report.html import render_html, render_index
 from modelkin.compare.settings import BehaviourSettings
-from modelkin.runtime.tiny import make_tiny
+from modelkin.synth.tiny import make_tiny
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -361,7 +361,7 @@ def load(
     """
     from modelkin.backends import get_backend
     from modelkin.checkpoint import open_checkpoint
-    from modelkin.runtime.layers import prefer_gemv_layout
+    from modelkin.runtime.cpu_kernels import prefer_gemv_layout
     from modelkin.runtime.loader import load_model
     from modelkin.tokenizer import load_tokenizer
 
