@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modelkin.compare import significance as sig
+from modelkin.compare import stats as sig
 from modelkin.compare.fingerprints.align import ResidualAlignment, fit_alignment
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.weights import ModelWeights, pick_layers
