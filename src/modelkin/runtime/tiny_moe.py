@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from modelkin.runtime.moe_weights import unstack_layer_experts
+from modelkin.runtime.moe.weights import unstack_layer_experts
 
 Tensors = dict[str, torch.Tensor]
 

@@ -19,7 +19,7 @@ from modelkin.runtime.kv_cache import KVCache
 from modelkin.runtime.layers import Attention, DecoderLayer, DecoderStack
 from modelkin.runtime.loader import StateDict, drop_rotary_buffers
 from modelkin.runtime.moe import Router, RouterPolicy, SparseMoeBlock, StackedExperts
-from modelkin.runtime.moe_weights import MIXTRAL_NAMES, stack_layer_experts
+from modelkin.runtime.moe.weights import MIXTRAL_NAMES, stack_layer_experts
 
 CHECKPOINT_BLOCK = ".block_sparse_moe."
 
@@ -89,7 +89,7 @@ def remap_weights(state: StateDict) -> StateDict:
 
 def to_checkpoint(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of ``remap_weights`` for real tensors (used by make-tiny)."""
-    from modelkin.runtime.moe_weights import unstack_layer_experts
+    from modelkin.runtime.moe.weights import unstack_layer_experts
 
     split = unstack_layer_experts(tensors, names=MIXTRAL_NAMES)
     return {k.replace(".mlp.", CHECKPOINT_BLOCK): v for k, v in split.items()}

@@ -22,7 +22,7 @@ from modelkin.runtime.kv_cache import KVCache
 from modelkin.runtime.layers import MLP, Attention, DecoderLayer, DecoderStack
 from modelkin.runtime.loader import LazyTensor, StateDict, drop_rotary_buffers
 from modelkin.runtime.moe import Router, RouterPolicy, SparseMoeBlock, StackedExperts
-from modelkin.runtime.moe_weights import stack_layer_experts
+from modelkin.runtime.moe.weights import stack_layer_experts
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,7 +140,7 @@ def _flatten(t: LazyTensor) -> LazyTensor:
 
 def to_checkpoint(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of ``remap_weights`` for real tensors: per-expert names, router_scale [1, E]."""
-    from modelkin.runtime.moe_weights import unstack_layer_experts
+    from modelkin.runtime.moe.weights import unstack_layer_experts
 
     out = unstack_layer_experts(tensors)
     for name in [k for k in out if k.endswith(".mlp.router_scale")]:

@@ -20,7 +20,7 @@ from modelkin.runtime.kv_cache import KVCache
 from modelkin.runtime.layers import MLP, Attention, DecoderLayer, DecoderStack
 from modelkin.runtime.loader import StateDict, drop_rotary_buffers
 from modelkin.runtime.moe import Router, RouterPolicy, SparseMoeBlock, StackedExperts
-from modelkin.runtime.moe_weights import stack_layer_experts
+from modelkin.runtime.moe.weights import stack_layer_experts
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
