@@ -13,7 +13,7 @@ from modelkin.backends.base import Backend
 from modelkin.checkpoint import open_checkpoint
 from modelkin.cli import main as cli_main
 from modelkin.errors import DeviceError, InputError
-from modelkin.runtime.memory_plan import fitting_tp, parse_bytes, plan_memory, refuse
+from modelkin.runtime.parallel.memory_plan import fitting_tp, parse_bytes, plan_memory, refuse
 
 
 class FakeGPU(Backend):
