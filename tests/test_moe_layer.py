@@ -444,3 +444,32 @@ def test_auto_runs_prepacked_experts_in_the_loop_unless_the_cpu_is_oversubscribe
     finally:
         torch.set_num_threads(before)
     assert bool(calls) == busy
+
+
+def test_plan_follows_its_rule_table(monkeypatch) -> None:
+    """dispatch.plan row by row on CPU: grad, one thread, oversubscribed, packed, few vs many hit experts."""
+    from modelkin.runtime.moe import dispatch
+
+    Impl = dispatch.ExpertsImpl
+
+    gate_up = torch.randn(32, 2 * F_, D, dtype=torch.bfloat16)
+    packed = PackedExperts(gate_up, torch.randn(32, D, F_, dtype=torch.bfloat16))
+    x = torch.randn(8, D, dtype=torch.bfloat16)
+    few = torch.arange(16).view(8, 2)  # 16 hit experts
+    many = torch.arange(32).view(8, 4)  # 32 hit experts
+
+    def runner(ids, *, busy=False, threads=2, use_packed=False, impl=Impl.AUTO, x=x):
+        monkeypatch.setattr(dispatch, "oversubscribed", lambda: busy)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        how = dispatch.plan(impl, x, ids, gate_up, packed_weights=lambda: packed if use_packed else None)
+        return how.runner, how.packed is not None, len(how.spans or [])
+
+    assert runner(many, threads=1) == (Impl.LOOP, False, 32)
+    assert runner(many, busy=True, use_packed=True) == (Impl.THREADS, True, 32)
+    assert runner(few, use_packed=True) == (Impl.LOOP, True, 16)
+    assert runner(few) == (Impl.LOOP, False, 16)
+    assert runner(many) == (Impl.THREADS, False, 32)
+    with torch.enable_grad():
+        assert runner(many, use_packed=True, x=x.clone().requires_grad_()) == (Impl.LOOP, False, 32)
+    assert runner(many, impl=Impl.LOOP, busy=True) == (Impl.LOOP, False, 32)  # explicit runners run as asked
+    assert runner(many, impl=Impl.GROUPED_MM) == (Impl.GROUPED_MM, False, 0)  # no host sync: no spans
