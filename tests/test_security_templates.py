@@ -10,7 +10,7 @@ import pytest
 
 import modelkin
 from modelkin.errors import TokenizerError
-from modelkin.runtime.tokenizer import load_tokenizer, write_tiny_tokenizer
+from modelkin.tokenizer import load_tokenizer, write_tiny_tokenizer
 from tests.conftest import run_cli
 from tests.fuzz.harness import run_case
 

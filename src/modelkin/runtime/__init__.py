@@ -1,6 +1,6 @@
 """Inference: load a checkpoint into an architecture's module and run, generate or score with it.
 
-Public names (imported lazily so that submodules such as ``runtime.tokenizer`` stay light):
+Public names (imported lazily so that submodules such as ``runtime.sampling`` stay light):
 ``load``, ``Model``, ``GenerationResult``, ``ScoreResult`` (api), ``make_tiny`` (tiny).
 """
 

@@ -380,7 +380,7 @@ def load_source(
     from the open ``source``, add the tokenizer. One process is the 1 × 1 layout."""
     from modelkin.runtime.layers import prefer_gemv_layout
     from modelkin.runtime.parallel.shard import build, read_weights
-    from modelkin.runtime.tokenizer import load_tokenizer
+    from modelkin.tokenizer import load_tokenizer
 
     shard = shard or build(source, ctx=parallel)
     main = parallel is None or parallel.is_main

@@ -186,7 +186,7 @@ def make_tiny(
     with atomic_path(outdir) as tmp:
         tmp.mkdir(parents=True)
         if tokenizer and spec.tokenizer:
-            from modelkin.runtime.tokenizer import write_tiny_tokenizer
+            from modelkin.tokenizer import write_tiny_tokenizer
 
             # a real trained tokenizer whose ids stay below the config's vocab_size
             write_tiny_tokenizer(tmp, spec.tokenizer, vocab_size=config["vocab_size"])
