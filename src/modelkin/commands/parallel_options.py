@@ -48,22 +48,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class RunPlan:
-    """What `modelkin run` decided before reading any weight (made by `plan`; `args` stay as parsed).
+    """What `modelkin run` decided before reading any weight (`start`, then `plan`; `args` stay as parsed).
 
     Attributes:
         backend: this rank's Backend (cuda:LOCAL_RANK, npu:LOCAL_RANK under torchrun).
-        dtype: the weights' dtype.
+        dtype: the weights' dtype (None until `plan`).
         shard: this rank's model on the meta device, for `runtime.api.load_source` to fill.
-        memory: the memory plan the run passed.
+        memory: the memory plan the run passed (None until `plan`).
         ctx: the process group of a multi-process run, else None.
         started: this run started the process group, so `close` ends it.
         seed: the sampling seed (under torchrun with sampling and no --seed: rank 0's, on every rank).
     """
 
     backend: Any
-    dtype: torch.dtype
-    shard: Any
-    memory: Any
+    dtype: torch.dtype | None
+    shard: Any = None
+    memory: Any = None
     ctx: Any = None
     started: bool = False
     seed: int | None = None
@@ -112,43 +112,69 @@ def dry_run(args: argparse.Namespace, backend: Any) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     with open_checkpoint(args.model) as source:
-        memory = plan_memory(source, backend=backend, dtype=backend.resolve_dtype(args.dtype), tp=tp, ep=ep,
-                             memory_limit=args.memory_limit, **_lengths(args))
+        memory = plan_memory(
+            source,
+            backend=backend,
+            dtype=backend.resolve_dtype(args.dtype),
+            tp=tp,
+            ep=ep,
+            memory_limit=args.memory_limit,
+            **_lengths(args),
+        )
     print(memory.render(), file=sys.stderr if common.json_to_stdout(args) else sys.stdout)
     common.emit_json(args, {"memory_plan": memory.to_json()})
 
 
-def plan(args: argparse.Namespace, source: Any, backend: Any) -> RunPlan:
-    """Join the process group (when launched by torchrun or asked for tp/ep > 1), build this rank's
-    model on the meta device and check that every rank's plan fits.
+def start(args: argparse.Namespace, backend: Any) -> RunPlan:
+    """Join the process group when launched by torchrun (or asked for tp/ep > 1); `plan` completes
+    the RunPlan. The caller closes it.
 
     Raises:
-        InputError: tp × ep differs from the processes launched, or a bad --memory-limit.
-        DeviceError: the plan does not fit (rank 0 prints the plan and writes it to --json first).
+        InputError: tp × ep differs from the processes launched.
     """
     import torch.distributed as dist
 
     from modelkin.runtime.parallel import init_distributed
-    from modelkin.runtime.parallel.memory_plan import plan_shard
-    from modelkin.runtime.parallel.shard import build
 
     started = not dist.is_initialized()
     ctx = init_distributed(backend, tp=args.tp, ep=args.ep)
     distributed = ctx.layout.world_size > 1
-    run = RunPlan(backend=ctx.backend, dtype=ctx.backend.resolve_dtype(args.dtype), shard=None, memory=None,
-                  ctx=ctx if distributed else None, started=started and distributed, seed=args.seed)
-    try:
-        shard = build(source, ctx=ctx)
-        memory = plan_shard(source, shard, backend=run.backend, dtype=run.dtype, memory_limit=args.memory_limit,
-                            gather=ctx.all_gather_object if distributed else None, **_lengths(args))
-        if not memory.fits:
-            _refuse(args, source, run, memory)
-        seed = args.seed
-        if distributed and args.temperature > 0 and seed is None:  # every rank must draw the same tokens
-            seed = ctx.broadcast_object(secrets.randbits(31))
-    except BaseException:
-        run.close()
-        raise
+    return RunPlan(
+        backend=ctx.backend,
+        dtype=None,
+        ctx=ctx if distributed else None,
+        started=started and distributed,
+        seed=args.seed,
+    )
+
+
+def plan(args: argparse.Namespace, source: Any, run: RunPlan) -> RunPlan:
+    """`run` completed for the open checkpoint: this rank's model built on the meta device, the
+    memory plan of every rank checked, the sampling seed agreed.
+
+    Raises:
+        InputError: a bad --memory-limit or --dtype.
+        DeviceError: the plan does not fit (rank 0 prints the plan and writes it to --json first).
+    """
+    from modelkin.runtime.parallel.memory_plan import plan_shard
+    from modelkin.runtime.parallel.shard import build
+
+    run = dataclasses.replace(run, dtype=run.backend.resolve_dtype(args.dtype))
+    shard = build(source, ctx=run.ctx)
+    memory = plan_shard(
+        source,
+        shard,
+        backend=run.backend,
+        dtype=run.dtype,
+        memory_limit=args.memory_limit,
+        gather=run.ctx.all_gather_object if run.ctx else None,
+        **_lengths(args),
+    )
+    if not memory.fits:
+        _refuse(args, source, run, memory)
+    seed = run.seed
+    if run.ctx is not None and args.temperature > 0 and seed is None:  # every rank draws the same tokens
+        seed = run.ctx.broadcast_object(secrets.randbits(31))
     return dataclasses.replace(run, shard=shard, memory=memory, seed=seed)
 
 

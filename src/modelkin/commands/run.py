@@ -64,15 +64,17 @@ def run(args: argparse.Namespace) -> int:
     from modelkin.runtime.api import load_source
 
     with contextlib.ExitStack() as stack:
+        plan = parallel_options.start(args, backend)
+        stack.callback(plan.close)
         with open_checkpoint(args.model) as source:
-            plan = parallel_options.plan(args, source, backend)
-            stack.callback(plan.close)
+            plan = parallel_options.plan(args, source, plan)
             if not plan.is_main:  # under torchrun only rank 0 prints and writes
                 null = stack.enter_context(open(os.devnull, "w"))
                 stack.enter_context(contextlib.redirect_stdout(null))
                 stack.enter_context(contextlib.redirect_stderr(null))
             model = load_source(
-                source, args.model, backend=plan.backend, dtype=plan.dtype, parallel=plan.ctx, shard=plan.shard
+                source, args.model, backend=plan.backend, dtype=plan.dtype, parallel=plan.ctx,
+                shard=plan.shard,
             )
         return _generate(args, model, seed=plan.seed, parallel=plan.describe(), write_json=plan.is_main)
 

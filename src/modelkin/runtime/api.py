@@ -358,11 +358,13 @@ def load(
     from modelkin.backends import get_backend
     from modelkin.checkpoint import open_checkpoint
 
-    backend = parallel.backend if parallel is not None else get_backend(device, allow_fallback=allow_fallback)
+    if parallel is not None:
+        backend = parallel.backend
+    else:
+        backend = get_backend(device, allow_fallback=allow_fallback)
+    torch_dtype = backend.resolve_dtype(dtype)
     with open_checkpoint(path) as source:
-        return load_source(
-            source, path, backend=backend, dtype=backend.resolve_dtype(dtype), parallel=parallel, progress=progress
-        )
+        return load_source(source, path, backend=backend, dtype=torch_dtype, parallel=parallel, progress=progress)
 
 
 def load_source(
@@ -383,8 +385,9 @@ def load_source(
     from modelkin.tokenizer import load_tokenizer
 
     shard = shard or build(source, ctx=parallel)
-    main = parallel is None or parallel.is_main
-    module = read_weights(source, shard, device=backend.device, dtype=dtype, progress=progress if main else False)
+    if parallel is not None and not parallel.is_main:
+        progress = False  # rank 0 alone shows the bar
+    module = read_weights(source, shard, device=backend.device, dtype=dtype, progress=progress)
     if shard.layout.world_size == 1 and backend.name == "cpu" and dtype == torch.float32:
         prefer_gemv_layout(module)
     return Model(

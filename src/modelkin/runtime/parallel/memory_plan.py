@@ -135,7 +135,8 @@ class MemoryPlan:
         for r in self.ranks:
             rows.append(
                 f"{r.rank:>4}  {human_bytes(r.weights):>10}  {human_bytes(r.kv_cache):>10}  "
-                f"{human_bytes(r.activations):>11}  {human_bytes(r.load_buffer):>10}  {human_bytes(r.total):>10}"
+                f"{human_bytes(r.activations):>11}  {human_bytes(r.load_buffer):>10}  "
+                f"{human_bytes(r.total):>10}"
             )
         scope = "all ranks on this host" if self.shared_host else "largest rank, per device"
         verdict = "fits" if self.fits else "does NOT fit"
@@ -176,8 +177,8 @@ def plan_memory(
         ConfigError, UnsupportedArchitectureError: the layout cannot split this model.
     """
     shards = [build(source, layout) for layout in Layout(tp, ep).ranks()]
-    ranks = [rank_plan(source, s, dtype=dtype, batch_size=batch_size, max_len=max_len, prompt_len=prompt_len)
-             for s in shards]
+    lengths = {"batch_size": batch_size, "max_len": max_len, "prompt_len": prompt_len}
+    ranks = [rank_plan(source, s, dtype=dtype, **lengths) for s in shards]
     available = available or available_memory(backend, memory_limit)
     return _memory_plan(source, shards[0], ranks, backend, dtype, batch_size, max_len, available)
 
@@ -199,7 +200,8 @@ def plan_shard(
     RankPlans and the free memory every rank sees, so that all ranks take the same decision (the
     smallest free memory counts). Arguments as `plan_memory`.
     """
-    mine = rank_plan(source, shard, dtype=dtype, batch_size=batch_size, max_len=max_len, prompt_len=prompt_len)
+    lengths = {"batch_size": batch_size, "max_len": max_len, "prompt_len": prompt_len}
+    mine = rank_plan(source, shard, dtype=dtype, **lengths)
     seen = [(mine, available_memory(backend, memory_limit))]
     if gather is not None:
         seen = gather(seen[0])
