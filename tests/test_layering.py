@@ -16,7 +16,7 @@ FORBIDDEN = {
     "tokenizer": ("runtime", "inspect", "compare", "export", "synth", "cli", "commands"),
     "runtime": ("inspect", "compare", "export", "synth", "cli", "commands"),
     "synth": ("inspect", "compare", "export", "cli", "commands"),
-    "inspect": ("compare", "export", "cli", "commands"),
+    "inspect": ("compare", "export", "synth", "cli", "commands"),
     "compare": ("export", "cli", "commands"),
     "export": ("inspect", "compare", "cli", "commands"),
 }

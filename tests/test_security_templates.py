@@ -91,7 +91,7 @@ def test_benign_template_still_renders_exactly(tmp_path):
 
 @pytest.fixture(scope="module")
 def evil_model(tmp_path_factory):
-    from modelkin.runtime.tiny import make_tiny
+    from modelkin.synth.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("evil_template")
     marker = root / "PWNED"

@@ -33,6 +33,8 @@ _TOKENIZER: dict[str, str] = {
 _SYNTH: dict[str, str] = {
     "modelkin.compare.upcycle_build": "modelkin.synth.upcycle",
     "modelkin.compare.variants": "modelkin.synth.variants",
+    "modelkin.runtime.tiny": "modelkin.synth.tiny",
+    "modelkin.runtime.tiny_moe": "modelkin.synth.tiny",
 }
 
 

@@ -380,7 +380,7 @@ def load_source(
     """The one way a Model is made: build this rank's model on the meta device (unless ``shard``,
     a `runtime.parallel.shard.Shard`, was built already, e.g. to plan memory), read its weights
     from the open ``source``, add the tokenizer. One process is the 1 × 1 layout."""
-    from modelkin.runtime.layers import prefer_gemv_layout
+    from modelkin.runtime.cpu_kernels import prefer_gemv_layout
     from modelkin.runtime.parallel.shard import build, read_weights
     from modelkin.tokenizer import load_tokenizer
 

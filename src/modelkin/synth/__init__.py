@@ -1,3 +1,3 @@
-"""Checkpoints modelkin writes: MoGE models upcycled from dense ones (upcycle) and controlled relatives of a
-dense model for the demo and tests (variants). Writers only: nothing here reads a model to compare it.
+"""Checkpoints modelkin writes: make-tiny checkpoints (tiny), MoGE models upcycled from dense ones (upcycle) and
+controlled relatives of a dense model for the demo and tests (variants). Writers only: nothing here compares.
 """
