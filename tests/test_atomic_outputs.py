@@ -123,8 +123,7 @@ ALLOWED = {
     "tokenizer/write.py:copy_tokenizer_files": "synth and export/assets pass an atomic_path temporary directory",
     "tokenizer/write.py:write_gguf_tokenizer": "synth passes the atomic_path(outdir) temporary directory",
     "tokenizer/write.py:_write_json": "called by write_gguf_tokenizer only",
-    "compare/plots.py:_png": "savefig into an in-memory buffer",
-    "compare/fingerprints/plot.py:std_curves_png": "savefig into an in-memory buffer",
+    "inspect/plot.py:figure_png": "savefig into an in-memory buffer",
     "commands/run.py:run": "opens os.devnull",
 }
 

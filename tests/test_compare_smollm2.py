@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from modelkin.compare.outputs import OutputCache
-from modelkin.compare.pipeline import compare
+from modelkin.compare.api import compare
+from modelkin.compare.behaviour.outputs import OutputCache
 from modelkin.compare.settings import BehaviourSettings
 from modelkin.synth import variants
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from modelkin.compare.pipeline import compare, resolve_prompts
-from modelkin.compare.prompts import CATEGORIES, builtin_prompts, load_prompts, select_prompts
+from modelkin.compare.api import compare, resolve_prompts
+from modelkin.compare.behaviour.prompts import CATEGORIES, builtin_prompts, load_prompts, select_prompts
 from modelkin.compare.settings import BehaviourSettings
 from modelkin.errors import InputError
 from modelkin.synth.tiny import make_tiny

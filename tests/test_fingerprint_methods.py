@@ -12,7 +12,7 @@ import torch
 
 from modelkin.checkpoint import open_checkpoint
 from modelkin.compare import fingerprint
-from modelkin.compare import significance as sig
+from modelkin.compare import stats as sig
 from modelkin.compare.fingerprints import heads, spectral, std_curve
 from modelkin.compare.fingerprints.invariants import layer_terms
 from modelkin.compare.fingerprints.result import MethodResult, call_for

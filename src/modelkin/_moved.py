@@ -51,7 +51,18 @@ _RUNTIME: dict[str, str] = {
 
 
 # compare/ (stats, behaviour/, report/)
-_COMPARE: dict[str, str] = {}
+_COMPARE: dict[str, str] = {
+    "modelkin.compare.pipeline": "modelkin.compare.api",
+    "modelkin.compare.significance": "modelkin.compare.stats",
+    "modelkin.compare.stattests": "modelkin.compare.stats",
+    "modelkin.compare.prompts": "modelkin.compare.behaviour.prompts",
+    "modelkin.compare.outputs": "modelkin.compare.behaviour.outputs",
+    "modelkin.compare.routing": "modelkin.compare.behaviour.routing",
+    "modelkin.compare.html": "modelkin.compare.report.html",
+    "modelkin.compare.plots": "modelkin.compare.report.plots",
+    "modelkin.compare.fingerprints.plot": "modelkin.compare.report.plots",
+    # modelkin.compare.behaviour and modelkin.compare.report are packages now, re-exporting the old names
+}
 
 
 # checkpoint/

@@ -76,9 +76,14 @@ def run(args: argparse.Namespace) -> int:
 
             save_curves([ca, cb], args.save_curves)
         if args.plot:
-            from modelkin.compare.fingerprints.plot import write_std_curves_plot
+            from modelkin.compare.report.plots import std_curves_png
+            from modelkin.utils import atomic_write_bytes
 
-            write_std_curves_plot(ca, cb, args.plot, r=r, title=f"std curves: {ca.label} vs {cb.label}")
+            png = std_curves_png(ca.curves, cb.curves, (ca.label, cb.label), r=r,
+                                 title=f"std curves: {ca.label} vs {cb.label}")
+            if png is None:
+                raise InputError("--plot: the two models share no attention projection to draw")
+            atomic_write_bytes(args.plot, png)
     common.emit_json(args, report.to_json())
     _table(report, console)
     return 0

@@ -23,7 +23,9 @@ import dataclasses
 import math
 from typing import Any
 
-from modelkin.compare.significance import holm_bonferroni
+from modelkin.compare.behaviour.result import BehaviourResult
+from modelkin.compare.fingerprints.result import FingerprintReport
+from modelkin.compare.stats import holm_bonferroni
 
 ALPHA = 0.01
 NULL_FLOOR = 0.05
@@ -59,18 +61,16 @@ class Verdict:
         return dataclasses.asdict(self)
 
 
-def weight_evidence(fingerprint: dict[str, Any] | None) -> list[dict[str, Any]]:
+def weight_evidence(fingerprint: FingerprintReport | None) -> list[dict[str, Any]]:
     """Per fingerprint method: score, raw p, Holm-adjusted p and whether it rejects independence (R1)."""
-    methods = (fingerprint or {}).get("methods") or {}
     rows = []
-    for name, m in methods.items():
-        p = m.get("p_value") if isinstance(m, dict) else None
-        row = {"method": name, "score": m.get("score") if isinstance(m, dict) else None, "p_value": None,
-               "p_holm": None, "significant": False}
+    for name, m in (fingerprint.methods if fingerprint is not None else {}).items():
+        p = m.p_value
+        row = {"method": name, "score": m.score, "p_value": None, "p_holm": None, "significant": False}
         if isinstance(p, (int, float)) and math.isfinite(p):
             row["p_value"] = float(p)
         else:
-            row["note"] = (m.get("skipped") or "no p-value") if isinstance(m, dict) else "no result"
+            row["note"] = m.skipped or "no p-value"
         rows.append(row)
     tested = [r for r in rows if r["p_value"] is not None]
     for r, adj in zip(tested, holm_bonferroni([r["p_value"] for r in tested])):
@@ -83,27 +83,27 @@ def _fmt(p: float | None) -> str:
     return "n/a" if p is None else (f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}")
 
 
-def functionally_identical(b: dict[str, Any] | None) -> bool:
-    """R2 on a behaviour dict."""
-    if not b or not b.get("same_tokenizer"):
+def functionally_identical(b: BehaviourResult | None) -> bool:
+    """R2 on a behaviour result."""
+    if b is None or not b.same_tokenizer:
         return False
-    js, top1, greedy = b.get("js_divergence"), b.get("top1_agreement"), b.get("greedy_token_agreement")
+    js, top1, greedy = b.js_divergence, b.top1_agreement, b.greedy_token_agreement
     if js is None or top1 is None:
         return False
     return js <= JS_IDENTICAL and top1 >= TOP1_IDENTICAL and (greedy is None or greedy >= GREEDY_IDENTICAL)
 
 
-def _close(b: dict[str, Any]) -> bool:
-    top1, sim = b.get("top1_agreement"), b.get("greedy_text_similarity")
+def _close(b: BehaviourResult) -> bool:
+    top1, sim = b.top1_agreement, b.greedy_text_similarity
     return (top1 is not None and top1 >= CLOSE) or (sim is not None and sim >= CLOSE)
 
 
-def _distinguishable(b: dict[str, Any]) -> str | None:
+def _distinguishable(b: BehaviourResult) -> str | None:
     """Why behaviour shows the models differ, or None (R5)."""
-    mmd = b.get("mmd") or {}
+    mmd = b.mmd or {}
     if mmd.get("p_value") is not None and mmd["p_value"] < NULL_FLOOR:
         return f"the MMD test rejects equal sampling distributions (p={_fmt(mmd['p_value'])})"
-    top1, sim = b.get("top1_agreement"), b.get("greedy_text_similarity")
+    top1, sim = b.top1_agreement, b.greedy_text_similarity
     if top1 is not None and top1 < DIFFERENT:
         return f"top-1 agreement is only {top1:.2f}"
     if sim is not None and sim < DIFFERENT:
@@ -111,18 +111,18 @@ def _distinguishable(b: dict[str, Any]) -> str | None:
     return None
 
 
-def decide(fingerprint: dict[str, Any] | None, behaviour: dict[str, Any] | None,
+def decide(fingerprint: FingerprintReport | None, behaviour: BehaviourResult | None,
            *, fingerprint_error: str | None = None) -> Verdict:
-    """Apply R1-R7 to a fingerprint report's JSON and a behaviour dict (either may be None)."""
+    """Apply R1-R7 to a fingerprint report and a behaviour result (either may be None)."""
     evidence = weight_evidence(fingerprint)
     tested = [e for e in evidence if e["p_value"] is not None]
     significant = [e for e in tested if e["significant"]]
     reasons = [_weights_summary(tested, significant, fingerprint_error)]
     if behaviour:
         reasons.append(_behaviour_summary(behaviour))
-        if behaviour.get("bpb_correlation") is not None:
-            reasons.append(f"R6: bits-per-byte correlation r={behaviour['bpb_correlation']:.3f} "
-                           f"(p={_fmt(behaviour.get('bpb_p_value'))}) is context only, not evidence")
+        if behaviour.bpb_correlation is not None:
+            reasons.append(f"R6: bits-per-byte correlation r={behaviour.bpb_correlation:.3f} "
+                           f"(p={_fmt(behaviour.bpb_p_value)}) is context only, not evidence")
     else:
         reasons.append("behaviour was not compared")
 
@@ -145,7 +145,7 @@ def decide(fingerprint: dict[str, Any] | None, behaviour: dict[str, Any] | None,
     return _unrelated_or_not(tested, behaviour, reasons, evidence)
 
 
-def _unrelated_or_not(tested: list[dict[str, Any]], behaviour: dict[str, Any] | None, reasons: list[str],
+def _unrelated_or_not(tested: list[dict[str, Any]], behaviour: BehaviourResult | None, reasons: list[str],
                       evidence: list[dict[str, Any]]) -> Verdict:
     low = [e for e in tested if e["p_value"] < NULL_FLOOR]
     missing = []
@@ -176,17 +176,17 @@ def _weights_summary(tested: list[dict[str, Any]], significant: list[dict[str, A
     return f"weights: {len(significant)}/{len(tested)} methods significant at {ALPHA}: " + ", ".join(parts)
 
 
-def _behaviour_summary(b: dict[str, Any]) -> str:
+def _behaviour_summary(b: BehaviourResult) -> str:
     parts = []
-    if b.get("js_divergence") is not None:
-        parts.append(f"JS={b['js_divergence']:.3g} bits")
-    if b.get("top1_agreement") is not None:
-        parts.append(f"top-1 agreement={b['top1_agreement']:.3f}")
-    if b.get("greedy_text_similarity") is not None:
-        parts.append(f"greedy text similarity={b['greedy_text_similarity']:.3f}")
-    mmd = b.get("mmd") or {}
+    if b.js_divergence is not None:
+        parts.append(f"JS={b.js_divergence:.3g} bits")
+    if b.top1_agreement is not None:
+        parts.append(f"top-1 agreement={b.top1_agreement:.3f}")
+    if b.greedy_text_similarity is not None:
+        parts.append(f"greedy text similarity={b.greedy_text_similarity:.3f}")
+    mmd = b.mmd or {}
     if mmd.get("p_value") is not None:
         parts.append(f"MMD p={_fmt(mmd['p_value'])}")
-    if not b.get("same_tokenizer"):
-        parts.append(f"token-level metrics skipped: {b.get('tokenizer_note')}")
+    if not b.same_tokenizer:
+        parts.append(f"token-level metrics skipped: {b.tokenizer_note}")
     return "behaviour: " + (", ".join(parts) if parts else "no metric available")

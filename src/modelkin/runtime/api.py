@@ -56,6 +56,17 @@ class ScoreResult:
         return dataclasses.asdict(self)
 
 
+def score_logprobs(logprobs: torch.Tensor, ids: Sequence[int], text: str) -> ScoreResult:
+    """Score ``text`` from its log-softmax rows [len(ids), V]: row i predicts ids[i + 1] (used by Model.score
+    and by compare's behaviour pass, so bits per byte has one definition)."""
+    target = torch.tensor(list(ids[1:]), device=logprobs.device)[:, None]
+    values = logprobs[:-1].gather(-1, target)[:, 0].double().cpu().tolist()
+    nll = -math.fsum(values)
+    n_bytes = len(text.encode("utf-8"))
+    return ScoreResult(tokens=list(ids[1:]), logprobs=values, nll=nll, n_bytes=n_bytes,
+                       bits_per_byte=nll / math.log(2) / n_bytes)
+
+
 class Model:
     """A loaded causal LM on one backend, with its tokenizer (None when the checkpoint has none).
 
@@ -252,20 +263,7 @@ class Model:
             raise InputError(
                 f"text encodes to {len(ids)} token(s); scoring needs at least 2", hint="score a longer text"
             )
-        logits = self.logits([ids])[0, :-1]
-        logprobs_T = logits.log_softmax(dim=-1).gather(
-            -1, torch.tensor(ids[1:], device=logits.device)[:, None]
-        )
-        values = logprobs_T[:, 0].double().cpu().tolist()
-        nll = -math.fsum(values)
-        n_bytes = len(text.encode("utf-8"))
-        return ScoreResult(
-            tokens=ids[1:],
-            logprobs=values,
-            nll=nll,
-            n_bytes=n_bytes,
-            bits_per_byte=nll / math.log(2) / n_bytes,
-        )
+        return score_logprobs(self.logits([ids])[0].log_softmax(dim=-1), ids, text)
 
     def routing(self) -> dict[str, Any] | None:
         """MoE routing telemetry of the latest generation call (``RoutingTelemetry.to_json()``), or

@@ -14,7 +14,7 @@ import re
 import numpy as np
 import torch
 
-from modelkin.compare import significance as sig
+import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.heads import repeat_kv
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.weights import ATTENTION_ROLES, ModelWeights, vocab_strings

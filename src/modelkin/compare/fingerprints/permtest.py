@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from modelkin.compare import significance as sig
+import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.unitmatch import Split, cross_moment, relabelled, unit_features
 from modelkin.compare.fingerprints.weights import ModelWeights, pick_layers

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelkin.compare.stats import holm_bonferroni
+
 RELATED_P = 0.01
 UNRELATED_P = 0.05
 CALL_RULE = (f"related if p < {RELATED_P}; unrelated if p >= {UNRELATED_P}; inconclusive in between; "
@@ -72,6 +74,13 @@ class MethodResult:
         out.update(self.details)
         return out
 
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> MethodResult:
+        """The inverse of ``to_json`` (a ``p_holm`` entry belongs to the report and is left out)."""
+        own = ("score", "p_value", "z", "call", "null", "seconds", "skipped")
+        details = {k: v for k, v in data.items() if k not in own and k != "p_holm"}
+        return cls(name=name, details=details, **{k: data[k] for k in own if k in data})
+
 
 @dataclass(kw_only=True)
 class FingerprintReport:
@@ -90,8 +99,6 @@ class FingerprintReport:
 
     def finish(self) -> FingerprintReport:
         """Compute Holm-adjusted p-values and the verdict from the methods' p-values."""
-        from modelkin.compare.significance import holm_bonferroni
-
         ran = {n: r.p_value for n, r in self.methods.items() if r.skipped is None and r.p_value is not None}
         self.p_holm = dict(zip(ran, holm_bonferroni(list(ran.values())))) if ran else {}
         if any(p < RELATED_P for p in self.p_holm.values()):
@@ -110,6 +117,16 @@ class FingerprintReport:
                 methods[name]["p_holm"] = self.p_holm[name]
         return {"a": self.a, "b": self.b, "device": self.device, "seed": self.seed, "verdict": self.verdict,
                 "call_rule": CALL_RULE, "methods": methods}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FingerprintReport:
+        """The inverse of ``to_json``."""
+        methods = data.get("methods") or {}
+        return cls(a=data.get("a", ""), b=data.get("b", ""), device=data.get("device", ""),
+                   seed=data.get("seed", 0),
+                   methods={n: MethodResult.from_json(n, m) for n, m in methods.items()},
+                   p_holm={n: m["p_holm"] for n, m in methods.items() if m.get("p_holm") is not None},
+                   verdict=data.get("verdict", "inconclusive"))
 
 
 class NotApplicable(Exception):

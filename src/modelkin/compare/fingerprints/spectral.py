@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from modelkin.compare import significance as sig
+import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.heads import product_singular_values, qk_factors, vo_factors
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.weights import ATTENTION_ROLES, ModelWeights

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modelkin.compare import significance as sig
+import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.result import MethodResult
 from modelkin.compare.fingerprints.weights import ATTENTION_ROLES, ModelWeights, acc_dtype
 from modelkin.errors import InputError

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
-import math
 import os
 import time
 from collections import OrderedDict
@@ -18,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from modelkin.compare.prompts import Prompt
+from modelkin.compare.behaviour.prompts import Prompt
 from modelkin.compare.settings import BehaviourSettings
 from modelkin.errors import InputError
 
@@ -160,6 +159,8 @@ def _logits_batches(model: Any, prompts: Sequence[Prompt], ids: list[list[int]],
                     budget: int) -> tuple[list[Any], list[Any], list[float | None]]:
     import torch
 
+    from modelkin.runtime.api import score_logprobs
+
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     logprobs: list[Any] = [None] * len(ids)
     topk: list[Any] = [None] * len(ids)
@@ -182,9 +183,7 @@ def _logits_batches(model: Any, prompts: Sequence[Prompt], ids: list[list[int]],
             lp = logits[row, :n].float().log_softmax(dim=-1)
             topk[i] = lp.topk(min(k, lp.shape[-1]), dim=-1).indices.to(torch.int32).cpu()
             if n >= 2:
-                target = torch.tensor(ids[i][1:], device=lp.device)[:, None]
-                nll = -lp[:-1].gather(-1, target).double().sum().item()
-                bpb[i] = nll / math.log(2) / len(prompts[i].prompt.encode("utf-8"))
+                bpb[i] = score_logprobs(lp, ids[i], prompts[i].prompt).bits_per_byte
             logprobs[i] = lp.to(torch.float16).cpu()
         del logits
         start = stop

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from modelkin.compare import plots
+from modelkin.compare.behaviour.result import BehaviourResult
+from modelkin.compare.report.plots import bpb_scatter_png, per_prompt_png, routing_png, std_curves_png
+from modelkin.compare.report.rows import behaviour_rows, fmt
 
 VERDICT_COLOURS = {"related": "#b3261e", "unrelated": "#1e7d32", "inconclusive": "#8a6d00"}
 
@@ -31,21 +32,8 @@ def esc(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def fmt(value: Any, digits: int = 4) -> str:
-    """Numbers for tables: None -> '–', small p-values in scientific notation."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return "–"
-        if value != 0 and abs(value) < 10 ** -(digits - 1):
-            return f"{value:.2e}"
-        return f"{value:.{digits}g}"
-    return esc(value)
+def _num(value: Any) -> str:
+    return esc(fmt(value))
 
 
 def _img(png: bytes | None, alt: str) -> str:
@@ -62,85 +50,39 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _td(value: Any, num: bool = False) -> str:
-    return f'<td class="num">{fmt(value)}</td>' if num else f"<td>{esc(value)}</td>"
+    return f'<td class="num">{_num(value)}</td>' if num else f"<td>{esc(value)}</td>"
 
 
-def _fingerprint_section(report: Mapping[str, Any], labels: tuple[str, str]) -> str:
-    fp = report.get("fingerprint")
+def _fingerprint_section(report: Any, labels: tuple[str, str]) -> str:
+    fp = report.fingerprint
     if not fp:
-        why = report.get("fingerprint_error") or "not run"
+        why = report.fingerprint_error or "not run"
         return f"<h2>Weight fingerprints</h2><p class='muted'>Not available: {esc(why)}</p>"
-    holm = {e["method"]: e for e in report.get("evidence", [])}
+    holm = {e["method"]: e for e in report.evidence}
     rows = []
-    for name, m in (fp.get("methods") or {}).items():
-        call = m.get("call", "")
+    for name, m in fp.methods.items():
         e = holm.get(name, {})
-        rows.append([_td(name), _td(m.get("score"), True), _td(m.get("p_value"), True), _td(e.get("p_holm"), True),
-                     _td(m.get("z"), True), f'<td class="call-{esc(call)}">{esc(call)}</td>',
-                     f'<td class="muted">{esc(m.get("skipped") or m.get("null", ""))}</td>'])
+        rows.append([_td(name), _td(m.score, True), _td(m.p_value, True), _td(e.get("p_holm"), True),
+                     _td(m.z, True), f'<td class="call-{esc(m.call)}">{esc(m.call)}</td>',
+                     f'<td class="muted">{esc(m.skipped or m.null)}</td>'])
     table = _table(["method", "score", "p-value", "Holm p", "z", "call", "null hypothesis / note"], rows)
-    curves = ((fp.get("methods") or {}).get("std_curve") or {}).get("curves")
-    plot = _img(plots.std_curves_png(curves, labels) if curves else None, "std curves per projection")
+    std = fp.methods.get("std_curve")
+    curves = std.details.get("curves") if std is not None else None
+    png = std_curves_png(curves["a"]["curves"], curves["b"]["curves"], labels) if curves else None
+    plot = _img(png, "std curves per projection")
     return f"<h2>Weight fingerprints</h2>{table}<h3>Per-layer std curves (HonestAGI)</h3>{plot}"
 
 
-BEHAVIOUR_ROWS = (
-    ("js_divergence", "next-token JS divergence, mean over positions (bits)"),
-    ("js_divergence_max", "next-token JS divergence, max (bits)"),
-    ("kl_ab", "KL(A‖B), mean (bits)"),
-    ("kl_ba", "KL(B‖A), mean (bits)"),
-    ("top1_agreement", "top-1 agreement"),
-    ("topk_overlap", "top-k overlap"),
-    ("greedy_token_agreement", "greedy continuations: token agreement"),
-    ("greedy_exact_match", "greedy continuations: identical text (fraction of prompts)"),
-    ("greedy_text_similarity", "greedy continuations: character similarity"),
-    ("bpb_a", "bits per byte, A (mean)"),
-    ("bpb_b", "bits per byte, B (mean)"),
-    ("bpb_correlation", "bits-per-byte Pearson r across texts"),
-    ("bpb_p_value", "  permutation p-value (one-sided)"),
-    ("bpb_spearman", "bits-per-byte Spearman ρ across texts"),
-    ("bpb_spearman_p_value", "  permutation p-value (one-sided)"),
-)
-
-
-def behaviour_rows(b: Mapping[str, Any]) -> list[tuple[str, Any, str]]:
-    """(label, value, note) rows shared by the HTML table and the terminal summary."""
-    skipped = b.get("skipped") or {}
-    rows = []
-    for key, label in BEHAVIOUR_ROWS:
-        note = ""
-        if b.get(key) is None:
-            group = "logits" if key in ("js_divergence", "js_divergence_max", "kl_ab", "kl_ba", "top1_agreement",
-                                        "topk_overlap") else key.split("_")[0]
-            note = skipped.get(group) or skipped.get("greedy_tokens" if group == "greedy" else key) or ""
-        if key == "topk_overlap":
-            label = f"top-{b.get('top_k', 'k')} overlap"
-        rows.append((label, b.get(key), note))
-    mmd = b.get("mmd")
-    if mmd:
-        rows.append((f"MMD² ({mmd['kernel']}, {mmd['n_prompts']}×{mmd['n_samples']} samples)", mmd["statistic"], ""))
-        rows.append(("  permutation p-value (H0: same distribution)", mmd["p_value"], ""))
-    else:
-        rows.append(("two-sample MMD test", None, skipped.get("mmd", "")))
-    routing = b.get("routing")
-    if routing:
-        rows.append(("routing: expert-load JS, mean over layers (bits)", routing.get("load_js_mean"), ""))
-        rows.append(("routing: entropy-profile correlation", routing.get("entropy_correlation"), ""))
-    else:
-        rows.append(("MoE routing similarity", None, skipped.get("routing", "")))
-    return rows
-
-
-def _behaviour_section(b: Mapping[str, Any] | None, labels: tuple[str, str]) -> str:
+def _behaviour_section(b: BehaviourResult | None, labels: tuple[str, str]) -> str:
     if not b:
         return "<h2>Behaviour</h2><p class='muted'>Behaviour was not compared.</p>"
-    note = "" if b.get("same_tokenizer") else f"<p class='muted'>Token-level metrics skipped: {esc(b.get('tokenizer_note'))}</p>"
+    note = "" if b.same_tokenizer else f"<p class='muted'>Token-level metrics skipped: {esc(b.tokenizer_note)}</p>"
     rows = [[_td(label), _td(value, True), f'<td class="muted">{esc(n)}</td>'] for label, value, n in behaviour_rows(b)]
-    per = b.get("per_prompt") or []
-    figs = (_img(plots.bpb_scatter_png(per, labels), "bits per byte per text")
-            + _img(plots.per_prompt_png(per), "per-prompt divergence and similarity")
-            + _img(plots.routing_png(b, labels), "router entropy per layer") if per else "")
-    return (f"<h2>Behaviour ({b.get('n_prompts')} prompts)</h2>{note}"
+    per = b.per_prompt or []
+    figs = (_img(bpb_scatter_png(per, labels), "bits per byte per text")
+            + _img(per_prompt_png(per), "per-prompt divergence and similarity")
+            + _img(routing_png(b, labels), "router entropy per layer") if per else "")
+    return (f"<h2>Behaviour ({b.n_prompts} prompts)</h2>{note}"
             f"{_table(['metric', 'value', 'note'], rows)}{figs}{_per_prompt_table(per)}")
 
 
@@ -163,30 +105,30 @@ def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def render_html(report: Mapping[str, Any]) -> str:
-    """The whole page for a comparison report's JSON dict."""
-    models = report.get("models") or {}
+def render_html(report: Any) -> str:
+    """The whole page for a ComparisonReport (typed as Any: the report module imports this one to save it)."""
+    models = report.models or {}
     labels = (models.get("a", {}).get("name") or "A", models.get("b", {}).get("name") or "B")
-    verdict = report.get("verdict", "inconclusive")
+    verdict = report.verdict
     colour = VERDICT_COLOURS.get(verdict, "#555")
-    reasons = "".join(f"<li>{esc(r)}</li>" for r in report.get("reasons", []))
+    reasons = "".join(f"<li>{esc(r)}</li>" for r in report.reasons)
     model_rows = [[_td(side.upper()), _td(m.get("name")), _td(m.get("path")), _td(m.get("model_type")),
                    _td(fmt(m.get("is_moe"))), _td(m.get("logits_size"), True)] for side, m in models.items()]
-    rules = "".join(f"<li>{esc(r)}</li>" for r in report.get("rules", []))
-    settings = esc(", ".join(f"{k}={v}" for k, v in (report.get("settings") or {}).items()))
-    timings = esc(", ".join(f"{k} {v:.1f}s" for k, v in (report.get("timings") or {}).items()
+    rules = "".join(f"<li>{esc(r)}</li>" for r in report.rules)
+    settings = esc(", ".join(f"{k}={v}" for k, v in (report.settings or {}).items()))
+    timings = esc(", ".join(f"{k} {v:.1f}s" for k, v in (report.timings or {}).items()
                             if isinstance(v, (int, float))))
     title = f"modelkin compare: {labels[0]} vs {labels[1]}"
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<link rel='icon' href='data:,'><title>{esc(title)}</title><style>{CSS}</style></head><body>"
-        f"<h1>{esc(title)}</h1><p class='muted'>device {esc(report.get('device'))}, "
-        f"dtype {esc(report.get('dtype'))}</p>"
+        f"<h1>{esc(title)}</h1><p class='muted'>device {esc(report.device)}, "
+        f"dtype {esc(report.dtype)}</p>"
         f"<p>Verdict: <span class='verdict' style='background:{colour}'>{esc(verdict)}</span></p>"
         f"<ul>{reasons}</ul>"
         f"<h2>Models</h2>{_table(['', 'name', 'path', 'type', 'MoE', 'logits'], model_rows)}"
-        f"{_fingerprint_section(report, labels)}{_behaviour_section(report.get('behaviour'), labels)}"
+        f"{_fingerprint_section(report, labels)}{_behaviour_section(report.behaviour, labels)}"
         f"<h2>How the verdict is reached</h2><ol class='muted'>{rules}</ol>"
         f"<p class='muted'>Settings: {settings}<br>Timings: {timings}</p>"
         "</body></html>\n"

@@ -13,11 +13,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from modelkin.compare.outputs import ModelOutputs
-from modelkin.compare.prompts import Prompt
-from modelkin.compare.routing import routing_similarity
+from modelkin.compare.behaviour.outputs import ModelOutputs
+from modelkin.compare.behaviour.prompts import Prompt
+from modelkin.compare.behaviour.result import BehaviourResult
+from modelkin.compare.behaviour.routing import routing_similarity
 from modelkin.compare.settings import SAME_TOKENIZER_METRICS, BehaviourSettings
-from modelkin.compare.stattests import correlation_test, mmd_test
+from modelkin.compare.stats import correlation_test, mmd_test
 from modelkin.errors import InputError
 
 LN2 = math.log(2.0)
@@ -87,8 +88,8 @@ def same_tokenizer(a: ModelOutputs, b: ModelOutputs) -> tuple[bool, str | None]:
 
 
 def compare_outputs(a: ModelOutputs, b: ModelOutputs, prompts: Sequence[Prompt],
-                    settings: BehaviourSettings) -> dict[str, Any]:
-    """All behavioural metrics of A vs B as a JSON-ready dict (see the module docstring).
+                    settings: BehaviourSettings) -> BehaviourResult:
+    """All behavioural metrics of A vs B (see the module docstring).
 
     Raises:
         InputError: the user named a same-tokenizer metric and the vocabularies differ.
@@ -99,28 +100,27 @@ def compare_outputs(a: ModelOutputs, b: ModelOutputs, prompts: Sequence[Prompt],
         if asked:
             raise InputError(f"metric {asked[0]!r} needs identical tokenizers, but {why}",
                              hint="drop it from --metrics; bpb, greedy (as text) and mmd work across tokenizers")
-    out: dict[str, Any] = {"same_tokenizer": same, "tokenizer_note": why, "units": "bits",
-                           "n_prompts": len(prompts), "skipped": {}}
+    out = BehaviourResult(same_tokenizer=same, tokenizer_note=why, n_prompts=len(prompts))
     per_prompt = [{"id": p.id, "category": p.category, "prompt": p.prompt} for p in prompts]
     _logit_metrics(out, per_prompt, a, b, same, why, settings)
     _greedy_metrics(out, per_prompt, a, b, same, why, settings)
     _bpb_metrics(out, per_prompt, a, b, settings)
     _mmd_metric(out, a, b, same, settings)
     _routing_metric(out, a, b, settings)
-    out["per_prompt"] = per_prompt
+    out.per_prompt = per_prompt
     return out
 
 
-def _logit_metrics(out: dict[str, Any], rows: list[dict[str, Any]], a: ModelOutputs, b: ModelOutputs,
+def _logit_metrics(out: BehaviourResult, rows: list[dict[str, Any]], a: ModelOutputs, b: ModelOutputs,
                    same: bool, why: str | None, settings: BehaviourSettings) -> None:
     keys = ("js_divergence", "js_divergence_max", "kl_ab", "kl_ba", "top1_agreement", "topk_overlap")
-    out.update(dict.fromkeys(keys))
-    out["top_k"] = settings.top_k
+    out.update(**dict.fromkeys(keys))
+    out.top_k = settings.top_k
     if not settings.wants("logits"):
-        out["skipped"]["logits"] = "not requested"
+        out.skipped["logits"] = "not requested"
         return
     if not same:
-        out["skipped"]["logits"] = why
+        out.skipped["logits"] = why
         return
     import torch
 
@@ -140,9 +140,9 @@ def _logit_metrics(out: dict[str, Any], rows: list[dict[str, Any]], a: ModelOutp
         top1_all.append(top1.double())
         overlap_all.append(overlap)
     if mismatched:
-        out["skipped"]["logits_prompts"] = f"{mismatched} prompt(s) tokenized differently by the two models"
+        out.skipped["logits_prompts"] = f"{mismatched} prompt(s) tokenized differently by the two models"
     if not js_all:
-        out["skipped"]["logits"] = "no prompt is tokenized identically by both models"
+        out.skipped["logits"] = "no prompt is tokenized identically by both models"
         return
     js = torch.cat(js_all)
     out.update(js_divergence=float(js.mean()), js_divergence_max=float(js.max()),
@@ -159,12 +159,12 @@ def _common_vocab(lp_a: Any, lp_b: Any) -> tuple[Any, Any]:
     return lp_a[:, :n].float().log_softmax(-1), lp_b[:, :n].float().log_softmax(-1)
 
 
-def _greedy_metrics(out: dict[str, Any], rows: list[dict[str, Any]], a: ModelOutputs, b: ModelOutputs,
+def _greedy_metrics(out: BehaviourResult, rows: list[dict[str, Any]], a: ModelOutputs, b: ModelOutputs,
                     same: bool, why: str | None, settings: BehaviourSettings) -> None:
     out.update(greedy_text_similarity=None, greedy_exact_match=None, greedy_token_agreement=None,
                greedy_prefix_tokens=None, greedy_tokens=settings.greedy_tokens)
     if not settings.wants("greedy"):
-        out["skipped"]["greedy"] = "not requested"
+        out.skipped["greedy"] = "not requested"
         return
     sims, exact, agree, prefix = [], [], [], []
     for i, row in enumerate(rows):
@@ -182,15 +182,15 @@ def _greedy_metrics(out: dict[str, Any], rows: list[dict[str, Any]], a: ModelOut
     if same:
         out.update(greedy_token_agreement=_mean(agree), greedy_prefix_tokens=_mean(prefix))
     else:
-        out["skipped"]["greedy_tokens"] = why
+        out.skipped["greedy_tokens"] = why
 
 
-def _bpb_metrics(out: dict[str, Any], rows: list[dict[str, Any]], a: ModelOutputs, b: ModelOutputs,
+def _bpb_metrics(out: BehaviourResult, rows: list[dict[str, Any]], a: ModelOutputs, b: ModelOutputs,
                  settings: BehaviourSettings) -> None:
     out.update(bpb_a=None, bpb_b=None, bpb_correlation=None, bpb_p_value=None, bpb_spearman=None,
                bpb_spearman_p_value=None)
     if not settings.wants("bpb"):
-        out["skipped"]["bpb"] = "not requested"
+        out.skipped["bpb"] = "not requested"
         return
     pairs = []
     for i, row in enumerate(rows):
@@ -200,7 +200,7 @@ def _bpb_metrics(out: dict[str, Any], rows: list[dict[str, Any]], a: ModelOutput
     if pairs:
         out.update(bpb_a=_mean([x for x, _ in pairs]), bpb_b=_mean([y for _, y in pairs]))
     if len(pairs) < 3:
-        out["skipped"]["bpb_correlation"] = f"needs at least 3 scored texts, got {len(pairs)}"
+        out.skipped["bpb_correlation"] = f"needs at least 3 scored texts, got {len(pairs)}"
         return
     xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
     pearson = correlation_test(xs, ys, method="pearson", permutations=settings.permutations, seed=settings.seed)
@@ -210,14 +210,14 @@ def _bpb_metrics(out: dict[str, Any], rows: list[dict[str, Any]], a: ModelOutput
                bpb_spearman=spearman.statistic, bpb_spearman_p_value=spearman.p_value, bpb_texts=len(pairs))
 
 
-def _mmd_metric(out: dict[str, Any], a: ModelOutputs, b: ModelOutputs, same: bool,
+def _mmd_metric(out: BehaviourResult, a: ModelOutputs, b: ModelOutputs, same: bool,
                 settings: BehaviourSettings) -> None:
-    out["mmd"] = None
+    out.mmd = None
     if not settings.wants("mmd") or not a.sample_ids or not b.sample_ids:
-        out["skipped"]["mmd"] = "not requested" if not settings.wants("mmd") else "no sampled continuations"
+        out.skipped["mmd"] = "not requested" if not settings.wants("mmd") else "no sampled continuations"
         return
     if settings.mmd_samples < 2:
-        out["skipped"]["mmd"] = "needs at least 2 samples per prompt"
+        out.skipped["mmd"] = "needs at least 2 samples per prompt"
         return
     if same:
         xs, ys, length, kernel = a.sample_ids, b.sample_ids, settings.mmd_tokens, "hamming over tokens"
@@ -226,26 +226,26 @@ def _mmd_metric(out: dict[str, Any], a: ModelOutputs, b: ModelOutputs, same: boo
         ys = [[[ord(c) for c in t] for t in texts] for texts in b.sample_text]
         length, kernel = 4 * settings.mmd_tokens, "hamming over characters"
     test = mmd_test(xs, ys, length=length, permutations=settings.permutations, seed=settings.seed + 2)
-    out["mmd"] = {"statistic": test.statistic, "p_value": test.p_value, "kernel": kernel, "length": length,
+    out.mmd = {"statistic": test.statistic, "p_value": test.p_value, "kernel": kernel, "length": length,
                   "n_prompts": len(xs), "n_samples": settings.mmd_samples, "permutations": test.permutations,
                   "temperature": settings.temperature,
                   "null": "both models draw continuations from the same distribution"}
 
 
-def _routing_metric(out: dict[str, Any], a: ModelOutputs, b: ModelOutputs, settings: BehaviourSettings) -> None:
-    out["routing"] = None
-    out["routing_a"] = a.routing
-    out["routing_b"] = b.routing
+def _routing_metric(out: BehaviourResult, a: ModelOutputs, b: ModelOutputs, settings: BehaviourSettings) -> None:
+    out.routing = None
+    out.routing_a = a.routing
+    out.routing_b = b.routing
     if not settings.wants("routing"):
-        out["skipped"]["routing"] = "not requested"
+        out.skipped["routing"] = "not requested"
     elif not (a.is_moe and b.is_moe):
         dense = [n for n, o in (("A", a), ("B", b)) if not o.is_moe]
-        out["skipped"]["routing"] = f"model {' and '.join(dense)} {'is' if len(dense) == 1 else 'are'} dense"
+        out.skipped["routing"] = f"model {' and '.join(dense)} {'is' if len(dense) == 1 else 'are'} dense"
     else:
         sim, why = routing_similarity(a.routing, b.routing)
-        out["routing"] = sim
+        out.routing = sim
         if why:
-            out["skipped"]["routing"] = why
+            out.skipped["routing"] = why
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -2,55 +2,43 @@
 
 from __future__ import annotations
 
-import io
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from modelkin.compare.behaviour.result import BehaviourResult
+from modelkin.compare.behaviour.routing import routing_layers
+from modelkin.inspect.plot import ATTENTION_CURVES, draw_curves, figure_png, relative_depth, zscore
+
 COLOURS = {"a": "#1f5fa8", "b": "#d9541e"}
 STYLES = {"a": {"lw": 2.6, "ls": "-", "alpha": 0.55}, "b": {"lw": 1.3, "ls": "--", "alpha": 1.0}}  # overlap stays visible
-PROJECTIONS = ("q", "k", "v", "o")
 
 
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def _zscore(values: Sequence[float]) -> list[float]:
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
-    return [(v - mean) / sd if sd > 0 else 0.0 for v in values]
-
-
-def std_curves_png(curves: Mapping[str, Any], labels: tuple[str, str]) -> bytes | None:
+def std_curves_png(curves_a: Mapping[str, Sequence[float]], curves_b: Mapping[str, Sequence[float]],
+                   labels: tuple[str, str], *, r: Mapping[str, float] | None = None,
+                   title: str = "") -> bytes | None:
     """Both models' z-scored per-layer std curves overlaid, one panel per projection (q, k, v, o).
 
-    ``curves`` is the std_curve method's ``curves`` entry: {"a": {"layers", "curves"}, "b": {...}}.
-    Depth is drawn as a fraction of the model's layers so models of different depth line up.
+    ``curves_a``/``curves_b`` map a projection to its per-layer std; depth is drawn as a fraction of the
+    model's layers so models of different depth line up; ``r`` adds each projection's correlation.
     """
     from matplotlib.figure import Figure
 
-    roles = [r for r in PROJECTIONS if all(r in (curves.get(s) or {}).get("curves", {}) for s in ("a", "b"))]
+    roles = [p for p in ATTENTION_CURVES if p in curves_a and p in curves_b]
     if not roles:
         return None
     fig = Figure(figsize=(12, 3.2), layout="constrained")
     axes = fig.subplots(1, len(roles), squeeze=False)[0]
-    for ax, role in zip(axes, roles):
-        for side in ("a", "b"):
-            values = curves[side]["curves"][role]
-            n = len(values)
-            xs = [i / (n - 1) if n > 1 else 0.0 for i in range(n)]
-            ax.plot(xs, _zscore(values), color=COLOURS[side], label=labels[0 if side == "a" else 1], marker="o",
-                    ms=2.5, **STYLES[side])
-        ax.set_title(f"{role}_proj std (z-scored)", fontsize=9)
-        ax.set_xlabel("depth (fraction of layers)", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    return _png(fig)
+    for i, (ax, role) in enumerate(zip(axes, roles)):
+        series = []
+        for side, curves, label in (("a", curves_a, labels[0]), ("b", curves_b, labels[1])):
+            values = list(curves[role])
+            series.append((label, relative_depth(len(values)), zscore(values),
+                           {"color": COLOURS[side], "markersize": 2.5, **STYLES[side]}))
+        heading = f"{role}_proj std (z-scored)" + (f"   r = {r[role]:.3f}" if r and role in r else "")
+        draw_curves(ax, series, title=heading, xlabel="depth (fraction of layers)", ylabel="", legend=i == 0)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return figure_png(fig)
 
 
 def bpb_scatter_png(rows: Sequence[Mapping[str, Any]], labels: tuple[str, str]) -> bytes | None:
@@ -77,7 +65,7 @@ def bpb_scatter_png(rows: Sequence[Mapping[str, Any]], labels: tuple[str, str]) 
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=6, loc="best")
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def per_prompt_png(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
@@ -101,16 +89,14 @@ def per_prompt_png(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
         ax.set_xticklabels(ids, rotation=70, fontsize=6)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return figure_png(fig)
 
 
-def routing_png(behaviour: Mapping[str, Any], labels: tuple[str, str]) -> bytes | None:
+def routing_png(behaviour: BehaviourResult, labels: tuple[str, str]) -> bytes | None:
     """Mean router entropy per layer for each MoE side (nats)."""
     from matplotlib.figure import Figure
 
-    from modelkin.compare.routing import routing_layers
-
-    series = [(side, routing_layers(behaviour.get(f"routing_{side}"))) for side in ("a", "b")]
+    series = [(side, routing_layers(getattr(behaviour, f"routing_{side}"))) for side in ("a", "b")]
     series = [(s, layers) for s, layers in series if layers and any(v["entropy"] is not None for v in layers.values())]
     if not series:
         return None
@@ -125,4 +111,4 @@ def routing_png(behaviour: Mapping[str, Any], labels: tuple[str, str]) -> bytes 
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return figure_png(fig)

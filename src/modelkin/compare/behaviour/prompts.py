@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -114,3 +115,30 @@ def select_prompts(prompts: Sequence[Prompt], limit: int | None) -> list[Prompt]
                 chosen.append(queue[depth])
         depth += 1
     return chosen
+
+
+PromptsArg = str | os.PathLike[str] | Sequence[str | Prompt] | None
+
+
+def resolve_prompts(prompts: PromptsArg, limit: int | None) -> list[Prompt]:
+    """The prompts to run: the built-in set (None), a JSONL file path, or a list of texts/Prompts."""
+    if prompts is None:
+        chosen = builtin_prompts()
+    elif isinstance(prompts, (str, os.PathLike)):
+        chosen = load_prompts(prompts)
+    else:
+        items = list(prompts)
+        if not items:
+            raise InputError("the prompt set is empty", hint="pass at least one prompt")
+        chosen = []
+        for i, p in enumerate(items):
+            if isinstance(p, Prompt):
+                chosen.append(p)
+            elif isinstance(p, str) and p.strip():
+                chosen.append(Prompt(id=f"p{i:02d}", category="user", prompt=p))
+            else:
+                raise InputError(f"prompt {i} is empty or not a string", hint="pass non-empty strings")
+        ids = [p.id for p in chosen]
+        if len(set(ids)) != len(ids):
+            raise InputError("prompt ids repeat in the prompt list", hint="give every prompt a unique id")
+    return select_prompts(chosen, limit)
