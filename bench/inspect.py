@@ -5,9 +5,12 @@ runs each method in its own subprocess (repeats, median): numpy.fromfile of ever
 ceiling), a naive script (safetensors load_file + per-tensor torch std), and
 modelkin.inspect_checkpoint (no cache). Reports GB/s and peak RSS of each. Each clock starts after
 the method's imports (torch's import is about a second, the same for every method).
+``--read`` adds TensorSource.get_tensor of every tensor (what fingerprint, compare and run use)
+through each safetensors read path: positioned reads ("pread") and safe_open's mapping ("mmap").
 
 Usage (from the repository root; as a file, bench/ would shadow the standard library's inspect):
     python -m bench.inspect [--gb 2.0] [--repeats 3] [--device cpu] [--json FILE] [--dir DIR]
+                            [--read both|pread|mmap|none]
 """
 
 from __future__ import annotations
@@ -66,6 +69,21 @@ res = modelkin.inspect_checkpoint(DIR, device=DEVICE, cache=False, progress=Fals
 seconds = time.perf_counter() - t0
 cpu_seconds = cpu() - cpu0
 n = res.totals["bytes_read"]
+"""
+
+GET_TENSOR = """
+import os
+os.environ["MODELKIN_SAFETENSORS_READ"] = "{mode}"
+from modelkin.checkpoint import open_checkpoint
+start()
+n = 0
+with open_checkpoint(DIR) as src:
+    for name in src.keys():
+        t = src.get_tensor(name)
+        n += t.numel() * t.element_size()
+        del t
+seconds = time.perf_counter() - t0
+cpu_seconds = cpu() - cpu0
 """
 
 WRAP = """
@@ -133,6 +151,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dir", help="reuse/keep the checkpoint here instead of a temp dir")
     ap.add_argument("--json", help="write the numbers to this file")
+    ap.add_argument("--read", choices=("both", "pread", "mmap", "none"), default="both",
+                    help="also time get_tensor of every tensor through these safetensors read paths")
     args = ap.parse_args()
     tmp = None if args.dir else tempfile.TemporaryDirectory(prefix="modelkin-bench-")
     directory = Path(args.dir or tmp.name)
@@ -147,7 +167,9 @@ def main() -> None:
         nbytes = [2 * int(torch.tensor(s).prod()) for s in sizes]
         info = {"bytes": sum(nbytes), "largest": max(nbytes), "tensors": len(nbytes)}
     warm(directory)
-    methods = (("numpy_read", NUMPY), ("naive_torch_std", NAIVE), ("modelkin", MODELKIN))
+    methods = [("numpy_read", NUMPY), ("naive_torch_std", NAIVE), ("modelkin", MODELKIN)]
+    modes = {"both": ("pread", "mmap"), "none": ()}.get(args.read, (args.read,))
+    methods += [(f"get_tensor_{m}", GET_TENSOR.format(mode=m)) for m in modes]
     runs: dict[str, list[dict]] = {name: [] for name, _ in methods}
     for _ in range(args.repeats):  # interleaved, so drifting machine load hits all methods alike
         for name, body in methods:
@@ -178,6 +200,12 @@ def main() -> None:
           f"modelkin / naive = {summary['modelkin_vs_naive']:.2f}x (target > 1); "
           f"peak RSS {mk['peak_rss_mb']:.0f} MB vs bound {bound:.0f} MB; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    if {"get_tensor_pread", "get_tensor_mmap"} <= set(results):
+        summary["get_tensor_pread_vs_mmap"] = (results["get_tensor_pread"]["gb_per_s"]
+                                               / results["get_tensor_mmap"]["gb_per_s"])
+        print(f"get_tensor: pread / mmap = {summary['get_tensor_pread_vs_mmap']:.2f}x "
+              f"(all seconds pread {results['get_tensor_pread']['all_seconds']}, "
+              f"mmap {results['get_tensor_mmap']['all_seconds']})")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     if tmp is not None:
