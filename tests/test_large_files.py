@@ -307,7 +307,7 @@ def small_dir(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     return directory, tensors
 
 
-@pytest.mark.parametrize("mode", ["pread", "mmap"])
+@pytest.mark.parametrize("mode", ["mmap", "pread", "safe_open"])
 def test_safetensors_read_modes_agree(small_dir, mode, monkeypatch):
     monkeypatch.setenv("MODELKIN_SAFETENSORS_READ", mode)
     directory, tensors = small_dir
@@ -319,11 +319,16 @@ def test_safetensors_read_modes_agree(small_dir, mode, monkeypatch):
         for dim in range(3):
             part = ckpt.get_slice("a", dim, 1, 3)
             assert torch.equal(part, a.narrow(dim, 1, 2))
-            assert part.is_contiguous() or mode == "mmap"  # safe_open's slices may be views
+            assert part.is_contiguous() or mode == "safe_open"  # safe_open's slices may be views
         assert torch.equal(ckpt.get_slice("b", 1, 0, 3), tensors["b"])
+        got = ckpt.get_tensor("b")
+        got.zero_()  # callers may modify what they get (a mapped tensor is copy-on-write)
+        if mode != "safe_open":  # safe_open returns views of one map: later reads would see the zeros
+            assert torch.equal(ckpt.get_tensor("b"), tensors["b"])
+    assert torch.equal(open_checkpoint(directory).get_tensor("b"), tensors["b"])  # the file is unchanged
 
 
-def test_mmap_mode_falls_back_to_positioned_reads(small_dir, monkeypatch):
+def test_safe_open_mode_falls_back_to_mapping_ranges(small_dir, monkeypatch):
     import modelkin.checkpoint.safetensors_reader as reader
 
     def refuse(*args, **kwargs):
@@ -331,7 +336,7 @@ def test_mmap_mode_falls_back_to_positioned_reads(small_dir, monkeypatch):
 
     monkeypatch.setattr(reader, "safe_open", refuse)
     directory, tensors = small_dir
-    with reader.SafetensorsSource(directory, [directory / "model.safetensors"], read_mode="mmap") as ckpt:
+    with reader.SafetensorsSource(directory, [directory / "model.safetensors"], read_mode="safe_open") as ckpt:
         assert torch.equal(ckpt.get_tensor("b"), tensors["b"])
         assert torch.equal(ckpt.get_slice("a", 1, 2, 5), tensors["a"][:, 2:5])
 

@@ -1,9 +1,11 @@
-"""Positioned reads of a tensor's bytes (os.preadv into the tensor's own buffer): no file mapping, so
-a checkpoint larger than RAM (or than an address-space limit) costs only the bytes actually read.
+"""One tensor's bytes from a checkpoint file, never a mapping of the whole file: a copy-on-write map of
+just its byte range, or positioned reads (os.preadv) into a new buffer. A file larger than RAM (or than
+an address-space limit) costs only the tensors actually read.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import pathlib
 
@@ -34,6 +36,22 @@ class RangeReader:
         out = torch.empty(nbytes, dtype=torch.uint8)
         read_into(self.fd(file), offset, out, file)
         return out
+
+    def map(self, file: pathlib.Path, offset: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` bytes at ``offset`` as a uint8 tensor over a private (copy-on-write) map of only
+        those pages: nothing is copied until written, and the map goes with the tensor.
+
+        Raises:
+            OSError: the file is shorter than ``offset + nbytes``, or the map is refused.
+        """
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        fd = self.fd(file)
+        if offset + nbytes > os.fstat(fd).st_size:  # a map past the end would fault (SIGBUS) when read
+            raise OSError(f"{file} ends before byte {offset + nbytes}, inside a tensor that starts at {offset}")
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(fd, offset - start + nbytes, access=mmap.ACCESS_COPY, offset=start)
+        return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset - start)
 
     def read_blocks(self, file: pathlib.Path, offset: int, count: int, block: int, stride: int) -> torch.Tensor:
         """``count`` blocks of ``block`` bytes, the i-th at ``offset + i * stride``, packed together."""

@@ -1,12 +1,12 @@
 """GGUF files via the ``gguf`` package: HF names, torch shapes, dequantised data.
 
-Only the header is memory-mapped (read-only, shared); tensor data is read by positioned reads when
-asked for, so a file larger than RAM or than an address-space limit costs only what is read.
+Only the header is memory-mapped (read-only, shared); a tensor's data is mapped (privately, its own
+byte range only) when asked for, so a file larger than RAM or than an address-space limit costs only
+the tensors read.
 """
 
 from __future__ import annotations
 
-import os
 import pathlib
 from dataclasses import dataclass, replace
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelkin.checkpoint.byte_range import read_into
+from modelkin.checkpoint.byte_range import RangeReader
 from modelkin.checkpoint.gguf_config import build_config
 from modelkin.checkpoint.gguf_names import fallback_name, gguf_to_hf
 from modelkin.checkpoint.limits import MAX_GGUF_ARRAY_ITEMS, check_count
@@ -56,7 +56,7 @@ class LazyData:
     """Where a tensor's data lies in the file (stands in for gguf's ndarray view of the mapping).
 
     ``reshape`` and integer indexing on the first axis (one expert of a stacked tensor) return
-    smaller LazyData; ``read`` fetches the bytes with a positioned read.
+    smaller LazyData; ``read`` maps its bytes (copy-on-write, only its own pages).
     """
 
     def __init__(self, file: pathlib.Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]):
@@ -78,14 +78,9 @@ class LazyData:
         step = int(np.prod(rest, dtype=np.int64)) * self.dtype.itemsize
         return LazyData(self.file, self.offset + int(index) * step, self.dtype, rest)
 
-    def read(self) -> np.ndarray:
-        out = torch.empty(self.nbytes, dtype=torch.uint8)
-        fd = os.open(self.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            read_into(fd, self.offset, out, self.file)
-        finally:
-            os.close(fd)
-        return out.numpy().view(self.dtype).reshape(self.shape)
+    def read(self, ranges: RangeReader) -> np.ndarray:
+        raw = ranges.map(self.file, self.offset, self.nbytes)
+        return raw.numpy().view(self.dtype).reshape(self.shape)
 
 
 class _Prefix:
@@ -207,6 +202,7 @@ class GGUFSource(TensorSource):
         )
         self._metadata: dict[str, Any] | None = None
         self._entries: dict[str, _Entry] = {}
+        self._ranges = RangeReader()
         for tensor in tensors:
             self._add(tensor)
 
@@ -271,7 +267,7 @@ class GGUFSource(TensorSource):
     def _read(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
         try:
-            tensor = _to_torch(entry)
+            tensor = _to_torch(entry, self._ranges)
         except (ValueError, NotImplementedError, TypeError, OSError) as err:
             raise CheckpointError(
                 f"cannot read {entry.tensor.name} ({entry.info.dtype}) from {self.path}: {err}",
@@ -298,6 +294,7 @@ class GGUFSource(TensorSource):
         # the reader's fields hold views of the header's memory map; drop them so the file is unmapped
         self._entries = {k: replace(v, tensor=None) for k, v in self._entries.items()}
         self._reader = None
+        self._ranges.close()
 
 
 def _contents(field: Any, path: pathlib.Path) -> Any:
@@ -310,19 +307,21 @@ def _contents(field: Any, path: pathlib.Path) -> Any:
         ) from None
 
 
-def _to_torch(entry: _Entry) -> torch.Tensor:
+def _to_torch(entry: _Entry, ranges: RangeReader) -> torch.Tensor:
     from gguf.quants import dequantize
 
     data = entry.tensor.data
     if entry.expert is not None:
         data = data[entry.expert]
-    if isinstance(data, LazyData):
-        data = data.read()
+    fresh = isinstance(data, LazyData)  # a private map of its own: no copy needed
+    if fresh:
+        data = data.read(ranges)
     dtype, shape = entry.info.dtype, entry.info.shape
     if dtype in _PLAIN_NUMPY:
-        array = np.array(data)
+        array = data if fresh else np.array(data)
     elif dtype == "BF16":
-        return torch.from_numpy(np.array(data).view(np.uint16)).view(torch.bfloat16).reshape(shape)
+        bits = (data if fresh else np.array(data)).view(np.uint16)
+        return torch.from_numpy(bits).view(torch.bfloat16).reshape(shape)
     else:
         array = dequantize(data, entry.tensor.tensor_type)
     out = torch.from_numpy(np.ascontiguousarray(array)).reshape(shape)

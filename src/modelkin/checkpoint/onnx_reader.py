@@ -1,5 +1,5 @@
 """ONNX models: graph initialisers as tensors, external-data files read lazily by offset and length
-(positioned reads of each initialiser's bytes, no mapping of the data file)."""
+(a private map of each initialiser's own bytes, never of the whole data file)."""
 
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ class OnnxSource(TensorSource):
         if entry.external is not None:
             file, offset = entry.external
             try:
-                raw = self._ranges.read(file, offset, info.nbytes)
+                raw = self._ranges.map(file, offset, info.nbytes)
             except OSError as err:
                 raise CheckpointError(f"cannot read external data {file}: {err}") from None
             return raw.view(dtype).reshape(info.shape)

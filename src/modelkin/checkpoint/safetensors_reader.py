@@ -1,5 +1,5 @@
-"""Safetensors checkpoints (one file, or shards with an index): headers parsed here; data by positioned
-reads of each tensor's byte range (no whole-file mapping), or via safe_open when asked to.
+"""Safetensors checkpoints (one file, or shards with an index): headers parsed here; each tensor's data
+from its own byte range (mapped, or by positioned reads), never a mapping of the whole file.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from modelkin.checkpoint.source import TORCH_DTYPES, TensorInfo, TensorSource
 from modelkin.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors spec's own limit
-# How tensor data is read: "pread" (positioned reads, the default: as fast as safe_open on a warm page
-# cache, and safe_open's copy-on-write map of the whole file fails for files larger than RAM + swap),
-# or "mmap" (safetensors' safe_open, falling back to pread for a file it cannot map). bench.inspect
-# compares the two through this variable.
+# How tensor data is read (bench.inspect --read compares them through this variable):
+#   "mmap"      a private map of each tensor's own byte range (the default: zero-copy like safe_open,
+#               bounded by the tensor, not the file);
+#   "pread"     positioned reads into a new buffer (no mapping at all; a copy);
+#   "safe_open" the safetensors library's copy-on-write map of the whole file, which the kernel refuses
+#               for a file larger than RAM + swap (or an address-space limit): then "mmap" for that file.
 READ_MODE_ENV = "MODELKIN_SAFETENSORS_READ"
-READ_MODES = ("pread", "mmap")
+READ_MODES = ("mmap", "pread", "safe_open")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +122,7 @@ class SafetensorsSource(TensorSource):
         files: the data files, in order.
         wanted: for sharded checkpoints, tensor name -> shard file from the index; None = all tensors.
         index_metadata: the index file's ``metadata`` object.
-        read_mode: "pread" or "mmap" (see READ_MODE_ENV); None: that variable, else "pread".
+        read_mode: "mmap", "pread" or "safe_open" (see READ_MODE_ENV); None: that variable, else "mmap".
     """
 
     format = "safetensors"
@@ -135,7 +137,7 @@ class SafetensorsSource(TensorSource):
         read_mode: str | None = None,
     ):
         super().__init__(path)
-        self._read_mode = read_mode or os.environ.get(READ_MODE_ENV) or "pread"
+        self._read_mode = read_mode or os.environ.get(READ_MODE_ENV) or "mmap"
         if self._read_mode not in READ_MODES:
             raise CheckpointError(f"unknown safetensors read mode {self._read_mode!r}",
                                   hint=f"use one of {', '.join(READ_MODES)} (in ${READ_MODE_ENV})")
@@ -187,7 +189,8 @@ class SafetensorsSource(TensorSource):
             handle = self._mapped(file)
             if handle is not None:
                 return handle.get_tensor(name)
-            raw = self._ranges.read(file, entry.offset, info.nbytes)
+            read = self._ranges.read if self._read_mode == "pread" else self._ranges.map
+            raw = read(file, entry.offset, info.nbytes)
             return raw.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
         except Exception as err:  # noqa: BLE001 - boundary
             raise CheckpointError(f"cannot read tensor {name!r} from {file}: {err}") from None
@@ -206,20 +209,23 @@ class SafetensorsSource(TensorSource):
             inner = math.prod(info.shape[dim + 1:]) * torch.empty((), dtype=dtype).element_size()
             outer = math.prod(info.shape[:dim])
             shape = (*info.shape[:dim], stop - start, *info.shape[dim + 1:])
-            raw = self._ranges.read_blocks(file, entry.offset + start * inner, outer,
-                                           (stop - start) * inner, info.shape[dim] * inner)
+            offset, block = entry.offset + start * inner, (stop - start) * inner
+            if outer == 1 and self._read_mode == "mmap":  # one byte range: map only its pages
+                raw = self._ranges.map(file, offset, block)
+            else:
+                raw = self._ranges.read_blocks(file, offset, outer, block, info.shape[dim] * inner)
             return raw.view(dtype).reshape(shape)
         except Exception as err:  # noqa: BLE001 - boundary
             raise CheckpointError(f"cannot read a slice of tensor {name!r} from {file}: {err}") from None
 
     def _mapped(self, file: pathlib.Path) -> Any:
-        """safe_open's handle in "mmap" mode (None for a file it cannot map, or in "pread" mode)."""
-        if self._read_mode != "mmap":
+        """safe_open's handle in "safe_open" mode (None for a file it cannot map, or in other modes)."""
+        if self._read_mode != "safe_open":
             return None
         if file not in self._handles:
             try:
                 self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            except Exception:  # noqa: BLE001 - e.g. a private map larger than RAM + swap: read by ranges
+            except Exception:  # noqa: BLE001 - e.g. a private map larger than RAM + swap: map by ranges
                 self._handles[file] = None
         return self._handles[file]
 

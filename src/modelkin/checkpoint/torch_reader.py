@@ -1,7 +1,8 @@
 """PyTorch ``pytorch_model*.bin`` / ``*.pt`` state dicts, loaded only with the weights-only unpickler.
 
 Zip-format files (torch.save's default) are unpickled onto the meta device, which locates each
-storage record in the file; tensor data is then read by positioned reads, never by mapping the file.
+storage record in the file; a tensor's data is then mapped (privately, its own byte range only), never
+the whole file (torch.load(mmap=True) maps all of it copy-on-write, refused above RAM + swap).
 """
 
 from __future__ import annotations
@@ -178,9 +179,9 @@ def _read_located(ranges: RangeReader, file: pathlib.Path, meta: torch.Tensor) -
     itemsize = meta.element_size()
     base = meta.untyped_storage()._checkpoint_offset + meta.storage_offset() * itemsize
     if meta.is_contiguous():
-        return ranges.read(file, base, meta.numel() * itemsize).view(meta.dtype).reshape(meta.shape)
+        return ranges.map(file, base, meta.numel() * itemsize).view(meta.dtype).reshape(meta.shape)
     if meta.numel() == 0:
         return torch.empty(meta.shape, dtype=meta.dtype)
     span = 1 + sum((size - 1) * stride for size, stride in zip(meta.shape, meta.stride()))
-    raw = ranges.read(file, base, span * itemsize).view(meta.dtype)
+    raw = ranges.map(file, base, span * itemsize).view(meta.dtype)
     return raw.as_strided(meta.shape, meta.stride()).clone(memory_format=torch.contiguous_format)
