@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from modelkin.compare import variants
 from modelkin.compare.outputs import OutputCache
 from modelkin.compare.pipeline import compare
 from modelkin.compare.settings import BehaviourSettings
+from modelkin.synth import variants
 
 SETTINGS = BehaviourSettings(max_prompts=6, greedy_tokens=8, mmd_prompts=2, mmd_samples=4, mmd_tokens=6,
                              permutations=500)

@@ -9,10 +9,14 @@ import modelkin
 
 ROOT = Path(modelkin.__file__).parent
 FORBIDDEN = {
-    "backends": ("runtime", "inspect", "compare", "export", "checkpoint", "cli", "commands"),
-    "checkpoint": ("runtime", "inspect", "compare", "export", "cli", "commands"),
-    "runtime": ("inspect", "compare", "export", "cli", "commands"),
-    "inspect": ("compare", "export", "cli", "commands"),
+    "backends": (
+        "runtime", "inspect", "compare", "export", "checkpoint", "tokenizer", "synth", "cli", "commands"
+    ),
+    "checkpoint": ("runtime", "inspect", "compare", "export", "tokenizer", "synth", "cli", "commands"),
+    "tokenizer": ("runtime", "inspect", "compare", "export", "synth", "cli", "commands"),
+    "runtime": ("inspect", "compare", "export", "synth", "cli", "commands"),
+    "synth": ("inspect", "compare", "export", "cli", "commands"),
+    "inspect": ("compare", "export", "synth", "cli", "commands"),
     "compare": ("export", "cli", "commands"),
     "export": ("inspect", "compare", "cli", "commands"),
 }

@@ -69,7 +69,7 @@ def test_smollm2_plan_is_exact_per_rank(smollm2_gguf):
 
 
 def test_refusal_names_the_tp_that_fits(tmp_path):
-    from modelkin.runtime.tiny import make_tiny
+    from modelkin.synth.tiny import make_tiny
 
     path = make_tiny(
         "llama",

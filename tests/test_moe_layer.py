@@ -264,7 +264,7 @@ def test_dispatch_paths_agree(dtype: torch.dtype, num_tokens: int) -> None:
 
 
 def test_one_row_experts_split_across_intra_op_threads(monkeypatch) -> None:
-    """Decoding (one row per hit expert) on plain weights runs each GEMV as layers.split_gemv over
+    """Decoding (one row per hit expert) on plain weights runs each GEMV as cpu_kernels.split_gemv over
     the intra-op threads, with the same numbers as the per-pair float64 reference."""
     from modelkin.runtime import moe_cpu
 
@@ -408,7 +408,7 @@ def test_stack_experts_round_trip_and_missing_expert() -> None:
 
 
 def test_lazy_stacking_matches_eager_and_rejects_extra_experts() -> None:
-    from modelkin.runtime.loader import LazyTensor
+    from modelkin.checkpoint.lazy import LazyTensor
     from modelkin.runtime.moe_weights import stack_layer_experts, unstack_layer_experts
 
     state = {f"model.layers.1.mlp.{k}": v for k, v in hf_state(CASES["softmax_renorm"]).items()}

@@ -18,7 +18,7 @@ from modelkin.errors import ConfigError, InputError
 from modelkin.runtime.api import Model
 from modelkin.runtime.parallel import Layout, expert_range, head_ranges, resolve_degrees, split_range
 from modelkin.runtime.parallel_load import load_shard
-from modelkin.runtime.tiny import make_tiny
+from modelkin.synth.tiny import make_tiny
 
 IDS = [[1, 50, 34, 28, 46, 31, 25, 13, 30, 37], [1, 2, 3, 4, 9]]
 
@@ -204,15 +204,23 @@ def test_split_errors():
 def test_lazy_narrow_reads_only_slices(tmp_path):
     from safetensors.torch import save_file
 
-    from modelkin.runtime.loader import cat, lazy_state, stack
+    from modelkin.checkpoint.lazy import cat
+    from modelkin.runtime.loader import lazy_state
+    from modelkin.runtime.moe_weights import stack_experts
 
-    tensors = {f"e{j}.{n}": torch.randn(6, 4) for j in range(4) for n in ("g", "u")}
+    names = ("gate_proj", "up_proj", "down_proj")
+    tensors = {f"e.{j}.{n}.weight": torch.randn(6, 4) for j in range(4) for n in names}
     save_file(tensors, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{}")
     with open_checkpoint(tmp_path) as src:
         state = lazy_state(src)
-        gu = stack([cat([state[f"e{j}.g"], state[f"e{j}.u"]]) for j in range(4)])
+        gate_up = cat([state["e.1.gate_proj.weight"], state["e.1.up_proj.weight"]])
+        assert torch.equal(gate_up.narrow(0, 7, 9).load(), tensors["e.1.up_proj.weight"][1:3])
+        assert src.bytes_read == 2 * 4 * 4
+        gu = stack_experts(state, "e")["e.gate_up_proj"]  # how MoE checkpoints are read
         part = gu.narrow(0, 2, 4).narrow(1, 7, 9)  # experts 2-3, up rows 1-2
-        assert torch.equal(part.load(), torch.stack([tensors[f"e{j}.u"][1:3] for j in (2, 3)]))
-        assert src.bytes_read == 2 * 2 * 4 * 4
-        assert torch.equal(src.get_slice("e0.g", 1, 1, 3), tensors["e0.g"][:, 1:3])
+        want = torch.stack([tensors[f"e.{j}.up_proj.weight"][1:3] for j in (2, 3)])
+        assert torch.equal(part.load(), want)
+        assert src.bytes_read == 2 * 4 * 4 + 2 * 2 * 4 * 4
+        gate0 = tensors["e.0.gate_proj.weight"]
+        assert torch.equal(src.get_slice("e.0.gate_proj.weight", 1, 1, 3), gate0[:, 1:3])

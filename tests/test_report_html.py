@@ -13,7 +13,7 @@ import pytest
 from modelkin.compare.html import render_html, render_index
 from modelkin.compare.pipeline import compare
 from modelkin.compare.settings import BehaviourSettings
-from modelkin.runtime.tiny import make_tiny
+from modelkin.synth.tiny import make_tiny
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -17,8 +17,8 @@ from modelkin.cli import main
 from modelkin.compare import fingerprint
 from modelkin.compare.fingerprints.std_curve import compute_std_curves
 from modelkin.compare.fingerprints.weights import ModelWeights
-from modelkin.compare.upcycle_build import plan, upcycle
 from modelkin.errors import ConfigError, InputError
+from modelkin.synth.upcycle import plan, upcycle
 from tests.ckpt_factory import tiny_llama_state, write_safetensors_checkpoint
 
 CPU = torch.device("cpu")
@@ -186,7 +186,7 @@ def test_pangu_std_curve_reads_attention_tensors_only(smol_moge):
 
 
 def test_exported_tokenizer_matches_the_gguf(smol_moge):
-    from modelkin.runtime.tokenizer import load_tokenizer
+    from modelkin.tokenizer import load_tokenizer
 
     text = "Upcycling: 72B MoE from a 14B dense model? ¿Quién sabe — 42 tokens."
     ours = load_tokenizer(None, smol_moge["moge"])

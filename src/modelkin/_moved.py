@@ -16,11 +16,26 @@ import warnings
 # old dotted path -> new dotted path; one block per package, each kept by whoever moves that package.
 
 # tokenizer/ (from runtime/)
-_TOKENIZER: dict[str, str] = {}
+_TOKENIZER: dict[str, str] = {
+    "modelkin.runtime.tokenizer": "modelkin.tokenizer",
+    "modelkin.runtime.tokenizer_base": "modelkin.tokenizer.base",
+    "modelkin.runtime.tokenizer_fast": "modelkin.tokenizer.fast",
+    "modelkin.runtime.tokenizer_files": "modelkin.tokenizer.files",
+    "modelkin.runtime.tokenizer_sp": "modelkin.tokenizer.sp",
+    "modelkin.runtime.tokenizer_tiny": "modelkin.tokenizer.tiny",
+    "modelkin.runtime.gguf_vocab": "modelkin.tokenizer.gguf_vocab",
+    "modelkin.runtime.chat": "modelkin.tokenizer.chat",
+    "modelkin.runtime.chat_limits": "modelkin.tokenizer.chat_limits",
+}
 
 
 # synth/ (checkpoint writers, from runtime/ and compare/)
-_SYNTH: dict[str, str] = {}
+_SYNTH: dict[str, str] = {
+    "modelkin.compare.upcycle_build": "modelkin.synth.upcycle",
+    "modelkin.compare.variants": "modelkin.synth.variants",
+    "modelkin.runtime.tiny": "modelkin.synth.tiny",
+    "modelkin.runtime.tiny_moe": "modelkin.synth.tiny",
+}
 
 
 # runtime/ (moe/, parallel/, cpu_kernels)

@@ -55,8 +55,8 @@ def smollm2_path() -> Path:
 
 def build_variants(source: Path, folder: Path, *, seed: int, tick: Any) -> dict[str, Path]:
     """Write the three relatives of ``source`` into ``folder``; returns name -> checkpoint directory."""
-    from modelkin.compare import variants
-    from modelkin.compare.upcycle_build import upcycle
+    from modelkin.synth import variants
+    from modelkin.synth.upcycle import upcycle
 
     out = {}
     tick("building the upcycled Pangu MoGE model")

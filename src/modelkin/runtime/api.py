@@ -363,9 +363,9 @@ def load(
     """
     from modelkin.backends import get_backend
     from modelkin.checkpoint import open_checkpoint
-    from modelkin.runtime.layers import prefer_gemv_layout
+    from modelkin.runtime.cpu_kernels import prefer_gemv_layout
     from modelkin.runtime.loader import load_model
-    from modelkin.runtime.tokenizer import load_tokenizer
+    from modelkin.tokenizer import load_tokenizer
 
     backend = get_backend(device, allow_fallback=allow_fallback)
     torch_dtype = backend.resolve_dtype(dtype)

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from modelkin.runtime.layers import Linear, split_gemv
+from modelkin.runtime.cpu_kernels import Linear, split_gemv
 
 Span = tuple[int, int, int]  # (expert, first row, end row) in the expert-sorted pairs
 

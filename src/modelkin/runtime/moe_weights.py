@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from modelkin.checkpoint.lazy import LazyTensor
 from modelkin.errors import ConfigError
-from modelkin.runtime.loader import LazyTensor
 
 SWIGLU_NAMES = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_NAMES = ("w1", "w3", "w2")  # gate, up, down

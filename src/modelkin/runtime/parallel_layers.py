@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelkin.checkpoint.lazy import LazyTensor, StateDict, cat
 from modelkin.errors import UnsupportedArchitectureError
 from modelkin.runtime.layers import MLP, Attention
-from modelkin.runtime.loader import LazyTensor, StateDict, cat
 from modelkin.runtime.moe import RouterPolicy, SparseMoeBlock, StackedExperts
 from modelkin.runtime.parallel import Layout, Reduce, expert_range, head_ranges, split_range
 

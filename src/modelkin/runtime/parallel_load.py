@@ -75,7 +75,7 @@ def load_parallel(
     """
     from modelkin.checkpoint import open_checkpoint
     from modelkin.runtime.api import Model
-    from modelkin.runtime.tokenizer import load_tokenizer
+    from modelkin.tokenizer import load_tokenizer
 
     torch_dtype = ctx.backend.resolve_dtype(dtype)
     with open_checkpoint(path) as source:

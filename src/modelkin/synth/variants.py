@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from modelkin.errors import CheckpointError, TokenizerError, UnsupportedArchitectureError
+from modelkin.tokenizer.write import copy_tokenizer_files, write_gguf_tokenizer
 from modelkin.utils import atomic_path
 
 DENSE_TYPES = ("llama", "qwen2")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
 
 
 def read_dense(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -152,55 +150,21 @@ def write_tokenizer_files(source: str | os.PathLike[str], outdir: str | os.PathL
     """Give ``outdir`` the tokenizer of checkpoint ``source`` as HF files.
 
     An HF directory's tokenizer files are copied; a GGUF vocabulary of the byte-level BPE kind is written
-    as tokenizer.json + tokenizer_config.json (BOS/EOS policy and chat template kept).
+    as tokenizer.json + tokenizer_config.json (BOS/EOS policy and chat templates kept).
 
     Raises:
         TokenizerError: the source has no tokenizer, or a GGUF vocabulary kind we cannot export.
     """
     src, out = Path(source), Path(outdir)
-    folder = src if src.is_dir() else src.parent
     if src.suffix.lower() != ".gguf":
-        copied = [f for f in TOKENIZER_FILES if (folder / f).is_file()]
-        if not copied:
+        if not copy_tokenizer_files(src if src.is_dir() else src.parent, out):
             raise TokenizerError(f"{source} has no tokenizer files to copy", hint="add tokenizer.json to it")
-        for f in copied:
-            shutil.copyfile(folder / f, out / f)
         return
-    _write_gguf_tokenizer(src, out)
-
-
-def _write_gguf_tokenizer(src: Path, out: Path) -> None:
-    from tokenizers import Tokenizer, processors
-
     from modelkin.checkpoint import open_checkpoint
-    from modelkin.runtime.gguf_vocab import gguf_tokenizer_parts
 
     with open_checkpoint(src) as ckpt:
-        parts = gguf_tokenizer_parts(ckpt.metadata(), str(src))
-    tk_src = getattr(parts.backend, "tk", None) if parts is not None else None
-    if tk_src is None:
-        raise TokenizerError(f"{src}: only byte-level BPE (gpt2-style) GGUF vocabularies can be exported",
-                             hint="use an HF checkpoint directory as the source")
-    tk = Tokenizer.from_str(tk_src.to_str())
-    backend = parts.backend
-    specials, single = [], "$A"
-    if backend.add_bos and backend.bos_id is not None:
-        bos = tk.id_to_token(backend.bos_id)
-        single, specials = f"{bos} {single}", [(bos, backend.bos_id)]
-    if backend.add_eos and backend.eos_id is not None:
-        eos = tk.id_to_token(backend.eos_id)
-        single, specials = f"{single} {eos}", [*specials, (eos, backend.eos_id)]
-    if specials:
-        tk.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
-    tk.save(str(out / "tokenizer.json"))
-    cfg: dict[str, Any] = {f"{k}_token": v for k, v in parts.tokens.items()}
-    cfg.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False)
-    templates = parts.chat_templates
-    if isinstance(templates, dict) and "default" in templates:
-        cfg["chat_template"] = templates["default"]
-    elif isinstance(templates, str):
-        cfg["chat_template"] = templates
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+        meta = ckpt.metadata()
+    write_gguf_tokenizer(meta, str(src), out)
 
 
 def write_hf_checkpoint(outdir: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, Any], *,

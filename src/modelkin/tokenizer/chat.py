@@ -19,9 +19,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
 from modelkin.errors import InputError, TokenizerError
-from modelkin.runtime.chat_limits import LimitedSandbox, check_namespace_value, render_limited
+from modelkin.tokenizer.chat_limits import LimitedSandbox, check_namespace_value, render_limited
 
-# Pangu Pro MoE / openPangu-Embedded chat format (pangu-pro-moe.md §5): [unused9] opens a turn, the
+# Pangu Pro MoE / openPangu-Embedded chat format: [unused9] opens a turn, the
 # role name and a full-width colon (U+FF1A) follow, [unused10] closes it; a conversation without a
 # system turn gets an empty one. BOS is added by the tokenizer, not by the template.
 PANGU_CHAT_TEMPLATE = (

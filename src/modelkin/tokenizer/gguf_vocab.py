@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from modelkin.errors import TokenizerError
-from modelkin.runtime.tokenizer_base import TokenizerParts
-from modelkin.runtime.tokenizer_fast import FastBackend
-from modelkin.runtime.tokenizer_sp import SpecialSplitter
+from modelkin.tokenizer.base import TokenizerParts
+from modelkin.tokenizer.fast import FastBackend
+from modelkin.tokenizer.sp import SpecialSplitter
 
 # llama.cpp token types (gguf TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

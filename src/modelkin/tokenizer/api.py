@@ -1,7 +1,5 @@
-"""modelkin's tokenizer: one surface over tokenizer.json, tokenizer.model and GGUF vocabularies.
-
-``load_tokenizer(source, path)`` finds the tokenizer a checkpoint carries; ids match transformers'
-tokenizer for the same files. End-of-generation ids gather every EOS the checkpoint declares.
+"""The Tokenizer class and ``load_tokenizer(source, path)``: one surface over tokenizer.json, tokenizer.model
+and GGUF vocabularies; ids match transformers' for the same files, EOS ids gather every EOS declared.
 """
 
 from __future__ import annotations
@@ -11,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from modelkin.errors import InputError, TokenizerError
-from modelkin.runtime.chat import PANGU_CHAT_TEMPLATE, ChatTemplate, is_pangu_config
-from modelkin.runtime.tokenizer_base import TokenizerParts
+from modelkin.tokenizer.base import TokenizerParts
+from modelkin.tokenizer.chat import PANGU_CHAT_TEMPLATE, ChatTemplate, is_pangu_config
 
-__all__ = ["Tokenizer", "load_tokenizer", "write_tiny_tokenizer"]
+__all__ = ["Tokenizer", "load_tokenizer"]
 
 
 class Tokenizer:
@@ -166,8 +164,8 @@ def load_tokenizer(source: Any, path: str | Path) -> Tokenizer | None:
     Raises:
         TokenizerError: a tokenizer file exists but is unreadable or inconsistent (names the file).
     """
-    from modelkin.runtime.gguf_vocab import gguf_tokenizer_parts
-    from modelkin.runtime.tokenizer_files import hf_tokenizer_parts, read_json
+    from modelkin.tokenizer.files import hf_tokenizer_parts, read_json
+    from modelkin.tokenizer.gguf_vocab import gguf_tokenizer_parts
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
@@ -188,7 +186,7 @@ def _model_config(source: Any, folder: Path) -> dict[str, Any]:
             return dict(source.config())
         except Exception:  # noqa: BLE001 - a source without a usable config still has a tokenizer
             return {}
-    from modelkin.runtime.tokenizer_files import read_json
+    from modelkin.tokenizer.files import read_json
 
     try:
         return read_json(folder / "config.json") or {}
@@ -204,9 +202,3 @@ def _gguf_metadata(source: Any, path: Path) -> Mapping[str, Any]:
     with open_checkpoint(path) as opened:
         return opened.metadata()
 
-
-def write_tiny_tokenizer(outdir: str | Path, kind: str = "bpe", vocab_size: int = 512) -> None:
-    """Write a small real tokenizer for make-tiny checkpoints; see ``tokenizer_tiny``."""
-    from modelkin.runtime.tokenizer_tiny import write_tiny_tokenizer as write
-
-    write(outdir, kind, vocab_size=vocab_size)

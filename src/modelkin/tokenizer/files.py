@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from modelkin.errors import TokenizerError
-from modelkin.runtime.tokenizer_base import TokenizerParts
-from modelkin.runtime.tokenizer_fast import FastBackend
-from modelkin.runtime.tokenizer_sp import SentencePieceBackend, load_processor
+from modelkin.tokenizer.base import TokenizerParts
+from modelkin.tokenizer.fast import FastBackend
+from modelkin.tokenizer.sp import SentencePieceBackend, load_processor
 
 _NAMED = ("bos", "eos", "unk", "pad")
 _LLAMA_CLASSES = frozenset({"LlamaTokenizer", "LlamaTokenizerFast"})

@@ -57,7 +57,7 @@ SP_META = ("<unk>", "<s>", "</s>", "<pad>")
 SP_USER = ("[unused9]", "[unused10]", "[unused11]", "[unused12]", "[unused16]", "[unused17]")
 
 
-def write_tiny_tokenizer(outdir: str | Path, kind: str = "bpe", *, vocab_size: int = 512) -> None:
+def write_tiny_tokenizer(outdir: str | Path, kind: str = "bpe", vocab_size: int = 512) -> None:
     """Train a small tokenizer and write its files into ``outdir`` (created if needed).
 
     Args:

@@ -1,15 +1,17 @@
-"""Build a Pangu-Pro-MoE-layout (MoGE) checkpoint from a dense Llama/Qwen2 checkpoint: the alleged derivation.
+"""The upcycle builder (what `modelkin upcycle` runs): a Pangu-Pro-MoE-layout (MoGE) checkpoint written from a
+dense Llama/Qwen2 checkpoint, the alleged derivation. The fingerprint method that detects such a derivation
+is the upcycle detector, compare/fingerprints/upcycle.py.
 
 Attention is copied (zero q/k/v/o biases added where the dense model has none); each layer's MLP
 neurons are split at random into E routed experts and one shared expert; the router starts from each
 expert's mean gate row; router_scale is ones; optional Gaussian noise of ``noise`` × each tensor's std.
-Tensor names and config follow docs/pangu-pro-moe.md §1–2. Written to a temporary directory, renamed.
+Tensor names and config are those runtime/models/pangu_moe.py loads. Written to a temporary directory,
+renamed.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +19,11 @@ from typing import Any
 import torch
 
 from modelkin.checkpoint import TensorSource, open_checkpoint
-from modelkin.errors import ConfigError, InputError
+from modelkin.errors import ConfigError, InputError, TokenizerError
+from modelkin.tokenizer.write import copy_tokenizer_files, write_gguf_tokenizer
 from modelkin.utils import atomic_path
 
 DENSE_TYPES = ("llama", "qwen2", "mistral")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 SHARD_BYTES = 2 * 1024**3
 
 
@@ -183,36 +184,17 @@ def _layer(src: TensorSource, i: int, spec: UpcycleSpec, put, gen: torch.Generat
 
 
 def _tokenizer(src: TensorSource, dense: Path, out: Path) -> str:
-    """Copy (HF dir) or export (GGUF byte-level BPE) the tokenizer; says what was done."""
-    folder = dense if dense.is_dir() else dense.parent
+    """Copy (HF dir) or write (GGUF byte-level BPE) the tokenizer; says what was done."""
     if src.format != "gguf":
-        copied = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
-        for n in copied:
-            shutil.copyfile(folder / n, out / n)
-        return f"copied {', '.join(copied)}" if copied else "none: the dense checkpoint has no tokenizer files"
-    from modelkin.runtime.gguf_vocab import gguf_tokenizer_parts
-
-    parts = gguf_tokenizer_parts(src.metadata(), str(dense))
-    tk = getattr(parts.backend, "tk", None) if parts is not None else None
-    if tk is None:
-        return f"not exported: use the GGUF vocabulary of {dense.name} (no tokenizer.json equivalent)"
-    backend = parts.backend
-    if backend.add_bos and backend.bos_id is not None:
-        from tokenizers import processors
-
-        bos = tk.id_to_token(backend.bos_id)
-        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                          special_tokens=[(bos, backend.bos_id)])
-    tk.save(str(out / "tokenizer.json"))
-    config = {f"{k}_token": v for k, v in parts.tokens.items()}
-    config.update({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bool(backend.add_bos),
-                   "add_eos_token": bool(backend.add_eos)})
-    templates = parts.chat_templates
-    if templates:
-        config["chat_template"] = templates if isinstance(templates, str) else templates.get(
-            "default", next(iter(templates.values())))
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    return "exported tokenizer.json and tokenizer_config.json from the GGUF vocabulary"
+        copied = copy_tokenizer_files(dense if dense.is_dir() else dense.parent, out)
+        if not copied:
+            return "none: the dense checkpoint has no tokenizer files"
+        return f"copied {', '.join(copied)}"
+    try:
+        written = write_gguf_tokenizer(src.metadata(), str(dense), out)
+    except TokenizerError as err:
+        return f"not exported: {err.message}"
+    return f"exported {', '.join(written[:-1])} and {written[-1]} from the GGUF vocabulary"
 
 
 def upcycle(dense: str | Path, outdir: str | Path, *, experts: int, groups: int, shared_fraction: float = 0.25,
