@@ -20,6 +20,7 @@ import torch
 
 from modelkin.checkpoint import open_checkpoint
 from modelkin.compare import fingerprint
+from modelkin.tokenizer import write_gguf_tokenizer
 from tests.ckpt_factory import write_safetensors_checkpoint
 
 OPTIONS = {
@@ -132,6 +133,7 @@ def smol(smollm2_gguf, tmp_path_factory):
         for name, sd in (("permuted", perm_state), ("twin", independent_twin(state, 2, per_tensor=False)),
                          ("twin_std", independent_twin(state, 3, per_tensor=True))):
             paths[name] = write_safetensors_checkpoint(root / name, {k: v.half() for k, v in sd.items()}, cfg)
+            write_gguf_tokenizer(src.metadata(), smollm2_gguf, paths[name])  # the vocabulary csu_aligned aligns on
         yield {"src": src, "state": state, "cfg": cfg, "perm_state": perm_state, **paths}
 
 
