@@ -15,9 +15,9 @@ import modelkin
 from modelkin.backends import get_backend
 from modelkin.checkpoint import open_checkpoint
 from modelkin.errors import ConfigError, InputError
-from modelkin.runtime.api import Model
+from modelkin.runtime.api import Model, load_source
 from modelkin.runtime.parallel import Layout, expert_range, head_ranges, resolve_degrees, split_range
-from modelkin.runtime.parallel_load import load_shard
+from modelkin.runtime.parallel.shard import build
 from modelkin.synth.tiny import make_tiny
 
 IDS = [[1, 50, 34, 28, 46, 31, 25, 13, 30, 37], [1, 2, 3, 4, 9]]
@@ -44,7 +44,7 @@ class ThreadGroup:
 
 
 class ThreadCtx:
-    """What load_shard needs of a DistContext, with thread collectives."""
+    """What loading a shard needs of a DistContext, with thread collectives."""
 
     def __init__(self, layout: Layout, tp_group: ThreadGroup, world: ThreadGroup):
         self.layout, self.backend = layout, get_backend("cpu")
@@ -66,8 +66,7 @@ def run_parallel(path: Path, tp: int, ep: int, fn) -> list:
     for layout in Layout(tp, ep).ranks():
         ctx = ThreadCtx(layout, tp_groups[layout.ep_rank], world)
         with open_checkpoint(path) as src:
-            module = load_shard(src, ctx, dtype=torch.float64)
-        models.append(Model(module, tokenizer=None, backend=ctx.backend, dtype=torch.float64, path=str(path)))
+            models.append(load_source(src, path, backend=ctx.backend, dtype=torch.float64, parallel=ctx))
     results: list = [None] * len(models)
     errors: list = []
 
@@ -147,11 +146,9 @@ def test_parallel_matches_single_process(tiny_dir, arch, overrides, tp, ep):
 
 
 def test_shards_have_the_documented_shapes(tiny_dir):
-    from modelkin.runtime.parallel_load import build_sharded
-
     with open_checkpoint(tiny_dir("llama", **SMOL_LIKE)) as src:
         shapes = [
-            {n: tuple(p.shape) for n, p in build_sharded(src, lay)[1].named_parameters()}
+            {n: tuple(p.shape) for n, p in build(src, lay).module.named_parameters()}
             for lay in Layout(2, 1).ranks()
         ]
     dh = 8
@@ -173,7 +170,8 @@ def test_expert_parallel_reads_only_local_experts(tiny_dir):
     reads = []
     for layout in Layout(1, 2).ranks():
         with open_checkpoint(path) as src:
-            load_shard(src, ThreadCtx(layout, ThreadGroup([0]), ThreadGroup([0, 1])), dtype=torch.float32)
+            ctx = ThreadCtx(layout, ThreadGroup([0]), ThreadGroup([0, 1]))
+            load_source(src, path, backend=ctx.backend, dtype=torch.float32, parallel=ctx)
             reads.append(src.bytes_read)
     # routed experts (2 of 4 groups) and shared-expert neurons split in half; the rest on both ranks
     assert reads == [total - split_bytes // 2] * 2
@@ -206,7 +204,7 @@ def test_lazy_narrow_reads_only_slices(tmp_path):
 
     from modelkin.checkpoint.lazy import cat
     from modelkin.runtime.loader import lazy_state
-    from modelkin.runtime.moe_weights import stack_experts
+    from modelkin.runtime.moe.weights import stack_experts
 
     names = ("gate_proj", "up_proj", "down_proj")
     tensors = {f"e.{j}.{n}.weight": torch.randn(6, 4) for j in range(4) for n in names}

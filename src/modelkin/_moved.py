@@ -39,7 +39,15 @@ _SYNTH: dict[str, str] = {
 
 
 # runtime/ (moe/, parallel/, cpu_kernels)
-_RUNTIME: dict[str, str] = {}
+_RUNTIME: dict[str, str] = {
+    "modelkin.runtime.moe_cpu": "modelkin.runtime.moe.cpu",
+    "modelkin.runtime.moe_weights": "modelkin.runtime.moe.weights",
+    "modelkin.runtime.moe_telemetry": "modelkin.runtime.moe.telemetry",
+    "modelkin.runtime.npu_ops": "modelkin.runtime.moe.npu_ops",
+    "modelkin.runtime.parallel_layers": "modelkin.runtime.parallel.layers",
+    "modelkin.runtime.parallel_load": "modelkin.runtime.parallel.shard",
+    "modelkin.runtime.memory_plan": "modelkin.runtime.parallel.memory_plan",
+}
 
 
 # compare/ (stats, behaviour/, report/)

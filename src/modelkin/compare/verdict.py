@@ -1,17 +1,20 @@
 """Combine weight fingerprints and behaviour into one call: related, unrelated or inconclusive.
 
 Rules (every reason in a report names the rule it applied):
-  R1  Weight fingerprints: each method with a p-value tests H0 "trained independently"; the p-values
-      are adjusted together with Holm-Bonferroni and a method counts when its adjusted p < 0.01.
+  R1  Only weight tests whose null holds for independently trained real models decide: exact
+      randomisation over a symmetry of a model's own training (pcs, permtest, csu_aligned, upcycle) or an
+      empirical null over real unrelated models. Their p-values are adjusted together with
+      Holm-Bonferroni; a test counts when its adjusted p < 0.01. Statistics with synthetic nulls
+      (std_curve, invariants, spectral) are shown as description and never decide.
   R2  Functional identity (same tokenizer only): mean next-token JS divergence <= 1e-4 bits, top-1
       agreement >= 0.99 and greedy continuations agreeing on >= 95% of tokens. Independent training
       never yields the same function, so this alone says related (a copy, possibly re-parameterised).
-  R3  Two or more weight methods significant under R1 -> related.
-  R4  Exactly one significant weight method -> related only if behaviour is close as well (top-1
-      agreement >= 0.6 or greedy text similarity >= 0.6); otherwise inconclusive.
-  R5  Unrelated needs both halves: at least two weight methods evaluated, none with a raw p < 0.05,
-      and behaviour measured and distinguishable (the MMD test rejects equality at 0.05, or top-1
-      agreement < 0.5, or greedy text similarity < 0.5).
+  R3  One or more valid weight tests significant under R1 -> related.
+  R4  A valid test with a raw p < 0.05 that Holm does not confirm is weak evidence: it blocks
+      "unrelated" and the verdict is inconclusive.
+  R5  Unrelated needs both halves: at least one valid weight test applied, every one with a raw
+      p >= 0.05, and behaviour measured and distinguishable (the MMD test rejects equality at 0.05, or
+      top-1 agreement < 0.5, or greedy text similarity < 0.5).
   R6  A correlation of bits per byte across texts is reported as context and never decides: all
       language models find the same texts hard, so unrelated models correlate too.
   R7  Anything else is inconclusive, with the missing or conflicting evidence named.
@@ -32,7 +35,6 @@ NULL_FLOOR = 0.05
 JS_IDENTICAL = 1e-4
 TOP1_IDENTICAL = 0.99
 GREEDY_IDENTICAL = 0.95
-CLOSE = 0.6
 DIFFERENT = 0.5
 
 
@@ -62,17 +64,23 @@ class Verdict:
 
 
 def weight_evidence(fingerprint: FingerprintReport | None) -> list[dict[str, Any]]:
-    """Per fingerprint method: score, raw p, Holm-adjusted p and whether it rejects independence (R1)."""
+    """Per fingerprint method: score, raw p, null kind, Holm-adjusted p and whether it rejects independence.
+
+    Holm runs over the deciding methods only (R1); descriptive ones keep their p with a note.
+    """
     rows = []
     for name, m in (fingerprint.methods if fingerprint is not None else {}).items():
         p = m.p_value
-        row = {"method": name, "score": m.score, "p_value": None, "p_holm": None, "significant": False}
+        row = {"method": name, "score": m.score, "p_value": None, "p_holm": None, "significant": False,
+               "null_kind": m.null_kind, "decides": m.deciding}
         if isinstance(p, (int, float)) and math.isfinite(p):
             row["p_value"] = float(p)
+            if not m.deciding:
+                row["note"] = "descriptive: its null is synthetic, so it never decides"
         else:
             row["note"] = m.skipped or "no p-value"
         rows.append(row)
-    tested = [r for r in rows if r["p_value"] is not None]
+    tested = [r for r in rows if r["p_value"] is not None and r["decides"]]
     for r, adj in zip(tested, holm_bonferroni([r["p_value"] for r in tested])):
         r["p_holm"] = adj
         r["significant"] = adj < ALPHA
@@ -93,11 +101,6 @@ def functionally_identical(b: BehaviourResult | None) -> bool:
     return js <= JS_IDENTICAL and top1 >= TOP1_IDENTICAL and (greedy is None or greedy >= GREEDY_IDENTICAL)
 
 
-def _close(b: BehaviourResult) -> bool:
-    top1, sim = b.top1_agreement, b.greedy_text_similarity
-    return (top1 is not None and top1 >= CLOSE) or (sim is not None and sim >= CLOSE)
-
-
 def _distinguishable(b: BehaviourResult) -> str | None:
     """Why behaviour shows the models differ, or None (R5)."""
     mmd = b.mmd or {}
@@ -115,7 +118,7 @@ def decide(fingerprint: FingerprintReport | None, behaviour: BehaviourResult | N
            *, fingerprint_error: str | None = None) -> Verdict:
     """Apply R1-R7 to a fingerprint report and a behaviour result (either may be None)."""
     evidence = weight_evidence(fingerprint)
-    tested = [e for e in evidence if e["p_value"] is not None]
+    tested = [e for e in evidence if e["p_value"] is not None and e["decides"]]
     significant = [e for e in tested if e["significant"]]
     reasons = [_weights_summary(tested, significant, fingerprint_error)]
     if behaviour:
@@ -130,50 +133,49 @@ def decide(fingerprint: FingerprintReport | None, behaviour: BehaviourResult | N
         reasons.insert(0, "R2: the models compute the same function (JS ≤ 1e-4 bits, top-1 ≥ 0.99, "
                           "same greedy continuations)")
         return Verdict(verdict="related", reasons=reasons, evidence=evidence)
-    if len(significant) >= 2:
-        reasons.insert(0, f"R3: {len(significant)} weight methods reject independence after Holm-Bonferroni "
+    if significant:
+        reasons.insert(0, f"R3: {len(significant)} valid weight test(s) reject independence after Holm-Bonferroni "
                           f"({', '.join(e['method'] for e in significant)})")
         return Verdict(verdict="related", reasons=reasons, evidence=evidence)
-    if len(significant) == 1:
-        name = significant[0]["method"]
-        if behaviour and _close(behaviour):
-            reasons.insert(0, f"R4: one weight method ({name}) rejects independence and behaviour is close")
-            return Verdict(verdict="related", reasons=reasons, evidence=evidence)
-        reasons.insert(0, f"R4: only one weight method ({name}) rejects independence and behaviour "
-                          "does not corroborate it")
-        return Verdict(verdict="inconclusive", reasons=reasons, evidence=evidence)
     return _unrelated_or_not(tested, behaviour, reasons, evidence)
 
 
 def _unrelated_or_not(tested: list[dict[str, Any]], behaviour: BehaviourResult | None, reasons: list[str],
                       evidence: list[dict[str, Any]]) -> Verdict:
     low = [e for e in tested if e["p_value"] < NULL_FLOOR]
-    missing = []
-    if len(tested) < 2:
-        missing.append(f"only {len(tested)} weight method(s) gave a p-value (need 2)")
     if low:
-        missing.append("weak weight evidence (raw p < 0.05 but not significant after Holm), too low to call "
-                       "the models unrelated: " + ", ".join(f"{e['method']} p={_fmt(e['p_value'])}" for e in low))
+        reasons.insert(0, "R4: weak weight evidence (raw p < 0.05 but not significant after Holm), too low to "
+                          "call the models unrelated: "
+                          + ", ".join(f"{e['method']} p={_fmt(e['p_value'])}" for e in low))
+        return Verdict(verdict="inconclusive", reasons=reasons, evidence=evidence)
+    missing = []
+    if not tested:
+        missing.append("no weight test with a valid null applied to this pair" + _skipped_reasons(evidence))
     why_diff = _distinguishable(behaviour) if behaviour else None
     if not behaviour:
         missing.append("behaviour was not compared")
     elif why_diff is None:
         missing.append("behaviour does not distinguish the models")
     if not missing:
-        reasons.insert(0, f"R5: no weight method rejects independence ({len(tested)} tested, all p ≥ 0.05) "
+        reasons.insert(0, f"R5: no valid weight test rejects independence ({len(tested)} tested, all p ≥ 0.05) "
                           f"and {why_diff}")
         return Verdict(verdict="unrelated", reasons=reasons, evidence=evidence)
     reasons.insert(0, "R7: " + "; ".join(missing))
     return Verdict(verdict="inconclusive", reasons=reasons, evidence=evidence)
 
 
+def _skipped_reasons(evidence: list[dict[str, Any]]) -> str:
+    skipped = [f"{e['method']}: {e['note']}" for e in evidence if e["decides"] and e["p_value"] is None]
+    return f" ({'; '.join(skipped)})" if skipped else ""
+
+
 def _weights_summary(tested: list[dict[str, Any]], significant: list[dict[str, Any]], error: str | None) -> str:
     if error:
         return f"weight fingerprints unavailable: {error}"
     if not tested:
-        return "no weight fingerprint method gave a p-value"
+        return "no weight test with a valid null gave a p-value"
     parts = [f"{e['method']} p={_fmt(e['p_value'])} (Holm {_fmt(e['p_holm'])})" for e in tested]
-    return f"weights: {len(significant)}/{len(tested)} methods significant at {ALPHA}: " + ", ".join(parts)
+    return f"weights: {len(significant)}/{len(tested)} valid tests significant at {ALPHA}: " + ", ".join(parts)
 
 
 def _behaviour_summary(b: BehaviourResult) -> str:

@@ -27,6 +27,7 @@ from modelkin.compare.fingerprints.weights import ModelWeights, pick_layers
 from modelkin.tokenizer.canonical import shared_tokens
 
 NAME = "csu_aligned"
+NULL_KIND = "exact"  # see result.NULL_KINDS
 NULL = ("H0: A and B come from independent initialisations; A's MLP hidden units are exchangeable (a symmetry "
         "of A's own training) and the residual alignment and layer map depend only on quantities invariant to "
         "it, so each layer's unit matching is a uniformly random injection: exact Spearman p per layer, "
@@ -198,7 +199,7 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
     }
     if sim is not None:
         details["layer_map_similarity"] = [[round(float(v), 4) for v in row] for row in sim]
-    return MethodResult(name=NAME, score=score, p_value=p, null=NULL, details=details).decide()
+    return MethodResult(name=NAME, null_kind=NULL_KIND, score=score, p_value=p, null=NULL, details=details).decide()
 
 
 def _layer(fa: torch.Tensor, fb: torch.Tensor, rng: np.random.Generator, max_units: int) -> dict:

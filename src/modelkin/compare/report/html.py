@@ -24,7 +24,7 @@ text-align:left;vertical-align:top}th{background:#f2f4f7}td.num{text-align:right
 .muted{color:#666;font-size:.85em}img{max-width:100%;border:1px solid #eee;margin:6px 0}
 pre{white-space:pre-wrap;margin:0;font-size:.92em}details summary{cursor:pointer}
 .call-related{color:#b3261e;font-weight:600}.call-unrelated{color:#1e7d32;font-weight:600}
-.call-inconclusive,.call-skipped{color:#8a6d00}
+.call-inconclusive,.call-skipped{color:#8a6d00}.call-descriptive{color:#666}
 """
 
 
@@ -62,10 +62,10 @@ def _fingerprint_section(report: Any, labels: tuple[str, str]) -> str:
     rows = []
     for name, m in fp.methods.items():
         e = holm.get(name, {})
-        rows.append([_td(name), _td(m.score, True), _td(m.p_value, True), _td(e.get("p_holm"), True),
+        rows.append([_td(name), _td(m.null_kind), _td(m.score, True), _td(m.p_value, True), _td(e.get("p_holm"), True),
                      _td(m.z, True), f'<td class="call-{esc(m.call)}">{esc(m.call)}</td>',
                      f'<td class="muted">{esc(m.skipped or m.null)}</td>'])
-    table = _table(["method", "score", "p-value", "Holm p", "z", "call", "null hypothesis / note"], rows)
+    table = _table(["method", "null", "score", "p-value", "Holm p", "z", "call", "null hypothesis / note"], rows)
     std = fp.methods.get("std_curve")
     curves = std.details.get("curves") if std is not None else None
     png = std_curves_png(curves["a"]["curves"], curves["b"]["curves"], labels) if curves else None

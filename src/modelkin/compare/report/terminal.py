@@ -25,11 +25,11 @@ def print_summary(report: ComparisonReport, console: Any) -> None:
     fp = report.fingerprint
     if fp:
         table = Table(title="weight fingerprints", title_justify="left")
-        for col in ("method", "score", "p-value", "Holm p", "call"):
+        for col in ("method", "null", "score", "p-value", "Holm p", "call"):
             table.add_column(col, justify="right" if col not in ("method", "call") else "left")
         holm = {e["method"]: e.get("p_holm") for e in report.evidence}
         for name, m in fp.methods.items():
-            table.add_row(name, fmt(m.score), fmt(m.p_value), fmt(holm.get(name)),
+            table.add_row(name, m.null_kind, fmt(m.score), fmt(m.p_value), fmt(holm.get(name)),
                           m.call + (f" ({m.skipped})" if m.skipped else ""))
         console.print(table, soft_wrap=False)
     elif report.fingerprint_error:

@@ -16,7 +16,7 @@ from modelkin.runtime.config import DecoderArgs
 from modelkin.runtime.layers import Attention, DecoderLayer
 from modelkin.runtime.models.causal_lm import TINY_MOE, CausalLM, Tensors, Tiny, drop_rotary_buffers
 from modelkin.runtime.moe import Router, RouterPolicy, SparseMoeBlock, StackedExperts
-from modelkin.runtime.moe_weights import MIXTRAL_NAMES, stack_layer_experts, unstack_layer_experts
+from modelkin.runtime.moe.weights import MIXTRAL_NAMES, stack_layer_experts, unstack_layer_experts
 
 CHECKPOINT_BLOCK = ".block_sparse_moe."
 

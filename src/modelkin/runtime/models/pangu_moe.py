@@ -19,7 +19,7 @@ from modelkin.runtime.config import DecoderArgs
 from modelkin.runtime.layers import MLP, Attention, DecoderLayer
 from modelkin.runtime.models.causal_lm import TINY_MOE, CausalLM, Tensors, Tiny, drop_rotary_buffers
 from modelkin.runtime.moe import Router, RouterPolicy, SparseMoeBlock, StackedExperts
-from modelkin.runtime.moe_weights import stack_layer_experts, unstack_layer_experts
+from modelkin.runtime.moe.weights import stack_layer_experts, unstack_layer_experts
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

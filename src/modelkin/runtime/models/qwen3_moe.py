@@ -18,7 +18,7 @@ from modelkin.runtime.layers import MLP, Attention, DecoderLayer
 from modelkin.runtime.models.causal_lm import TINY_MOE, CausalLM, Tensors, Tiny, drop_rotary_buffers
 from modelkin.runtime.models.qwen2_moe import alias_expert_count, is_sparse_layer, validate_sparse_layout
 from modelkin.runtime.moe import Router, RouterPolicy, SparseMoeBlock, StackedExperts
-from modelkin.runtime.moe_weights import stack_layer_experts, unstack_layer_experts
+from modelkin.runtime.moe.weights import stack_layer_experts, unstack_layer_experts
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

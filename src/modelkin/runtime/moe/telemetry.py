@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelkin.runtime.moe.block import SparseMoeBlock
+
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class LayerRouting:
@@ -80,8 +82,6 @@ class RoutingTelemetry:
     @contextlib.contextmanager
     def recording(self, model: nn.Module) -> Iterator[RoutingTelemetry]:
         """Record every MoE router of `model` while the block is active."""
-        from modelkin.runtime.moe import SparseMoeBlock  # moe.py does not import this module back
-
         handles = [model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
         for module in model.modules():
             if isinstance(module, SparseMoeBlock):
@@ -174,6 +174,4 @@ class RoutingTelemetry:
 
 def has_moe(model: nn.Module) -> bool:
     """Whether `model` contains a routed MoE block (so routing telemetry means something)."""
-    from modelkin.runtime.moe import SparseMoeBlock
-
     return any(isinstance(m, SparseMoeBlock) for m in model.modules())

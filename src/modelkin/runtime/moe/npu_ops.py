@@ -1,9 +1,6 @@
-"""Optional Ascend fast paths: torch_npu fused MoE dispatch, RMSNorm and rotary behind plain signatures.
-
-torch_npu is looked up lazily (it patches torch on import) and only for tensors already on an NPU.
-The plain-torch functions in moe.py / layers.py stay the reference; these must give the same numbers.
-Written from the torch_npu API docs (platform-notes §1.9, pangu-pro-moe.md §7); CPU CI cannot run them.
-"""
+"""Optional Ascend fast path: torch_npu's fused MoE routing and grouped matmul behind the signature of
+`experts.experts_sorted`, which stays the reference (same numbers). torch_npu is looked up lazily (it
+patches torch on import); written from the torch_npu API docs, so CPU CI checks it against emulations."""
 
 from __future__ import annotations
 
@@ -17,8 +14,6 @@ import torch
 # torch_npu functions each fast path needs (all must exist, see `available`).
 _REQUIRED = {
     "moe": ("npu_moe_init_routing", "npu_grouped_matmul", "npu_moe_finalize_routing", "npu_swiglu"),
-    "rms_norm": ("npu_rms_norm",),
-    "rotary": ("npu_rotary_mul",),
 }
 
 
@@ -35,7 +30,7 @@ def _torch_npu() -> ModuleType | None:
 
 
 def available(kind: str) -> bool:
-    """Whether torch_npu offers every op the `kind` fast path ('moe', 'rms_norm', 'rotary') needs."""
+    """Whether torch_npu offers every op the `kind` fast path ('moe') needs."""
     mod = _torch_npu()
     return mod is not None and all(hasattr(mod, op) for op in _REQUIRED[kind])
 
@@ -47,7 +42,7 @@ def moe_experts(
     gate_up_EFD: torch.Tensor,
     down_EDF: torch.Tensor,
 ) -> torch.Tensor:
-    """Routed SwiGLU experts with torch_npu's fused ops; same result as `moe.experts_sorted`.
+    """Routed SwiGLU experts with torch_npu's fused ops; same result as `experts.experts_sorted`.
 
     init_routing sorts the T·K pairs by expert and gathers rows; two grouped matmuls run every
     expert on its row block (weights passed as [E, in, out] views); finalize_routing scales each
@@ -92,13 +87,3 @@ def _expert_offsets(tnpu: ModuleType, sorted_ids_S: torch.Tensor, num_experts: i
     counts_E = torch.bincount(sorted_ids_S.to(torch.int64), minlength=num_experts)
     return torch.cumsum(counts_E, 0)
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """torch_npu.npu_rms_norm: x·rsqrt(mean(x²)+eps)·weight (statistics in fp32 inside the kernel)."""
-    return _torch_npu().npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
-
-
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """torch_npu.npu_rotary_mul: x·cos + rotate_half(x)·sin (NeoX layout); x [B, H, L, Dh], cos/sin
-    broadcastable 4-D."""
-    return _torch_npu().npu_rotary_mul(x, cos.to(x.dtype), sin.to(x.dtype))

@@ -1,11 +1,5 @@
-"""Tensor- and expert-parallel versions of the shared blocks, made by rewriting a meta-device model.
-
-Attention: q/k/v column-split by whole GQA groups, o row-split. MLP: gate/up column-split by
-neurons, down row-split. Each row-parallel matmul is followed by one all-reduce, then its bias.
-MoE: routed experts split across ep ranks (whole MoGE groups per rank) and their neurons across tp
-ranks; the shared expert's neurons split across all ranks; tokens stay replicated, every rank runs
-the same router, adds only its own experts' share, and one all-reduce per layer combines them.
-Embeddings, norms, routers and lm_head stay replicated.
+"""Tensor- and expert-parallel versions of the shared blocks, made by rewriting a meta-device model
+(`parallelize`), and the cut of each checkpoint tensor a rank reads (`shard_state`).
 
 Shape legend: T tokens, D model dim, F hidden dim, E experts, K experts per token, S = T·K pairs.
 """
@@ -22,7 +16,8 @@ from modelkin.checkpoint.lazy import LazyTensor, StateDict, cat
 from modelkin.errors import UnsupportedArchitectureError
 from modelkin.runtime.layers import MLP, Attention
 from modelkin.runtime.moe import RouterPolicy, SparseMoeBlock, StackedExperts
-from modelkin.runtime.parallel import Layout, Reduce, expert_range, head_ranges, split_range
+from modelkin.runtime.parallel.dist import Reduce
+from modelkin.runtime.parallel.layout import Layout, expert_range, head_ranges, split_range
 
 ShardFn = Callable[[LazyTensor], LazyTensor]  # full checkpoint tensor -> this rank's part
 
@@ -133,6 +128,13 @@ def parallelize(
     model: nn.Module, layout: Layout, *, reduce_tp: Reduce | None = None, reduce_world: Reduce | None = None
 ) -> dict[str, ShardFn]:
     """Rewrite ``model`` (on the meta device) in place into this rank's shard of it.
+
+    Attention: q/k/v column-split by whole GQA groups, o row-split. MLP: gate/up column-split by
+    neurons, down row-split. Each row-parallel matmul is followed by one all-reduce, then its bias.
+    MoE: routed experts split across ep ranks (whole MoGE groups per rank) and their neurons across
+    tp ranks; the shared expert's neurons split across all ranks; tokens stay replicated, every rank
+    runs the same router, adds only its own experts' share, and one all-reduce per layer combines
+    them. Embeddings, norms, routers and lm_head stay replicated.
 
     Returns:
         parameter name -> the function cutting this rank's part from the full checkpoint tensor

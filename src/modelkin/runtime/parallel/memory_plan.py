@@ -1,25 +1,21 @@
-"""Memory planning before loading: weights, KV cache, activations and the load buffer per device,
-for a tp × ep layout, against the device's free memory (or --memory-limit / MODELKIN_MEMORY_LIMIT).
-
-Weights are exact (parameters of each rank's meta-built model at the target dtype). The KV cache
-is exact for the requested batch and length. Activations are a rough upper estimate of one
-layer's transient tensors at prefill (layers run one at a time): the residual stream and its
-copies, q/k/v, the attention scores as if materialised in fp32, the MLP or the local experts'
-hidden states, and the fp32 logits of the last position. The load buffer is the largest tensor
-read at once (whole for formats that cannot read slices: GGUF, .bin).
-"""
+"""Memory planning before loading: weights, KV cache, activations and the load buffer per device for a
+tp × ep layout, against the device's free memory (or --memory-limit / MODELKIN_MEMORY_LIMIT).
+What is exact and what is estimated: `RankPlan`."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from modelkin.errors import DeviceError, InputError
-from modelkin.runtime.parallel import Layout
+from modelkin.runtime.parallel.layout import Layout
+from modelkin.runtime.parallel.shard import Shard, build
+from modelkin.utils import human_bytes
 
 MEMORY_LIMIT_ENV = "MODELKIN_MEMORY_LIMIT"
 _UNITS = {
@@ -52,18 +48,17 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
-def human(n: int | None) -> str:
-    if n is None:
-        return "unknown"
-    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class RankPlan:
-    """Bytes one rank needs."""
+    """Bytes one rank needs.
+
+    Weights are exact (parameters of the rank's meta-built model at the target dtype). The KV cache
+    is exact for the requested batch and length. Activations are a rough upper estimate of one
+    layer's transient tensors at prefill (layers run one at a time): the residual stream and its
+    copies, q/k/v, the attention scores as if materialised in fp32, the MLP or the local experts'
+    hidden states, and the fp32 logits of the last position. The load buffer is the largest tensor
+    read at once (whole for formats that cannot read slices: GGUF, .bin).
+    """
 
     rank: int
     weights: int
@@ -139,13 +134,14 @@ class MemoryPlan:
         ]
         for r in self.ranks:
             rows.append(
-                f"{r.rank:>4}  {human(r.weights):>10}  {human(r.kv_cache):>10}  "
-                f"{human(r.activations):>11}  {human(r.load_buffer):>10}  {human(r.total):>10}"
+                f"{r.rank:>4}  {human_bytes(r.weights):>10}  {human_bytes(r.kv_cache):>10}  "
+                f"{human_bytes(r.activations):>11}  {human_bytes(r.load_buffer):>10}  "
+                f"{human_bytes(r.total):>10}"
             )
         scope = "all ranks on this host" if self.shared_host else "largest rank, per device"
         verdict = "fits" if self.fits else "does NOT fit"
         tail = (
-            f"need {human(self.need)} ({scope}); available {human(self.available)} "
+            f"need {human_bytes(self.need)} ({scope}); available {human_bytes(self.available)} "
             f"({self.available_from}): {verdict}"
         )
         return "\n".join([head, *rows, tail])
@@ -164,7 +160,8 @@ def plan_memory(
     memory_limit: int | str | None = None,
     available: tuple[int | None, str] | None = None,
 ) -> MemoryPlan:
-    """Plan a run of the checkpoint behind ``source`` without reading any tensor data.
+    """Plan a run of the checkpoint behind ``source`` from one process: every rank's model is built
+    on the meta device here, and no tensor data is read.
 
     Args:
         source: an open TensorSource.
@@ -174,37 +171,73 @@ def plan_memory(
         max_len: KV cache length per sequence (default: the model's context).
         prompt_len: tokens of the prefill (default: ``max_len``).
         memory_limit: bytes (or '4GB') per device; default $MODELKIN_MEMORY_LIMIT, then free memory.
-        available: (bytes, where from) measured by the caller (e.g. agreed by all ranks); overrides.
+        available: (bytes, where from) measured by the caller; overrides ``memory_limit``.
 
     Raises:
         ConfigError, UnsupportedArchitectureError: the layout cannot split this model.
     """
-    from modelkin.runtime.parallel_load import build_sharded
+    shards = [build(source, layout) for layout in Layout(tp, ep).ranks()]
+    lengths = {"batch_size": batch_size, "max_len": max_len, "prompt_len": prompt_len}
+    ranks = [rank_plan(source, s, dtype=dtype, **lengths) for s in shards]
+    available = available or available_memory(backend, memory_limit)
+    return _memory_plan(source, shards[0], ranks, backend, dtype, batch_size, max_len, available)
 
-    ranks, context = [], None
-    for layout in Layout(tp, ep).ranks():
-        _, model, plan = build_sharded(source, layout)
-        context = model.args.max_position_embeddings
-        length = min(max_len or context, context)
-        ranks.append(
-            _rank_plan(
-                source, model, plan, layout, dtype, batch_size, length, min(prompt_len or length, length)
-            )
-        )
-    available, where = available or available_memory(backend, memory_limit)
+
+def plan_shard(
+    source: Any,
+    shard: Shard,
+    *,
+    backend: Any,
+    dtype: torch.dtype,
+    batch_size: int = 1,
+    max_len: int | None = None,
+    prompt_len: int | None = None,
+    memory_limit: int | str | None = None,
+    gather: Callable[[Any], list[Any]] | None = None,
+) -> MemoryPlan:
+    """Plan a run in which every rank has built its own ``shard`` (to load it next): each rank plans
+    itself, and ``gather`` (a DistContext's ``all_gather_object``; None for one process) shares the
+    RankPlans and the free memory every rank sees, so that all ranks take the same decision (the
+    smallest free memory counts). Arguments as `plan_memory`.
+    """
+    lengths = {"batch_size": batch_size, "max_len": max_len, "prompt_len": prompt_len}
+    mine = rank_plan(source, shard, dtype=dtype, **lengths)
+    seen = [(mine, available_memory(backend, memory_limit))]
+    if gather is not None:
+        seen = gather(seen[0])
+    known = [a for _, a in seen if a[0] is not None]
+    available = min(known) if known else (None, "unknown")
+    return _memory_plan(source, shard, [r for r, _ in seen], backend, dtype, batch_size, max_len, available)
+
+
+def _memory_plan(
+    source: Any,
+    shard: Shard,
+    ranks: list[RankPlan],
+    backend: Any,
+    dtype: torch.dtype,
+    batch_size: int,
+    max_len: int | None,
+    available: tuple[int | None, str],
+) -> MemoryPlan:
     return MemoryPlan(
         model=str(source.path),
         device=backend.name,
         dtype=str(dtype).removeprefix("torch."),
-        tp=tp,
-        ep=ep,
+        tp=shard.layout.tp,
+        ep=shard.layout.ep,
         batch_size=batch_size,
-        max_len=min(max_len or context, context),
+        max_len=_kv_length(shard, max_len),
         ranks=ranks,
-        available=available,
-        available_from=where,
+        available=available[0],
+        available_from=available[1],
         shared_host=backend.name == "cpu",
     )
+
+
+def _kv_length(shard: Shard, max_len: int | None) -> int:
+    context = shard.module.args.max_position_embeddings
+    return min(max_len or context, context)
 
 
 def available_memory(backend: Any, memory_limit: int | str | None = None) -> tuple[int | None, str]:
@@ -221,29 +254,32 @@ def available_memory(backend: Any, memory_limit: int | str | None = None) -> tup
     return (int(free), "free device memory") if free is not None else (None, "unknown")
 
 
-def _rank_plan(
+def rank_plan(
     source: Any,
-    model: torch.nn.Module,
-    plan: dict,
-    layout: Layout,
+    shard: Shard,
+    *,
     dtype: torch.dtype,
-    batch: int,
-    length: int,
-    prompt: int,
+    batch_size: int = 1,
+    max_len: int | None = None,
+    prompt_len: int | None = None,
 ) -> RankPlan:
+    """The bytes ``shard`` needs on its device (see RankPlan), from its meta-built model."""
     from modelkin.runtime.layers import Attention
 
+    model = shard.module
+    length = _kv_length(shard, max_len)
+    prompt = min(prompt_len or length, length)
     size = torch.empty((), dtype=dtype).element_size()
     weights = sum(p.numel() for p in model.parameters()) * size
     attns = [m for m in model.modules() if isinstance(m, Attention)]
-    kv = sum(2 * a.num_kv_heads * a.head_dim for a in attns) * length * batch * size
-    act = _activations(model, attns, batch, prompt, length, size)
-    return RankPlan(layout.rank, weights, kv, act, _load_buffer(source, model, plan, size))
+    kv = sum(2 * a.num_kv_heads * a.head_dim for a in attns) * length * batch_size * size
+    act = _activations(model, attns, batch_size, prompt, length, size)
+    return RankPlan(shard.layout.rank, weights, kv, act, _load_buffer(source, model, shard.cuts, size))
 
 
 def _activations(model: torch.nn.Module, attns: list, batch: int, prompt: int, length: int, size: int) -> int:
     """Rough peak of one layer's transients at prefill (see the module docstring)."""
-    from modelkin.runtime.moe import StackedExperts
+    from modelkin.runtime.moe.experts import StackedExperts
 
     args = model.args
     tokens = batch * prompt
@@ -313,9 +349,9 @@ def fitting_tp(
 
 def refuse(plan: MemoryPlan, *, suggestion: int | None) -> DeviceError:
     """The one-line error for a plan that does not fit, naming what would."""
-    what = f"{plan.model} needs {human(plan.need)} "
+    what = f"{plan.model} needs {human_bytes(plan.need)} "
     what += "on this host" if plan.shared_host else "per device"
-    what += f" (tp={plan.tp}, ep={plan.ep}, {plan.dtype}) but {human(plan.available)} is available"
+    what += f" (tp={plan.tp}, ep={plan.ep}, {plan.dtype}) but {human_bytes(plan.available)} is available"
     if plan.shared_host:
         hint = (
             "on CPU every rank shares the host's memory, so --tp does not help: free memory, "

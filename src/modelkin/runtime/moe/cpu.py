@@ -1,16 +1,10 @@
-"""CPU execution of the sorted expert loop: the hit experts are split across worker threads that run
-their small GEMMs single-threaded, and expert weights can be prepacked for oneDNN.
-
-Why: each expert's GEMM is tiny (M ≈ T·K/E rows); parallelising *inside* it costs an OpenMP
-fork/join per GEMM, hundreds per layer, and collapses when the cores are shared. Splitting *across*
-experts keeps every core streaming its own weights with no barrier. Measured in bench/moe.py.
-"""
+"""CPU execution of the expert loop: hit experts split across single-threaded workers (no OpenMP
+fork/join per tiny GEMM, which collapses on shared cores), and oneDNN-prepacked expert weights."""
 
 from __future__ import annotations
 
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -55,46 +49,6 @@ def _single_threaded(barrier: threading.Barrier) -> None:
 
 
 _WORKERS = _SingleThreadedWorkers()
-
-
-class _LoadProbe:
-    """Whether more tasks want to run than there are CPUs (1-minute load average, read once a second).
-
-    Our own busy threads count too, so 'oversubscribed' means at least one runnable task beyond
-    one per CPU: then every OpenMP barrier waits for a descheduled thread (bench/moe.py shows the
-    intra-op paths 5–30× slower), and splitting experts across threads wins.
-    """
-
-    def __init__(self) -> None:
-        self._checked_at = -1.0
-        self._value = False
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if now - self._checked_at > 1.0:
-            try:
-                load = os.getloadavg()[0]
-            except OSError:
-                load = 0.0
-            self._value, self._checked_at = load >= (os.cpu_count() or 1) + 1, now
-        return self._value
-
-
-oversubscribed = _LoadProbe()
-
-
-def prefer_intra_op(packed: PackedExperts | None, num_hit: int) -> bool:
-    """AUTO's choice between LOOP (torch's own threads inside each GEMM) and THREADS (experts split
-    across workers), from bench/moe.py on a quiet 2-vCPU box: LOOP on prepacked weights (oneDNN
-    threads well) and for few experts (decode: each one-row GEMV is split over the threads, 1.6x
-    faster than THREADS in fp32 at T=1, and the hand-off to workers costs more than it saves);
-    THREADS for many experts on plain weights (MKL's small fp32 GEMMs thread poorly), and always
-    when the CPU is oversubscribed (every intra-op barrier then waits for a descheduled thread)."""
-    return not oversubscribed() and (packed is not None or num_hit <= 16)
-
-
-def use_threads(device: torch.device) -> bool:
-    return device.type == "cpu" and torch.get_num_threads() > 1
 
 
 def balance(spans: list[Span], parts: int) -> list[list[Span]]:
@@ -167,8 +121,7 @@ def run_spans(
 
 def _mm(x_MI: torch.Tensor, w_OI: torch.Tensor, out_MO: torch.Tensor, parts: int) -> None:
     """out = x·wᵀ; a single row with several intra-op threads and a weight as large as layers.Linear
-    splits, as layers.split_gemv (MKL's GEMV stays on one core: 1.6x slower for one token's experts,
-    bench/moe.py T=1 fp32)."""
+    splits, as layers.split_gemv (MKL's GEMV stays on one core; numbers in bench/README.md)."""
     if parts > 1 and x_MI.shape[0] == 1 and w_OI.numel() >= Linear.SPLIT_MIN_NUMEL:
         out_MO[0] = split_gemv(x_MI[0], w_OI, None, parts)
     else:
