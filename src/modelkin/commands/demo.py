@@ -92,7 +92,7 @@ def build_variants(source: Path, folder: Path, *, seed: int, tick: Any) -> dict[
         folder / "permuted-copy", config, variants.permute_dense(config, tensors, seed=seed + 1), tokenizer_from=source)
     tick("writing the std-matched twin")
     out["std-matched-twin"] = variants.write_hf_checkpoint(
-        folder / "std-matched-twin", *derive.std_matched(config, tensors, seed=seed + 2), tokenizer_from=source)
+        folder / "std-matched-twin", *derive.std_matched(config, tensors, seed=seed + 3), tokenizer_from=source)
     tick("assembling Gemma-3-270M")
     gemma = gemma_path()
     if gemma is not None:
