@@ -136,6 +136,17 @@ def drop_rotary_buffers(state: StateDict) -> StateDict:
     return {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
 
 
+def check_qk_norms(state: StateDict, family: str) -> None:
+    """Raise a one-line ConfigError when a layer has q_proj but no q_norm/k_norm weight."""
+    for name in state:
+        if name.endswith("self_attn.q_proj.weight"):
+            for norm in ("q_norm", "k_norm"):
+                needed = name.replace("q_proj.weight", f"{norm}.weight")
+                if needed not in state:
+                    raise ConfigError(f"{family} checkpoint lacks the per-head {norm} tensor {needed}",
+                                      hint=f"{family} needs self_attn.q_norm and k_norm in every layer")
+
+
 def check_state(model: nn.Module, state: StateDict, *, where: str) -> None:
     """Raise one sorted, readable ConfigError if ``state`` does not fit ``model``'s parameters.
 
