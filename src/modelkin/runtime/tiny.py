@@ -104,6 +104,47 @@ TINY: dict[str, TinySpec] = {
         },
         tokenizer="bpe",
     ),
+    "qwen3": TinySpec(
+        config={
+            **_COMMON,
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "head_dim": 32,  # explicit and not hidden_size / heads, as in the real releases
+            "attention_bias": False,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "sliding_window": None,
+            "use_sliding_window": False,
+            "max_window_layers": 2,
+            "tie_word_embeddings": True,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+        },
+        tokenizer="bpe",
+    ),
+    "gemma3": TinySpec(
+        config={
+            **_COMMON,
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "hidden_act": "gelu_pytorch_tanh",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "rms_norm_eps": 1e-6,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            "final_logit_softcapping": None,
+            "attn_logit_softcapping": None,
+            "tie_word_embeddings": True,
+            "pad_token_id": 0,
+        },
+        tokenizer="sentencepiece",
+    ),
     "pangu_embedded": TinySpec(
         config={
             **_COMMON,
