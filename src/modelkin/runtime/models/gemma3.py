@@ -178,7 +178,10 @@ class Gemma3Stack(nn.Module):
         h = self.embed_tokens(input_ids_BL)
         h = h * torch.tensor(self.embed_scale, dtype=h.dtype)  # scale rounded to the weights' dtype, as HF
         L = input_ids_BL.shape[1]
-        S = L + (cache.length if cache is not None else 0)
+        if mask_BLS is not None:  # key slots: cache + new (the export's stand-in cache has no length)
+            S = mask_BLS.shape[-1]
+        else:
+            S = L + (cache.length if cache is not None else 0)
         ropes = {FULL: self.rotary_emb(positions_BL, h.dtype)}
         masks = {FULL: mask_BLS}
         if SLIDING in self.kinds:
