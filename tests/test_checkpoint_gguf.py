@@ -299,7 +299,8 @@ def test_gemma3_sandwich_norm_names():
     assert gguf_to_hf("blk.2.ffn_norm.weight", "gemma3") == "model.layers.2.pre_feedforward_layernorm.weight"
     assert gguf_to_hf("blk.2.post_attention_norm.weight", "gemma3") == (
         "model.layers.2.post_attention_layernorm.weight")
-    assert gguf_to_hf("blk.2.post_ffw_norm.weight", "gemma3") == "model.layers.2.post_feedforward_layernorm.weight"
+    assert gguf_to_hf("blk.2.post_ffw_norm.weight", "gemma3") == (
+        "model.layers.2.post_feedforward_layernorm.weight")
     assert gguf_to_hf("blk.2.ffn_norm.weight", "llama") == "model.layers.2.post_attention_layernorm.weight"
 
 

@@ -17,13 +17,13 @@ from modelkin.runtime.kv_cache import make_kv_cache
 transformers = pytest.importorskip("transformers")
 
 V = 300
-_GEMMA = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-              sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
-              rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
-_QWEN3 = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=512)
+_GEMMA = {"vocab_size": V, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512,
+          "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2,
+          "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+_QWEN3 = {"vocab_size": V, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24, "max_position_embeddings": 512}
 VARIANTS = {
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**_GEMMA, "query_pre_attn_scalar": 16}),
     # q scale differs from head_dim^-0.5, global rope scaled, final logits soft-capped, untied

@@ -49,7 +49,8 @@ class ModelArgs(DecoderArgs):
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
         d = text_config(config)
-        if "sliding_window" in d and d["sliding_window"] is None and SLIDING in (d.get("layer_types") or [SLIDING]):
+        sliding = SLIDING in (d.get("layer_types") or [SLIDING])
+        if "sliding_window" in d and d["sliding_window"] is None and sliding:
             raise ConfigError("config.json key 'sliding_window' is null but layer_types has sliding layers",
                               hint="set sliding_window (Gemma-3 uses 512 or 1024) in config.json")
         return DecoderArgs.from_hf_config.__func__(cls, d)
