@@ -5,6 +5,10 @@ read per token).
 
     python -P bench/decode.py [--model smollm2|gemma3] [--threads 2] [--tokens 64] [--repeats 5]
                               [--json FILE]
+    python -m bench.decode --tiny-moe [--threads 2] [--tokens 64] [--repeats 7]
+
+``--tiny-moe`` times instead a random Qwen3-MoE (hidden 512, vocab 32768: the lm_head is its largest
+matrix) with its lm_head as plain ``nn.Linear`` and as ``cpu_kernels.Linear`` (split GEMV), interleaved.
 
 Decode rate = (N - 1) / (time from the first to the N-th generated token), each engine timed by its own
 streaming callback, so prefill is excluded. Engines run interleaved, repeat by repeat; the median is
@@ -134,6 +138,68 @@ def llama_cpp_engine(path: Path, ids: list[int], threads: int) -> Callable[[int]
     return run
 
 
+TINY_MOE = {  # qwen3_moe make-tiny entry, scaled so that lm_head (512 x 32768) dominates a token
+    "hidden_size": 512,
+    "vocab_size": 32768,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "intermediate_size": 1024,
+    "moe_intermediate_size": 256,
+    "num_hidden_layers": 2,
+}
+
+
+def tiny_moe_lm_head(args: argparse.Namespace) -> None:
+    """Decode tok/s of a tiny MoE with lm_head as nn.Linear vs cpu_kernels.Linear, same weights."""
+    import os
+    import tempfile
+
+    from torch import nn
+
+    from modelkin.checkpoint import open_checkpoint
+    from modelkin.runtime.cpu_kernels import Linear, prefer_gemv_layout
+    from modelkin.runtime.generate import decode_step, prefill
+    from modelkin.runtime.kv_cache import make_kv_cache
+    from modelkin.runtime.loader import load_model
+    from modelkin.synth.tiny import make_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_tiny("qwen3_moe", Path(tmp) / "m", seed=0, overrides=TINY_MOE, tokenizer=False)
+        with open_checkpoint(path) as source:
+            model = load_model(source, device=torch.device("cpu"), dtype=torch.float32)
+    prefer_gemv_layout(model)  # as modelkin.load does on CPU float32
+    ids = torch.randint(0, TINY_MOE["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
+
+    def run(n: int) -> float:
+        cache = make_kv_cache(model, batch_size=1, max_len=ids.shape[1] + n)
+        with torch.inference_mode():
+            token = prefill(model, ids, None, cache).argmax(-1)
+            start = time.perf_counter()
+            for _ in range(n):
+                token = decode_step(model, token, cache).argmax(-1)
+        return n / (time.perf_counter() - start)
+
+    variants = {"nn.Linear": nn.Linear, "cpu_kernels.Linear": Linear}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for cls in variants.values():  # warm-up
+        model.lm_head.__class__ = cls
+        run(4)
+    for repeat in range(args.repeats):
+        for name, cls in variants.items():
+            model.lm_head.__class__ = cls  # same weights, only forward differs
+            rates[name].append(run(args.tokens))
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()), flush=True)
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    print(
+        f"\ntiny qwen3_moe decode tok/s, batch 1, float32, {args.threads} threads, {args.tokens} tokens, "
+        f"median of {args.repeats}; load average {os.getloadavg()[0]:.2f}:"
+    )
+    for name, value in median.items():
+        print(f"  lm_head {name:20s} {value:8.1f} tok/s")
+    print(f"  cpu_kernels.Linear / nn.Linear = {median['cpu_kernels.Linear'] / median['nn.Linear']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
@@ -141,8 +207,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--tiny-moe", action="store_true", help="lm_head nn.Linear vs cpu_kernels.Linear")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tiny_moe:
+        return tiny_moe_lm_head(args)
     path = MODELS[args.model]()
 
     import modelkin

@@ -5,9 +5,14 @@ runs each method in its own subprocess (repeats, median): numpy.fromfile of ever
 ceiling), a naive script (safetensors load_file + per-tensor torch std), and
 modelkin.inspect_checkpoint (no cache). Reports GB/s and peak RSS of each. Each clock starts after
 the method's imports (torch's import is about a second, the same for every method).
+``--read`` adds TensorSource.get_tensor of every tensor (what fingerprint, compare and run use), each
+tensor's bytes then touched once (a uint8 max), through each safetensors read path: a private map of
+each tensor's byte range ("mmap"), positioned reads into a new buffer ("pread"), and the safetensors
+library's map of the whole file ("safe_open"); ``--read-only`` runs just those.
 
 Usage (from the repository root; as a file, bench/ would shadow the standard library's inspect):
     python -m bench.inspect [--gb 2.0] [--repeats 3] [--device cpu] [--json FILE] [--dir DIR]
+                            [--read all|mmap|pread|safe_open|none] [--read-only]
 """
 
 from __future__ import annotations
@@ -68,6 +73,24 @@ cpu_seconds = cpu() - cpu0
 n = res.totals["bytes_read"]
 """
 
+GET_TENSOR = """
+import os
+os.environ["MODELKIN_SAFETENSORS_READ"] = "{mode}"
+import torch
+from modelkin.checkpoint import open_checkpoint
+start()
+n = 0
+with open_checkpoint(DIR) as src:
+    for name in src.keys():
+        t = src.get_tensor(name)
+        if t.numel():
+            t.reshape(-1).view(torch.uint8).max()  # touch every byte, as any consumer does
+        n += t.numel() * t.element_size()
+        del t
+seconds = time.perf_counter() - t0
+cpu_seconds = cpu() - cpu0
+"""
+
 WRAP = """
 import json, resource, sys, time
 from pathlib import Path
@@ -126,6 +149,20 @@ def run_one(body: str, directory: Path, device: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _inspect_summary(summary: dict, results: dict, info: dict) -> None:
+    mk, npy, naive = results["modelkin"], results["numpy_read"], results["naive_torch_std"]
+    bound = 3 * info["largest"] / 1e6 + 500
+    summary.update({
+        "modelkin_vs_numpy": mk["gb_per_s"] / npy["gb_per_s"],
+        "modelkin_vs_naive": mk["gb_per_s"] / naive["gb_per_s"],
+        "rss_bound_mb": bound, "rss_within_bound": mk["peak_rss_mb"] < bound,
+    })
+    print(f"modelkin / numpy read = {summary['modelkin_vs_numpy']:.2f}x (target >= 0.75); "
+          f"modelkin / naive = {summary['modelkin_vs_naive']:.2f}x (target > 1); "
+          f"peak RSS {mk['peak_rss_mb']:.0f} MB vs bound {bound:.0f} MB; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=2.0)
@@ -133,6 +170,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dir", help="reuse/keep the checkpoint here instead of a temp dir")
     ap.add_argument("--json", help="write the numbers to this file")
+    ap.add_argument("--read", choices=("all", "mmap", "pread", "safe_open", "none"), default="all",
+                    help="also time get_tensor of every tensor through these safetensors read paths")
+    ap.add_argument("--read-only", action="store_true", help="run only the --read methods")
     args = ap.parse_args()
     tmp = None if args.dir else tempfile.TemporaryDirectory(prefix="modelkin-bench-")
     directory = Path(args.dir or tmp.name)
@@ -147,7 +187,11 @@ def main() -> None:
         nbytes = [2 * int(torch.tensor(s).prod()) for s in sizes]
         info = {"bytes": sum(nbytes), "largest": max(nbytes), "tensors": len(nbytes)}
     warm(directory)
-    methods = (("numpy_read", NUMPY), ("naive_torch_std", NAIVE), ("modelkin", MODELKIN))
+    methods = [("numpy_read", NUMPY), ("naive_torch_std", NAIVE), ("modelkin", MODELKIN)]
+    if args.read_only:
+        methods = []
+    modes = {"all": ("mmap", "pread", "safe_open"), "none": ()}.get(args.read, (args.read,))
+    methods += [(f"get_tensor_{m}", GET_TENSOR.format(mode=m)) for m in modes]
     runs: dict[str, list[dict]] = {name: [] for name, _ in methods}
     for _ in range(args.repeats):  # interleaved, so drifting machine load hits all methods alike
         for name, body in methods:
@@ -164,20 +208,20 @@ def main() -> None:
         print(f"{name:16s} {results[name]['gb_per_s']:7.3f} GB/s  median {secs:7.2f} s  "
               f"{results[name]['gb_per_cpu_s']:7.3f} GB per CPU-s  "
               f"peak RSS {results[name]['peak_rss_mb']:7.0f} MB", flush=True)
-    mk, npy, naive = results["modelkin"], results["numpy_read"], results["naive_torch_std"]
-    bound = 3 * info["largest"] / 1e6 + 500
     summary = {
         "checkpoint": info, "device": args.device, "cpus": os.cpu_count(),
         "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg(), "results": results,
-        "modelkin_vs_numpy": mk["gb_per_s"] / npy["gb_per_s"],
-        "modelkin_vs_naive": mk["gb_per_s"] / naive["gb_per_s"],
-        "rss_bound_mb": bound, "rss_within_bound": mk["peak_rss_mb"] < bound,
     }
-    print(f"modelkin / numpy read = {summary['modelkin_vs_numpy']:.2f}x (target >= 0.75); "
-          f"modelkin / naive = {summary['modelkin_vs_naive']:.2f}x (target > 1); "
-          f"peak RSS {mk['peak_rss_mb']:.0f} MB vs bound {bound:.0f} MB; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    if not args.read_only:
+        _inspect_summary(summary, results, info)
+    read = {m: results[f"get_tensor_{m}"] for m in modes}
+    if len(read) > 1:
+        summary["get_tensor_vs_safe_open"] = {m: r["gb_per_s"] / read["safe_open"]["gb_per_s"]
+                                              for m, r in read.items() if "safe_open" in read}
+        print("get_tensor seconds: " + "; ".join(f"{m} {[round(x, 2) for x in r['all_seconds']]}"
+                                                 for m, r in read.items())
+              + f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     if tmp is not None:

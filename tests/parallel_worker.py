@@ -19,9 +19,9 @@ import torch
 from modelkin.backends import get_backend
 from modelkin.checkpoint import open_checkpoint
 from modelkin.cli import main as cli_main
-from modelkin.runtime.api import Model
+from modelkin.runtime.api import Model, load
 from modelkin.runtime.parallel import init_distributed, shutdown
-from modelkin.runtime.parallel_load import load_parallel, load_shard
+from modelkin.runtime.parallel.shard import build, read_weights
 
 SMOL_IDS = [[1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 378], [1, 5248, 8844, 28, 2]]
 TINY_IDS = [[1, 50, 34, 28, 46, 31, 25, 13, 30, 37], [1, 2, 3, 4]]
@@ -39,7 +39,7 @@ def run_model(model: Model, ids: list[list[int]], new_tokens: int) -> dict:
 
 def tiny(path: str, ctx) -> dict:
     with open_checkpoint(path) as source:
-        module = load_shard(source, ctx, dtype=torch.float32)
+        module = read_weights(source, build(source, ctx=ctx), device=ctx.backend.device, dtype=torch.float32)
         read = source.bytes_read
     model = Model(module, tokenizer=None, backend=ctx.backend, dtype=torch.float32, path=path)
     return {**run_model(model, TINY_IDS, 8), "bytes_read": read}
@@ -58,7 +58,7 @@ def main(outdir: Path, smollm2: str, pangu: str) -> None:
     ctx_ep = init_distributed(cpu, tp=1, ep=2)
     rank = ctx_tp.rank
     results = {
-        "smollm2_tp2": run_model(load_parallel(smollm2, ctx_tp), SMOL_IDS, 10),
+        "smollm2_tp2": run_model(load(smollm2, parallel=ctx_tp), SMOL_IDS, 10),
         "pangu_ep2": tiny(pangu, ctx_ep),
         "pangu_tp2": tiny(pangu, ctx_tp),
         "cli_run": cli(

@@ -115,17 +115,15 @@ WRITE_CALLS = {"save_file", "torch.save", "onnx.save", "shutil.copyfile", "shuti
 ALLOWED = {
     "utils.py:atomic_write_bytes": "the atomic helper itself",
     "export/onnx.py:_write_graphs": "writes into the atomic_path(outdir) temporary directory",
-    "export/assets.py:write_assets": "writes into the atomic_path(outdir) temporary directory",
     "export/assets.py:_write_json": "called by write_assets only",
     "export/onnx_files.py:externalize": "data file inside the atomic_path(outdir) temporary directory",
     "export/manifest.py:save": "called with the atomic_path(outdir) temporary directory",
-    "compare/upcycle_build.py:flush": "_ShardWriter lives in the atomic_path(outdir) temporary directory",
-    "compare/upcycle_build.py:close": "_ShardWriter lives in the atomic_path(outdir) temporary directory",
-    "compare/upcycle_build.py:_tokenizer": "called with the atomic_path(outdir) temporary directory",
-    "compare/variants.py:write_tokenizer_files": "called with the atomic_path(outdir) temporary directory",
-    "compare/variants.py:_write_gguf_tokenizer": "called by write_tokenizer_files only",
-    "compare/plots.py:_png": "savefig into an in-memory buffer",
-    "compare/fingerprints/plot.py:std_curves_png": "savefig into an in-memory buffer",
+    "synth/upcycle.py:flush": "_ShardWriter lives in the atomic_path(outdir) temporary directory",
+    "synth/upcycle.py:close": "_ShardWriter lives in the atomic_path(outdir) temporary directory",
+    "tokenizer/write.py:copy_tokenizer_files": "synth and export/assets pass an atomic_path temporary directory",
+    "tokenizer/write.py:write_gguf_tokenizer": "synth passes the atomic_path(outdir) temporary directory",
+    "tokenizer/write.py:_write_json": "called by write_gguf_tokenizer only",
+    "inspect/plot.py:figure_png": "savefig into an in-memory buffer",
     "commands/run.py:run": "opens os.devnull",
 }
 

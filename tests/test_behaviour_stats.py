@@ -11,8 +11,9 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy, pearsonr, spearmanr
 
-from modelkin.compare import behaviour, stattests
-from modelkin.compare.routing import load_js, routing_layers, routing_similarity
+from modelkin.compare import stats as stattests
+from modelkin.compare.behaviour import metrics as behaviour
+from modelkin.compare.behaviour.routing import load_js, routing_layers, routing_similarity
 
 
 def _logprobs(rng: np.random.Generator, t: int, v: int) -> torch.Tensor:

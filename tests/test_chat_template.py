@@ -7,8 +7,8 @@ import json
 import pytest
 
 from modelkin.errors import InputError, TokenizerError
-from modelkin.runtime.chat import ChatTemplate
-from modelkin.runtime.tokenizer import load_tokenizer, write_tiny_tokenizer
+from modelkin.tokenizer import load_tokenizer, write_tiny_tokenizer
+from modelkin.tokenizer.chat import ChatTemplate
 
 USER = [{"role": "user", "content": "hi"}]
 

@@ -56,3 +56,11 @@ def test_public_api_names_survive_subpackage_imports():
     assert callable(modelkin.compare)
     assert modelkin.compare.compare is compare
     assert callable(modelkin.load) and callable(modelkin.inspect_checkpoint) and callable(modelkin.fingerprint)
+
+
+def test_public_compare_name_when_it_is_used_before_any_subpackage_import():
+    code = ("import modelkin\nfirst = modelkin.compare\nimport modelkin.compare.verdict\n"
+            "assert callable(first) and modelkin.compare is first\n"
+            "assert modelkin.compare.verdict.decide and modelkin.compare.compare is modelkin.compare.api.compare\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from modelkin.compare.pipeline import compare, resolve_prompts
-from modelkin.compare.prompts import CATEGORIES, builtin_prompts, load_prompts, select_prompts
+from modelkin.compare.api import compare, resolve_prompts
+from modelkin.compare.behaviour.prompts import CATEGORIES, builtin_prompts, load_prompts, select_prompts
 from modelkin.compare.settings import BehaviourSettings
 from modelkin.errors import InputError
-from modelkin.runtime.tiny import make_tiny
+from modelkin.synth.tiny import make_tiny
 
 TINY = BehaviourSettings(max_prompts=3, greedy_tokens=4, mmd_prompts=2, mmd_samples=3, mmd_tokens=4,
                          permutations=200)

@@ -10,7 +10,7 @@ import pytest
 
 from modelkin import cli
 from modelkin.commands import demo
-from modelkin.compare.html import render_index
+from modelkin.compare.report.html import render_index
 from modelkin.errors import InputError
 
 

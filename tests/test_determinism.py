@@ -27,7 +27,7 @@ print(json.dumps({{"tokens": result.tokens, "logprobs": result.logprobs,
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from modelkin.runtime.tiny import make_tiny
+    from modelkin.synth.tiny import make_tiny
 
     return make_tiny("qwen2", tmp_path_factory.mktemp("determinism") / "model", overrides=SMALL, seed=3)
 

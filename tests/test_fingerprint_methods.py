@@ -12,7 +12,7 @@ import torch
 
 from modelkin.checkpoint import open_checkpoint
 from modelkin.compare import fingerprint
-from modelkin.compare import significance as sig
+from modelkin.compare import stats as sig
 from modelkin.compare.fingerprints import heads, spectral, std_curve
 from modelkin.compare.fingerprints.invariants import layer_terms
 from modelkin.compare.fingerprints.result import MethodResult, call_for
@@ -225,13 +225,15 @@ def test_methods_report_skips_and_unknown_names(std_pair, tmp_path):
 def test_report_holm_and_verdict():
     from modelkin.compare.fingerprints.result import FingerprintReport
 
-    methods = {n: MethodResult(name=n, score=0.0, p_value=p).decide()
+    methods = {n: MethodResult(name=n, score=0.0, p_value=p, null_kind="exact").decide()
                for n, p in (("x", 0.004), ("y", 0.3), ("z", 0.02))}
     report = FingerprintReport(a="A", b="B", device="cpu", seed=0, methods=methods).finish()
     assert report.p_holm == pytest.approx({"x": 0.012, "y": 0.3, "z": 0.04})
     assert report.verdict == "inconclusive"  # 0.004 does not survive Holm at 0.01; not every p >= 0.05
     methods["x"].p_value = 0.001
     assert report.finish().verdict == "related"
+    methods["x"].null_kind = "descriptive"  # a synthetic null never decides, and leaves Holm's family
+    assert report.finish().verdict == "inconclusive" and set(report.p_holm) == {"y", "z"}
 
 
 def test_cli_fingerprint_json_plot_curves_and_library(std_pair, tmp_path, capsys):
@@ -247,7 +249,8 @@ def test_cli_fingerprint_json_plot_curves_and_library(std_pair, tmp_path, capsys
     std = data["methods"]["std_curve"]
     for key in ("score", "p_value", "null", "r", "mean_r", "leafbench_score", "layers_a", "layers_b", "curves"):
         assert key in std
-    assert set(std["r"]) == {"q", "k", "v", "o"} and std["call"] in ("related", "unrelated", "inconclusive")
+    assert set(std["r"]) == {"q", "k", "v", "o"} and std["call"] == "descriptive"
+    assert std["null_kind"] == "descriptive" and data["methods"]["pcs"]["null_kind"] == "exact"
     assert data["methods"]["permtest"]["call"] == "skipped" and "different depths" in data["methods"]["permtest"]["skipped"]
     assert "verdict" in captured.err and "std_curve" in captured.err  # the table goes to stderr with --json -
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

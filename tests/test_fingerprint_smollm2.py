@@ -20,6 +20,7 @@ import torch
 
 from modelkin.checkpoint import open_checkpoint
 from modelkin.compare import fingerprint
+from modelkin.tokenizer import write_gguf_tokenizer
 from tests.ckpt_factory import write_safetensors_checkpoint
 
 OPTIONS = {
@@ -27,6 +28,7 @@ OPTIONS = {
     "invariants": {"n_tokens": 384, "n_permutations": 199},
     "spectral": {"n_permutations": 999},
     "permtest": {"max_layers": 8, "max_units": 256, "n_permutations": 999},
+    "csu_aligned": {"max_layers": 4, "max_units": 256},
 }
 RELATED_BY_INVARIANT_METHODS = ("invariants", "spectral", "permtest")
 _LAYER = re.compile(r"model\.layers\.\d+\.(.+)")
@@ -131,6 +133,7 @@ def smol(smollm2_gguf, tmp_path_factory):
         for name, sd in (("permuted", perm_state), ("twin", independent_twin(state, 2, per_tensor=False)),
                          ("twin_std", independent_twin(state, 3, per_tensor=True))):
             paths[name] = write_safetensors_checkpoint(root / name, {k: v.half() for k, v in sd.items()}, cfg)
+            write_gguf_tokenizer(src.metadata(), smollm2_gguf, paths[name])  # the vocabulary csu_aligned aligns on
         yield {"src": src, "state": state, "cfg": cfg, "perm_state": perm_state, **paths}
 
 
@@ -153,7 +156,8 @@ def test_permuted_copy_is_function_preserving(smol):
 def test_self_comparison_reads_the_gguf(smol):
     result = fingerprint(smol["src"], smol["src"], methods="std_curve", device="cpu")["std_curve"]
     assert result.details["r"] == {"q": 1.0, "k": 1.0, "v": 1.0, "o": 1.0}
-    assert result.details["layers_a"] == 30 and result.call == "related"
+    assert result.details["layers_a"] == 30 and result.p_value < 0.01
+    assert result.call == "descriptive" and result.null_kind == "descriptive"  # a surrogate null never decides
 
 
 def test_permuted_copy_defeats_pcs_but_not_the_invariant_methods(reports):
@@ -164,7 +168,8 @@ def test_permuted_copy_defeats_pcs_but_not_the_invariant_methods(reports):
     assert attn and max(abs(c) for c in attn) < 0.1
     for name in RELATED_BY_INVARIANT_METHODS:
         result = report[name]
-        assert result.p_value < 0.01 and result.call == "related", (name, result.p_value)
+        assert result.p_value < 0.01, (name, result.p_value)
+        assert result.call == ("related" if result.deciding else "descriptive"), name
     assert report["invariants"].score > 0.999
     assert report["spectral"].details["diagonal_mse"] < 1e-6 < report["spectral"].details["offdiagonal_mse"]
     perm = report["permtest"].details
@@ -176,10 +181,10 @@ def test_permuted_copy_defeats_pcs_but_not_the_invariant_methods(reports):
 def test_independent_twin_is_unrelated_by_every_method(reports):
     report = reports["twin"]
     ran = {n: r for n, r in report.methods.items() if r.skipped is None}
-    assert set(ran) == {"std_curve", "pcs", "invariants", "spectral", "permtest"}
+    assert set(ran) == {"std_curve", "pcs", "invariants", "spectral", "permtest", "csu_aligned"}
     for name, result in ran.items():
         assert result.p_value is not None and result.p_value >= 0.05, (name, result.p_value)
-        assert result.call == "unrelated"
+        assert result.call == ("unrelated" if result.deciding else "descriptive"), name
     assert report.verdict == "unrelated"
     json.dumps(report.to_json(), allow_nan=False)
 
@@ -188,6 +193,9 @@ def test_std_matched_twin_fools_only_the_std_curve(smol):
     methods = "std_curve,pcs,spectral,permtest"
     report = fingerprint(smol["src"], smol["twin_std"], methods=methods, device="cpu", options=OPTIONS)
     std = report["std_curve"]
-    assert std.details["mean_r"] > 0.99 and std.call == "related"  # a false positive by construction
-    for name in ("pcs", "spectral", "permtest"):
+    # HonestAGI's statistic is fooled by construction (r = 1, tiny surrogate p) but only describes
+    assert std.details["mean_r"] > 0.99 and std.p_value < 0.01 and std.call == "descriptive"
+    assert report["spectral"].p_value >= 0.05 and report["spectral"].call == "descriptive"
+    for name in ("pcs", "permtest"):
         assert report[name].p_value >= 0.05 and report[name].call == "unrelated", name
+    assert report.verdict == "unrelated"

@@ -37,7 +37,7 @@ ABSURD = {
 
 @pytest.fixture(scope="module")
 def bases():
-    from modelkin.runtime.tiny import make_tiny
+    from modelkin.synth.tiny import make_tiny
 
     with scratch_dir("config") as path:
         yield {

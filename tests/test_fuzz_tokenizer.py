@@ -42,7 +42,7 @@ config_values = st.one_of(
 
 @pytest.fixture(scope="module")
 def bases():
-    from modelkin.runtime.tokenizer import write_tiny_tokenizer
+    from modelkin.tokenizer import write_tiny_tokenizer
 
     with scratch_dir("tokenizer") as path:
         for kind in KINDS:

@@ -73,7 +73,7 @@ def test_smollm2_gguf_names_all_have_roles(smollm2_gguf):
 
 def _tiny_archs() -> list[str]:
     try:
-        from modelkin.runtime.tiny import TINY
+        from modelkin.synth.tiny import TINY
     except ImportError:
         return []
     return sorted(TINY)
@@ -81,7 +81,7 @@ def _tiny_archs() -> list[str]:
 
 @pytest.mark.parametrize("arch", _tiny_archs() or ["(none registered)"])
 def test_make_tiny_checkpoints_have_no_unknown_names(tmp_path, arch):
-    tiny = pytest.importorskip("modelkin.runtime.tiny")
+    tiny = pytest.importorskip("modelkin.synth.tiny")
     from modelkin.checkpoint import open_checkpoint
     from modelkin.errors import ModelkinError
 

@@ -13,7 +13,7 @@ from modelkin.backends.base import Backend
 from modelkin.checkpoint import open_checkpoint
 from modelkin.cli import main as cli_main
 from modelkin.errors import DeviceError, InputError
-from modelkin.runtime.memory_plan import fitting_tp, parse_bytes, plan_memory, refuse
+from modelkin.runtime.parallel.memory_plan import fitting_tp, parse_bytes, plan_memory, refuse
 
 
 class FakeGPU(Backend):
@@ -69,7 +69,7 @@ def test_smollm2_plan_is_exact_per_rank(smollm2_gguf):
 
 
 def test_refusal_names_the_tp_that_fits(tmp_path):
-    from modelkin.runtime.tiny import make_tiny
+    from modelkin.synth.tiny import make_tiny
 
     path = make_tiny(
         "llama",
@@ -124,6 +124,7 @@ def test_run_refuses_before_loading_and_prints_the_plan(smollm2_gguf, tmp_path, 
         raise AssertionError("weights were loaded")
 
     monkeypatch.setattr(api, "load", no_load)
+    monkeypatch.setattr(api, "load_source", no_load)
     out = tmp_path / "plan.json"
     code = cli_main(
         [
@@ -159,6 +160,7 @@ def test_dry_run_plans_ranks_without_loading(smollm2_gguf, monkeypatch, capsys):
     from modelkin.runtime import api
 
     monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(api, "load_source", lambda *a, **k: pytest.fail("weights were loaded"))
     code = cli_main(
         [
             "run",

@@ -1,4 +1,4 @@
-"""The MoE layer (runtime/moe.py) against an independent float64 per-token reference, per router policy;
+"""The MoE layer (runtime/moe/) against an independent float64 per-token reference, per router policy;
 dispatch paths against each other; routing telemetry; config errors."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from modelkin.runtime.moe import (
     experts_gather,
     experts_sorted,
 )
-from modelkin.runtime.moe_cpu import PackedExperts, balance, experts_threaded
-from modelkin.runtime.moe_telemetry import RoutingTelemetry
-from modelkin.runtime.moe_weights import stack_experts, unstack_experts
+from modelkin.runtime.moe.cpu import PackedExperts, balance, experts_threaded
+from modelkin.runtime.moe.telemetry import RoutingTelemetry
+from modelkin.runtime.moe.weights import stack_experts, unstack_experts
 
 D, F_, F_SHARED = 48, 24, 40
 
@@ -40,14 +40,6 @@ def _expert(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.T
 def _choose(case: dict, logits: torch.Tensor) -> list[tuple[int, float]]:
     """(expert, weight) pairs for one token."""
     num_experts, k = logits.numel(), case["top_k"]
-    if case["policy"] == "sigmoid_bias":
-        s = [1.0 / (1.0 + math.exp(-float(v))) for v in logits]
-        bias = case["bias"]
-        chosen = sorted(range(num_experts), key=lambda e: -(s[e] + float(bias[e])))[:k]
-        w = [s[e] for e in chosen]
-        if case["renorm"]:
-            w = [v / sum(w) for v in w]
-        return [(e, v * case["scaling"]) for e, v in zip(chosen, w)]
     m = max(float(v) for v in logits)
     ex = [math.exp(float(v) - m) for v in logits]
     p = [v / sum(ex) for v in ex]
@@ -112,15 +104,6 @@ CASES = {
         "shared_gate": True,
     },
     "moge": {"policy": "moge", "experts": 16, "top_k": 4, "groups": 4, "shared": True, "shared_gate": False},
-    "sigmoid_bias": {
-        "policy": "sigmoid_bias",
-        "experts": 16,
-        "top_k": 4,
-        "renorm": True,
-        "scaling": 2.5,
-        "shared": True,
-        "shared_gate": False,
-    },
 }
 
 
@@ -144,8 +127,6 @@ def hf_state(case: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         state["shared_expert_gate.weight"] = rnd(1, D)
     if case["policy"] == "moge":
         state["router_scale"] = torch.rand(num_experts, generator=g) + 0.5
-    if case["policy"] == "sigmoid_bias":
-        state["gate.e_score_correction_bias"] = torch.rand(num_experts, generator=g) * 0.2
     return state
 
 
@@ -161,7 +142,6 @@ def build_block(
                 top_k=case["top_k"],
                 num_groups=case.get("groups", 1),
                 norm_topk_prob=case.get("renorm", False),
-                routed_scaling_factor=case.get("scaling", 1.0),
             ),
             experts=StackedExperts(case["experts"], D, F_, impl=impl),
             shared_expert=MLP(D, F_SHARED) if case["shared"] else None,
@@ -175,7 +155,7 @@ def build_block(
 
 
 def _ref_case(case: dict, state: dict[str, torch.Tensor]) -> dict:
-    return dict(case, scale=state.get("router_scale"), bias=state.get("gate.e_score_correction_bias"))
+    return dict(case, scale=state.get("router_scale"))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -216,18 +196,6 @@ def test_moge_selects_on_probability_before_scaling() -> None:
     torch.testing.assert_close(weights, scores[:, [0, 3]])
 
 
-def test_sigmoid_router_selects_with_bias_but_weights_without() -> None:
-    router = Router(
-        3, 3, policy=RouterPolicy.SIGMOID_BIAS, top_k=1, norm_topk_prob=False, routed_scaling_factor=2.0
-    )
-    with torch.no_grad():
-        router.weight.copy_(torch.eye(3))
-        router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
-    weights, ids, _ = router(torch.tensor([[2.0, 1.0, 0.0]]))
-    assert ids.tolist() == [[2]]
-    torch.testing.assert_close(weights, torch.tensor([[2.0 * 0.5]]))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens", [1, 7, 64])
 def test_dispatch_paths_agree(dtype: torch.dtype, num_tokens: int) -> None:
@@ -264,9 +232,9 @@ def test_dispatch_paths_agree(dtype: torch.dtype, num_tokens: int) -> None:
 
 
 def test_one_row_experts_split_across_intra_op_threads(monkeypatch) -> None:
-    """Decoding (one row per hit expert) on plain weights runs each GEMV as layers.split_gemv over
+    """Decoding (one row per hit expert) on plain weights runs each GEMV as cpu_kernels.split_gemv over
     the intra-op threads, with the same numbers as the per-pair float64 reference."""
-    from modelkin.runtime import moe_cpu
+    from modelkin.runtime.moe import cpu as moe_cpu
 
     parts_seen = []
     real = moe_cpu.split_gemv
@@ -318,7 +286,7 @@ def test_autopack_builds_drops_stale_copies_and_can_be_disabled(monkeypatch) -> 
     state = hf_state(case)
     block = build_block(case, state, ExpertsImpl.LOOP)
     x = torch.randn(64, D, generator=torch.Generator().manual_seed(8))  # ≥ 4 rows per expert: fp32 packs
-    monkeypatch.setattr("modelkin.runtime.moe_cpu._meminfo", lambda: (100 << 30, 90 << 30))
+    monkeypatch.setattr("modelkin.runtime.moe.cpu._meminfo", lambda: (100 << 30, 90 << 30))
     with torch.no_grad():
         first = block(x)
         packed = block.experts.packed
@@ -329,12 +297,12 @@ def test_autopack_builds_drops_stale_copies_and_can_be_disabled(monkeypatch) -> 
         plain = experts_sorted(x, *block.gate(x)[:2], block.experts.gate_up_proj, block.experts.down_proj)
     torch.testing.assert_close(second, plain, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(first, second)
-    monkeypatch.setattr("modelkin.runtime.moe_cpu._meminfo", lambda: (100 << 30, 40 << 30))  # < half free
+    monkeypatch.setattr("modelkin.runtime.moe.cpu._meminfo", lambda: (100 << 30, 40 << 30))  # < half free
     fresh = build_block(case, state, ExpertsImpl.LOOP)
     with torch.no_grad():
         fresh(x)
     assert fresh.experts.packed is None
-    monkeypatch.setattr("modelkin.runtime.moe_cpu._meminfo", lambda: (100 << 30, 90 << 30))
+    monkeypatch.setattr("modelkin.runtime.moe.cpu._meminfo", lambda: (100 << 30, 90 << 30))
     monkeypatch.setenv("MODELKIN_MOE_PREPACK", "0")
     with torch.no_grad():
         fresh(x)
@@ -408,8 +376,8 @@ def test_stack_experts_round_trip_and_missing_expert() -> None:
 
 
 def test_lazy_stacking_matches_eager_and_rejects_extra_experts() -> None:
-    from modelkin.runtime.loader import LazyTensor
-    from modelkin.runtime.moe_weights import stack_layer_experts, unstack_layer_experts
+    from modelkin.checkpoint.lazy import LazyTensor
+    from modelkin.runtime.moe.weights import stack_layer_experts, unstack_layer_experts
 
     state = {f"model.layers.1.mlp.{k}": v for k, v in hf_state(CASES["softmax_renorm"]).items()}
     lazy = {k: LazyTensor(tuple(v.shape), (lambda v=v: v), (k,), v.numel() * 4) for k, v in state.items()}
@@ -458,14 +426,15 @@ def test_cpu_workers_run_single_threaded_and_leave_the_caller_alone() -> None:
 
 @pytest.mark.parametrize("busy", [False, True])
 def test_auto_runs_prepacked_experts_in_the_loop_unless_the_cpu_is_oversubscribed(monkeypatch, busy) -> None:
-    from modelkin.runtime import moe_cpu
+    from modelkin.runtime.moe import cpu as moe_cpu
+    from modelkin.runtime.moe import dispatch
 
     case = CASES["softmax_renorm"]
     block = build_block(case, hf_state(case)).to(torch.bfloat16)
     block.experts.prepack_cpu()
     calls = []
     real = moe_cpu.experts_threaded
-    monkeypatch.setattr(moe_cpu, "oversubscribed", lambda: busy)
+    monkeypatch.setattr(dispatch, "oversubscribed", lambda: busy)
     monkeypatch.setattr(moe_cpu, "experts_threaded", lambda *a: calls.append(1) or real(*a))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -475,3 +444,32 @@ def test_auto_runs_prepacked_experts_in_the_loop_unless_the_cpu_is_oversubscribe
     finally:
         torch.set_num_threads(before)
     assert bool(calls) == busy
+
+
+def test_plan_follows_its_rule_table(monkeypatch) -> None:
+    """dispatch.plan row by row on CPU: grad, one thread, oversubscribed, packed, few vs many hit experts."""
+    from modelkin.runtime.moe import dispatch
+
+    Impl = dispatch.ExpertsImpl
+
+    gate_up = torch.randn(32, 2 * F_, D, dtype=torch.bfloat16)
+    packed = PackedExperts(gate_up, torch.randn(32, D, F_, dtype=torch.bfloat16))
+    x = torch.randn(8, D, dtype=torch.bfloat16)
+    few = torch.arange(16).view(8, 2)  # 16 hit experts
+    many = torch.arange(32).view(8, 4)  # 32 hit experts
+
+    def runner(ids, *, busy=False, threads=2, use_packed=False, impl=Impl.AUTO, x=x):
+        monkeypatch.setattr(dispatch, "oversubscribed", lambda: busy)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        how = dispatch.plan(impl, x, ids, gate_up, packed_weights=lambda: packed if use_packed else None)
+        return how.runner, how.packed is not None, len(how.spans or [])
+
+    assert runner(many, threads=1) == (Impl.LOOP, False, 32)
+    assert runner(many, busy=True, use_packed=True) == (Impl.THREADS, True, 32)
+    assert runner(few, use_packed=True) == (Impl.LOOP, True, 16)
+    assert runner(few) == (Impl.LOOP, False, 16)
+    assert runner(many) == (Impl.THREADS, False, 32)
+    with torch.enable_grad():
+        assert runner(many, use_packed=True, x=x.clone().requires_grad_()) == (Impl.LOOP, False, 32)
+    assert runner(many, impl=Impl.LOOP, busy=True) == (Impl.LOOP, False, 32)  # explicit runners run as asked
+    assert runner(many, impl=Impl.GROUPED_MM) == (Impl.GROUPED_MM, False, 0)  # no host sync: no spans

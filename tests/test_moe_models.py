@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import modelkin
 from modelkin.errors import ConfigError, UnsupportedArchitectureError
 from modelkin.runtime.moe import SparseMoeBlock
-from modelkin.runtime.tiny import make_tiny
+from modelkin.synth.tiny import make_tiny
 
 # -- Pangu Pro MoE: an independent float64 reference, one token and one group at a time ------------------
 

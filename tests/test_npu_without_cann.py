@@ -1,16 +1,19 @@
 """The real Ascend failure mode: torch-npu installed, no CANN toolkit.
 
-Builds a virtualenv that sees this environment's torch and modelkin and adds the real torch-npu wheel
-paired to the installed torch. There, plain `import torch` fails (torch auto-loads the plugin, which
+Builds a virtualenv that sees the running interpreter's packages (torch, modelkin: whether this suite runs
+in a system Python or inside a virtualenv) and adds the real torch-npu wheel paired to the installed torch. There, plain `import torch` fails (torch auto-loads the plugin, which
 cannot find CANN's libraries); modelkin must still import, run on CPU, and explain the NPU's absence.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import site
 import subprocess
 import sys
+import sysconfig
 import venv
 from pathlib import Path
 
@@ -29,21 +32,39 @@ def _cache_root() -> Path:
     return Path(root) / "modelkin-tests"
 
 
+def _parent_site_dirs() -> list[str]:
+    """Where this interpreter finds its packages: a venv's own site-packages, or the system's."""
+    dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        dirs.append(site.getusersitepackages())
+    return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
+
+
 @pytest.fixture(scope="module")
 def npu_python() -> str:
     if os.path.exists("/usr/local/Ascend"):
         pytest.skip("this machine has a CANN install; the test needs one without")
-    env_dir = _cache_root() / f"npu-venv-torch{TORCH_BASE}"
+    parents = _parent_site_dirs()
+    # One cached environment per parent environment and torch version: a venv's and the system's differ.
+    key = hashlib.sha256("\n".join([sys.prefix, *parents]).encode()).hexdigest()[:12]
+    env_dir = _cache_root() / f"npu-venv-torch{TORCH_BASE}-{key}"
     python = env_dir / "bin" / "python"
     marker = env_dir / ".torch-npu-installed"
     if not marker.exists():
-        venv.EnvBuilder(system_site_packages=True, with_pip=True, clear=True).create(env_dir)
+        # Not system_site_packages: that would be the *base* interpreter's, which inside a venv has
+        # neither torch nor modelkin. The parent's site dirs are added below instead (their .pth files
+        # too, so an editable modelkin is found).
+        venv.EnvBuilder(system_site_packages=False, with_pip=True, clear=True).create(env_dir)
         proc = subprocess.run(
             [str(python), "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
              f"torch-npu=={TORCH_BASE}"], capture_output=True, text=True, timeout=900,
         )
         assert proc.returncode == 0, f"could not install torch-npu=={TORCH_BASE}:\n{proc.stderr[-2000:]}"
         marker.write_text("ok")
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    lines = [f"import site; site.addsitedir({d!r})" for d in parents]
+    (Path(own) / "zz_modelkin_parent_env.pth").write_text("\n".join(lines) + "\n")
     return str(python)
 
 

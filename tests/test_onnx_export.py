@@ -20,7 +20,7 @@ from modelkin.export import ort_engine
 from modelkin.export.onnx import export_onnx
 from modelkin.export.verify import compare_engines
 from modelkin.runtime.kv_cache import positions_from_mask
-from modelkin.runtime.tiny import make_tiny
+from modelkin.synth.tiny import make_tiny
 
 ARCHS = ("llama", "pangu_moe", "qwen3_moe")
 PROMPT = "the quick brown fox jumps over the lazy dog and keeps on running far away"

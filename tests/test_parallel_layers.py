@@ -15,10 +15,10 @@ import modelkin
 from modelkin.backends import get_backend
 from modelkin.checkpoint import open_checkpoint
 from modelkin.errors import ConfigError, InputError
-from modelkin.runtime.api import Model
+from modelkin.runtime.api import Model, load_source
 from modelkin.runtime.parallel import Layout, expert_range, head_ranges, resolve_degrees, split_range
-from modelkin.runtime.parallel_load import load_shard
-from modelkin.runtime.tiny import make_tiny
+from modelkin.runtime.parallel.shard import build
+from modelkin.synth.tiny import make_tiny
 
 IDS = [[1, 50, 34, 28, 46, 31, 25, 13, 30, 37], [1, 2, 3, 4, 9]]
 
@@ -44,7 +44,7 @@ class ThreadGroup:
 
 
 class ThreadCtx:
-    """What load_shard needs of a DistContext, with thread collectives."""
+    """What loading a shard needs of a DistContext, with thread collectives."""
 
     def __init__(self, layout: Layout, tp_group: ThreadGroup, world: ThreadGroup):
         self.layout, self.backend = layout, get_backend("cpu")
@@ -66,8 +66,7 @@ def run_parallel(path: Path, tp: int, ep: int, fn) -> list:
     for layout in Layout(tp, ep).ranks():
         ctx = ThreadCtx(layout, tp_groups[layout.ep_rank], world)
         with open_checkpoint(path) as src:
-            module = load_shard(src, ctx, dtype=torch.float64)
-        models.append(Model(module, tokenizer=None, backend=ctx.backend, dtype=torch.float64, path=str(path)))
+            models.append(load_source(src, path, backend=ctx.backend, dtype=torch.float64, parallel=ctx))
     results: list = [None] * len(models)
     errors: list = []
 
@@ -147,11 +146,9 @@ def test_parallel_matches_single_process(tiny_dir, arch, overrides, tp, ep):
 
 
 def test_shards_have_the_documented_shapes(tiny_dir):
-    from modelkin.runtime.parallel_load import build_sharded
-
     with open_checkpoint(tiny_dir("llama", **SMOL_LIKE)) as src:
         shapes = [
-            {n: tuple(p.shape) for n, p in build_sharded(src, lay)[1].named_parameters()}
+            {n: tuple(p.shape) for n, p in build(src, lay).module.named_parameters()}
             for lay in Layout(2, 1).ranks()
         ]
     dh = 8
@@ -173,7 +170,8 @@ def test_expert_parallel_reads_only_local_experts(tiny_dir):
     reads = []
     for layout in Layout(1, 2).ranks():
         with open_checkpoint(path) as src:
-            load_shard(src, ThreadCtx(layout, ThreadGroup([0]), ThreadGroup([0, 1])), dtype=torch.float32)
+            ctx = ThreadCtx(layout, ThreadGroup([0]), ThreadGroup([0, 1]))
+            load_source(src, path, backend=ctx.backend, dtype=torch.float32, parallel=ctx)
             reads.append(src.bytes_read)
     # routed experts (2 of 4 groups) and shared-expert neurons split in half; the rest on both ranks
     assert reads == [total - split_bytes // 2] * 2
@@ -204,15 +202,23 @@ def test_split_errors():
 def test_lazy_narrow_reads_only_slices(tmp_path):
     from safetensors.torch import save_file
 
-    from modelkin.runtime.loader import cat, lazy_state, stack
+    from modelkin.checkpoint.lazy import cat
+    from modelkin.runtime.loader import lazy_state
+    from modelkin.runtime.moe.weights import stack_experts
 
-    tensors = {f"e{j}.{n}": torch.randn(6, 4) for j in range(4) for n in ("g", "u")}
+    names = ("gate_proj", "up_proj", "down_proj")
+    tensors = {f"e.{j}.{n}.weight": torch.randn(6, 4) for j in range(4) for n in names}
     save_file(tensors, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{}")
     with open_checkpoint(tmp_path) as src:
         state = lazy_state(src)
-        gu = stack([cat([state[f"e{j}.g"], state[f"e{j}.u"]]) for j in range(4)])
+        gate_up = cat([state["e.1.gate_proj.weight"], state["e.1.up_proj.weight"]])
+        assert torch.equal(gate_up.narrow(0, 7, 9).load(), tensors["e.1.up_proj.weight"][1:3])
+        assert src.bytes_read == 2 * 4 * 4
+        gu = stack_experts(state, "e")["e.gate_up_proj"]  # how MoE checkpoints are read
         part = gu.narrow(0, 2, 4).narrow(1, 7, 9)  # experts 2-3, up rows 1-2
-        assert torch.equal(part.load(), torch.stack([tensors[f"e{j}.u"][1:3] for j in (2, 3)]))
-        assert src.bytes_read == 2 * 2 * 4 * 4
-        assert torch.equal(src.get_slice("e0.g", 1, 1, 3), tensors["e0.g"][:, 1:3])
+        want = torch.stack([tensors[f"e.{j}.up_proj.weight"][1:3] for j in (2, 3)])
+        assert torch.equal(part.load(), want)
+        assert src.bytes_read == 2 * 4 * 4 + 2 * 2 * 4 * 4
+        gate0 = tensors["e.0.gate_proj.weight"]
+        assert torch.equal(src.get_slice("e.0.gate_proj.weight", 1, 1, 3), gate0[:, 1:3])

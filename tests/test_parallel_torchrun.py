@@ -33,7 +33,7 @@ def _torchrun() -> list[str]:
 
 @pytest.fixture(scope="module")
 def pangu(tmp_path_factory) -> Path:
-    from modelkin.runtime.tiny import make_tiny
+    from modelkin.synth.tiny import make_tiny
 
     return make_tiny("pangu_moe", tmp_path_factory.mktemp("pangu") / "tiny")  # 16 experts, 4 groups
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from modelkin.compare.html import render_html, render_index
-from modelkin.compare.pipeline import compare
+from modelkin.compare.api import compare
+from modelkin.compare.report.document import ComparisonReport
+from modelkin.compare.report.html import render_html, render_index
 from modelkin.compare.settings import BehaviourSettings
-from modelkin.runtime.tiny import make_tiny
+from modelkin.synth.tiny import make_tiny
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -31,7 +32,7 @@ def report(tmp_path_factory):
 def test_page_is_self_contained_and_escapes_text(report):
     data = report.to_json()
     data["behaviour"]["per_prompt"][0]["prompt"] = "<script>alert(1)</script> & 'quotes'"
-    page = render_html(data)
+    page = render_html(ComparisonReport.from_json(data))
     assert "<script" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &#x27;quotes&#x27;" in page
     assert not re.search(r"""(src|href)=['"](https?:|//)""", page)  # no external assets
@@ -43,7 +44,7 @@ def test_page_is_self_contained_and_escapes_text(report):
 def test_save_html_is_atomic(report, tmp_path, monkeypatch):
     target = tmp_path / "r.html"
     target.write_text("old")
-    from modelkin.compare import html
+    from modelkin.compare.report import html
 
     def boom(_data):
         raise RuntimeError("render failed")

@@ -150,7 +150,7 @@ def test_cli_run_chat(gemma3_gguf, ours, tmp_path, capsys):
 
 def test_tokenizer_json_matches_transformers(hf_tokenizer, tmp_path):
     """The same vocabulary as HF files (tokenizer.json + tokenizer_config.json, as Gemma-3 ships)."""
-    from modelkin.runtime.tokenizer import load_tokenizer
+    from modelkin.tokenizer import load_tokenizer
 
     hf_tokenizer.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))

@@ -95,7 +95,7 @@ def test_kv_cache_reserve_and_update():
 @pytest.mark.parametrize("column_major", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_split_gemv_matches_linear(column_major, bias):
-    from modelkin.runtime.layers import Linear, prefer_gemv_layout
+    from modelkin.runtime.cpu_kernels import Linear, prefer_gemv_layout
 
     gen = torch.Generator().manual_seed(0)
     layer = Linear(256, 1536, bias=bias)  # wide: stored column-major by prefer_gemv_layout

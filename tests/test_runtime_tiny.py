@@ -19,7 +19,7 @@ from modelkin.errors import (
 )
 from modelkin.runtime.generate import decode_step, prefill
 from modelkin.runtime.kv_cache import make_kv_cache
-from modelkin.runtime.tiny import make_tiny
+from modelkin.synth.tiny import make_tiny
 
 transformers = pytest.importorskip("transformers")
 

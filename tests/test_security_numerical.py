@@ -35,7 +35,7 @@ def _poison_q1(w):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from modelkin.runtime.tiny import make_tiny
+    from modelkin.synth.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("numerical")
     clean = make_tiny("qwen2", root / "clean", overrides=SMALL, seed=0)

@@ -91,11 +91,11 @@ def test_torch_load_exists_only_with_weights_only():
 
 
 def test_templates_use_the_immutable_sandbox():
-    text = (PACKAGE / "runtime" / "chat.py").read_text()
+    text = (PACKAGE / "tokenizer" / "chat.py").read_text()
     assert "ImmutableSandboxedEnvironment" in text
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from modelkin.runtime.chat import _environment
+    from modelkin.tokenizer.chat import _environment
 
     assert isinstance(_environment(), ImmutableSandboxedEnvironment)
 

@@ -10,7 +10,7 @@ import pytest
 
 import modelkin
 from modelkin.errors import TokenizerError
-from modelkin.runtime.tokenizer import load_tokenizer, write_tiny_tokenizer
+from modelkin.tokenizer import load_tokenizer, write_tiny_tokenizer
 from tests.conftest import run_cli
 from tests.fuzz.harness import run_case
 
@@ -91,7 +91,7 @@ def test_benign_template_still_renders_exactly(tmp_path):
 
 @pytest.fixture(scope="module")
 def evil_model(tmp_path_factory):
-    from modelkin.runtime.tiny import make_tiny
+    from modelkin.synth.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("evil_template")
     marker = root / "PWNED"

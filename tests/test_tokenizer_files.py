@@ -9,7 +9,7 @@ import time
 import pytest
 
 from modelkin.errors import InputError, TokenizerError
-from modelkin.runtime.tokenizer import load_tokenizer, write_tiny_tokenizer
+from modelkin.tokenizer import load_tokenizer, write_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,8 +8,8 @@ import io
 import pytest
 
 from modelkin.errors import TokenizerError
-from modelkin.runtime.gguf_vocab import gguf_tokenizer_parts
-from modelkin.runtime.tokenizer import Tokenizer, load_tokenizer
+from modelkin.tokenizer import Tokenizer, load_tokenizer
+from modelkin.tokenizer.gguf_vocab import gguf_tokenizer_parts
 
 STRINGS = [
     "Hello world",
@@ -145,7 +145,7 @@ def _sp_gguf_meta():
     """Metadata of a llama-type GGUF vocabulary converted from a freshly trained sentencepiece BPE model."""
     import sentencepiece as spm
 
-    from modelkin.runtime.tokenizer_tiny import CORPUS
+    from modelkin.tokenizer.tiny import CORPUS
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(

@@ -33,7 +33,9 @@ _LAZY = {
     "load": ("modelkin.runtime.api", "load"),
     "inspect_checkpoint": ("modelkin.inspect.scan", "inspect_checkpoint"),
     "fingerprint": ("modelkin.compare.api", "fingerprint"),
-    "compare": ("modelkin.compare.api", "compare"),
+    # the callable package itself (see its docstring), so `modelkin.compare` is one object whether a call or
+    # an `import modelkin.compare.<module>` comes first
+    "compare": ("modelkin.compare", None),
 }
 
 
@@ -42,7 +44,8 @@ def __getattr__(name: str):
         import importlib
 
         module_name, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module_name), attr)
+        module = importlib.import_module(module_name)
+        value = module if attr is None else getattr(module, attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'modelkin' has no attribute {name!r}")

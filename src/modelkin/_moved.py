@@ -16,19 +16,53 @@ import warnings
 # old dotted path -> new dotted path; one block per package, each kept by whoever moves that package.
 
 # tokenizer/ (from runtime/)
-_TOKENIZER: dict[str, str] = {}
+_TOKENIZER: dict[str, str] = {
+    "modelkin.runtime.tokenizer": "modelkin.tokenizer",
+    "modelkin.runtime.tokenizer_base": "modelkin.tokenizer.base",
+    "modelkin.runtime.tokenizer_fast": "modelkin.tokenizer.fast",
+    "modelkin.runtime.tokenizer_files": "modelkin.tokenizer.files",
+    "modelkin.runtime.tokenizer_sp": "modelkin.tokenizer.sp",
+    "modelkin.runtime.tokenizer_tiny": "modelkin.tokenizer.tiny",
+    "modelkin.runtime.gguf_vocab": "modelkin.tokenizer.gguf_vocab",
+    "modelkin.runtime.chat": "modelkin.tokenizer.chat",
+    "modelkin.runtime.chat_limits": "modelkin.tokenizer.chat_limits",
+}
 
 
 # synth/ (checkpoint writers, from runtime/ and compare/)
-_SYNTH: dict[str, str] = {}
+_SYNTH: dict[str, str] = {
+    "modelkin.compare.upcycle_build": "modelkin.synth.upcycle",
+    "modelkin.compare.variants": "modelkin.synth.variants",
+    "modelkin.runtime.tiny": "modelkin.synth.tiny",
+    "modelkin.runtime.tiny_moe": "modelkin.synth.tiny",
+}
 
 
 # runtime/ (moe/, parallel/, cpu_kernels)
-_RUNTIME: dict[str, str] = {}
+_RUNTIME: dict[str, str] = {
+    "modelkin.runtime.moe_cpu": "modelkin.runtime.moe.cpu",
+    "modelkin.runtime.moe_weights": "modelkin.runtime.moe.weights",
+    "modelkin.runtime.moe_telemetry": "modelkin.runtime.moe.telemetry",
+    "modelkin.runtime.npu_ops": "modelkin.runtime.moe.npu_ops",
+    "modelkin.runtime.parallel_layers": "modelkin.runtime.parallel.layers",
+    "modelkin.runtime.parallel_load": "modelkin.runtime.parallel.shard",
+    "modelkin.runtime.memory_plan": "modelkin.runtime.parallel.memory_plan",
+}
 
 
 # compare/ (stats, behaviour/, report/)
-_COMPARE: dict[str, str] = {}
+_COMPARE: dict[str, str] = {
+    "modelkin.compare.pipeline": "modelkin.compare.api",
+    "modelkin.compare.significance": "modelkin.compare.stats",
+    "modelkin.compare.stattests": "modelkin.compare.stats",
+    "modelkin.compare.prompts": "modelkin.compare.behaviour.prompts",
+    "modelkin.compare.outputs": "modelkin.compare.behaviour.outputs",
+    "modelkin.compare.routing": "modelkin.compare.behaviour.routing",
+    "modelkin.compare.html": "modelkin.compare.report.html",
+    "modelkin.compare.plots": "modelkin.compare.report.plots",
+    "modelkin.compare.fingerprints.plot": "modelkin.compare.report.plots",
+    # modelkin.compare.behaviour and modelkin.compare.report are packages now, re-exporting the old names
+}
 
 
 # checkpoint/

@@ -27,13 +27,6 @@ COMMANDS = (
 )
 
 
-def _unavailable(name: str, why: str):
-    def run(args: argparse.Namespace) -> int:
-        raise ModelkinError(f"`modelkin {name}` is not available in this build: {why}")
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelkin",
@@ -43,14 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module_name, help_text in COMMANDS:
-        try:
-            module = importlib.import_module(f"modelkin.commands.{module_name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"modelkin.commands.{module_name}":
-                raise
-            p = sub.add_parser(name, help=f"{help_text} (not yet available)")
-            p.set_defaults(func=_unavailable(name, "it is still being built"))
-            continue
+        module = importlib.import_module(f"modelkin.commands.{module_name}")
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
         module.add_arguments(p)
         p.set_defaults(func=module.run)

@@ -66,13 +66,14 @@ def atomic_write_text(final: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(final, text.encode("utf-8"))
 
 
-def human_bytes(n: float) -> str:
-    """Format a byte count as '1.23 GB' (decimal units)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
+def human_bytes(n: float | None) -> str:
+    """Format a byte count as '1.23 GB' (decimal units); None (not known) as 'unknown'."""
+    if n is None:
+        return "unknown"
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def _clean(obj: Any) -> Any:

@@ -125,7 +125,7 @@ SAMPLE_TEXT = "Hello world! <s> </s> <|im_end|> 123 \u00e9\u4e2d\u6587 \U0001f60
 
 def exercise_tokenizer(path: str | os.PathLike, source: Any = None) -> dict[str, Any]:
     """Load the tokenizer of a checkpoint path and use encode/decode/chat; check results are well-formed."""
-    from modelkin.runtime.tokenizer import load_tokenizer
+    from modelkin.tokenizer import load_tokenizer
 
     tok = load_tokenizer(source, path)
     if tok is None:

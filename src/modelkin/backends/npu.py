@@ -12,7 +12,7 @@ import torch
 from modelkin import _torch_env
 from modelkin.backends.base import Backend, BackendStatus
 
-# torch_npu functions used by the optional fast paths (runtime/npu_ops.py).
+# torch_npu functions used by the optional fast paths (runtime/moe/npu_ops.py).
 FUSED_OPS = (
     "npu_rms_norm", "npu_add_rms_norm", "npu_moe_init_routing", "npu_grouped_matmul",
     "npu_moe_finalize_routing", "npu_swiglu", "npu_apply_rotary_pos_emb",

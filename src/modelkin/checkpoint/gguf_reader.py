@@ -1,4 +1,9 @@
-"""GGUF files via the ``gguf`` package (memory-mapped): HF names, torch shapes, dequantised data."""
+"""GGUF files via the ``gguf`` package: HF names, torch shapes, dequantised data.
+
+Only the header is memory-mapped (read-only, shared); a tensor's data is mapped (privately, its own
+byte range only) when asked for, so a file larger than RAM or than an address-space limit costs only
+the tensors read.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelkin.checkpoint.byte_range import RangeReader
 from modelkin.checkpoint.gguf_config import build_config
 from modelkin.checkpoint.gguf_names import fallback_name, gguf_to_hf
 from modelkin.checkpoint.limits import MAX_GGUF_ARRAY_ITEMS, check_count
@@ -45,13 +51,76 @@ def permute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+HEAD_BYTES = 16 << 20  # the header is mapped in growing prefixes, starting with this many bytes
+
+
+class LazyData:
+    """Where a tensor's data lies in the file (stands in for gguf's ndarray view of the mapping).
+
+    ``reshape`` and integer indexing on the first axis (one expert of a stacked tensor) return
+    smaller LazyData; ``read`` maps its bytes (copy-on-write, only its own pages).
+    """
+
+    def __init__(self, file: pathlib.Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]):
+        self.file, self.offset, self.dtype, self.shape = file, offset, np.dtype(dtype), tuple(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def reshape(self, *shape: Any) -> LazyData:
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return LazyData(self.file, self.offset, self.dtype, tuple(int(d) for d in shape))
+
+    def __getitem__(self, index: int) -> LazyData:
+        rest = self.shape[1:]
+        if not isinstance(index, (int, np.integer)) or not 0 <= index < self.shape[0]:
+            raise IndexError(f"lazy GGUF data supports one index on the first axis, got {index!r}")
+        step = int(np.prod(rest, dtype=np.int64)) * self.dtype.itemsize
+        return LazyData(self.file, self.offset + int(index) * step, self.dtype, rest)
+
+    def read(self, ranges: RangeReader) -> np.ndarray:
+        raw = ranges.map(self.file, self.offset, self.nbytes)
+        return raw.numpy().view(self.dtype).reshape(self.shape)
+
+
+class _Prefix:
+    """What np.memmap sees: an open file whose end is at ``size`` (it maps only that prefix)."""
+
+    def __init__(self, f: Any, size: int):
+        self._f, self._size, self._pos = f, size, 0
+        self.name = f.name
+
+    def read(self, n: int = -1) -> bytes:  # np.memmap only checks that it exists
+        raise OSError("not read directly")
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = self._size + offset if whence == 2 else offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+
 def _reader_class() -> type:
     from gguf import GGUFReader
 
     class PlainViewReader(GGUFReader):
-        """GGUFReader over a plain ndarray view of its memory map: the same lazy mapping, but
-        header parsing runs ~2x faster (np.memmap slicing pays a Python-level hook per field,
-        ~10^6 times for a 49k-token vocabulary)."""
+        """GGUFReader that maps only the header (a growing prefix of the file, read-only and shared)
+        and leaves tensor data in the file as LazyData. Header parsing uses a plain ndarray view of
+        the map: ~2x faster (np.memmap slicing pays a Python-level hook per field, ~10^6 times for a
+        49k-token vocabulary)."""
+
+        def __init__(self, path: pathlib.Path):
+            self._path = pathlib.Path(path)
+            self._file_size = self._path.stat().st_size
+            self._in_tensors = False
+            with self._path.open("rb") as f:
+                super().__init__(_Prefix(f, min(self._file_size, HEAD_BYTES)) if self._file_size else path)
 
         @property
         def data(self) -> np.ndarray:
@@ -61,6 +130,27 @@ def _reader_class() -> type:
         def data(self, value: np.ndarray) -> None:
             self._plain_data = value.view(np.ndarray)
 
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
+            count = int(count)
+            end = offset + np.dtype(dtype).itemsize * count
+            if self._in_tensors:  # tensor data: located, not mapped
+                if offset < 0 or end > self._file_size:
+                    raise ValueError(f"tensor data at bytes {offset}..{end} lies past the end of the "
+                                     f"file ({self._file_size} bytes): it is truncated")
+                return LazyData(self._path, offset, np.dtype(dtype).newbyteorder(
+                    self.byte_order if override_order is None else override_order), (count,))
+            if end > len(self.data) and len(self.data) < self._file_size:
+                grown = min(self._file_size, max(end, 2 * len(self.data)))
+                self.data = np.memmap(self._path, mode="r", shape=(grown,))
+            return super()._get(offset, dtype, count, override_order)
+
+        def _build_tensors(self, start_offs: int, fields: Any) -> None:
+            self._in_tensors = True
+            try:
+                super()._build_tensors(start_offs, fields)
+            finally:
+                self._in_tensors = False
+
         def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
             # gguf walks an array item by item and, past the end of the file, reads empty items
             # forever: check the claimed length against the bytes left before it starts.
@@ -68,7 +158,7 @@ def _reader_class() -> type:
                 item_type = int(self._get(orig_offs, np.uint32)[0])
                 count = int(self._get(orig_offs + 4, np.uint64)[0])
                 check_count(count, item_bytes=_MIN_ITEM_BYTES.get(item_type, 1),
-                            remaining=len(self.data) - orig_offs - 12,
+                            remaining=self._file_size - orig_offs - 12,
                             what=f"the metadata array at byte {orig_offs}", limit=MAX_GGUF_ARRAY_ITEMS)
             return super()._get_field_parts(orig_offs, raw_type)
 
@@ -79,7 +169,7 @@ def _reader_class() -> type:
 
 def _open_reader(path: pathlib.Path) -> Any:
     try:
-        return _reader_class()(path, "r")
+        return _reader_class()(path)
     except Exception as err:  # noqa: BLE001 - boundary
         raise CheckpointError(
             f"{path} is not a readable GGUF file ({type(err).__name__}: {err})",
@@ -114,6 +204,7 @@ class GGUFSource(TensorSource):
         )
         self._metadata: dict[str, Any] | None = None
         self._entries: dict[str, _Entry] = {}
+        self._ranges = RangeReader()
         for tensor in tensors:
             self._add(tensor)
 
@@ -178,7 +269,7 @@ class GGUFSource(TensorSource):
     def _read(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
         try:
-            tensor = _to_torch(entry)
+            tensor = _to_torch(entry, self._ranges)
         except (ValueError, NotImplementedError, TypeError, OSError) as err:
             raise CheckpointError(
                 f"cannot read {entry.tensor.name} ({entry.info.dtype}) from {self.path}: {err}",
@@ -204,9 +295,10 @@ class GGUFSource(TensorSource):
         return [self.path]
 
     def _release(self) -> None:
-        # the reader's tensors hold views of the memory map; drop them so the file is unmapped
+        # the reader's fields hold views of the header's memory map; drop them so the file is unmapped
         self._entries = {k: replace(v, tensor=None) for k, v in self._entries.items()}
         self._reader = None
+        self._ranges.close()
 
 
 def _contents(field: Any, path: pathlib.Path) -> Any:
@@ -219,17 +311,21 @@ def _contents(field: Any, path: pathlib.Path) -> Any:
         ) from None
 
 
-def _to_torch(entry: _Entry) -> torch.Tensor:
+def _to_torch(entry: _Entry, ranges: RangeReader) -> torch.Tensor:
     from gguf.quants import dequantize
 
     data = entry.tensor.data
     if entry.expert is not None:
         data = data[entry.expert]
+    fresh = isinstance(data, LazyData)  # a private map of its own: no copy needed
+    if fresh:
+        data = data.read(ranges)
     dtype, shape = entry.info.dtype, entry.info.shape
     if dtype in _PLAIN_NUMPY:
-        array = np.array(data)
+        array = data if fresh else np.array(data)
     elif dtype == "BF16":
-        return torch.from_numpy(np.array(data).view(np.uint16)).view(torch.bfloat16).reshape(shape)
+        bits = (data if fresh else np.array(data)).view(np.uint16)
+        return torch.from_numpy(bits).view(torch.bfloat16).reshape(shape)
     else:
         array = dequantize(data, entry.tensor.tensor_type)
     out = torch.from_numpy(np.ascontiguousarray(array)).reshape(shape)

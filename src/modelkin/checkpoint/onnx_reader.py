@@ -1,4 +1,5 @@
-"""ONNX models: graph initialisers as tensors, external-data files read lazily by offset and length."""
+"""ONNX models: graph initialisers as tensors, external-data files read lazily by offset and length
+(a private map of each initialiser's own bytes, never of the whole data file)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelkin.checkpoint.byte_range import RangeReader
 from modelkin.checkpoint.hf_config import load_hf_config
 from modelkin.checkpoint.source import TORCH_DTYPES, TensorInfo, TensorSource
 from modelkin.errors import CheckpointError
@@ -134,6 +136,7 @@ class OnnxSource(TensorSource):
                 hint="re-export or re-download the model",
             )
         self._entries: dict[str, _Entry] = {}
+        self._ranges = RangeReader()
         for proto in self._model.graph.initializer:
             if proto.name in self._entries:
                 raise CheckpointError(f"{path}: initialiser {proto.name!r} appears twice")
@@ -158,12 +161,10 @@ class OnnxSource(TensorSource):
         if entry.external is not None:
             file, offset = entry.external
             try:
-                with file.open("rb") as f:
-                    f.seek(offset)
-                    raw = bytearray(f.read(info.nbytes))
+                raw = self._ranges.map(file, offset, info.nbytes)
             except OSError as err:
                 raise CheckpointError(f"cannot read external data {file}: {err}") from None
-            return _from_bytes(raw, dtype, info.shape)
+            return raw.view(dtype).reshape(info.shape)
         if entry.proto.HasField("raw_data"):
             return _from_bytes(bytearray(entry.proto.raw_data), dtype, info.shape)
         return _from_typed_fields(entry.proto, dtype, info.shape)
@@ -187,6 +188,9 @@ class OnnxSource(TensorSource):
 
     def files(self) -> list[pathlib.Path]:
         return list(self._files)
+
+    def _release(self) -> None:
+        self._ranges.close()
 
 
 def _from_bytes(raw: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

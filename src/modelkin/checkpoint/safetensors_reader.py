@@ -1,9 +1,12 @@
-"""Safetensors checkpoints (one file, or shards with an index): headers parsed here, data via safe_open."""
+"""Safetensors checkpoints (one file, or shards with an index): headers parsed here; each tensor's data
+from its own byte range (mapped, or by positioned reads), never a mapping of the whole file.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import struct
 from dataclasses import dataclass
@@ -12,17 +15,27 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from modelkin.checkpoint.byte_range import RangeReader
 from modelkin.checkpoint.hf_config import load_hf_config
 from modelkin.checkpoint.source import TORCH_DTYPES, TensorInfo, TensorSource
 from modelkin.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors spec's own limit
+# How tensor data is read (bench.inspect --read compares them through this variable):
+#   "mmap"      a private map of each tensor's own byte range (the default: zero-copy like safe_open,
+#               bounded by the tensor, not the file);
+#   "pread"     positioned reads into a new buffer (no mapping at all; a copy);
+#   "safe_open" the safetensors library's copy-on-write map of the whole file, which the kernel refuses
+#               for a file larger than RAM + swap (or an address-space limit): then "mmap" for that file.
+READ_MODE_ENV = "MODELKIN_SAFETENSORS_READ"
+READ_MODES = ("mmap", "pread", "safe_open")
 
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
     path: pathlib.Path
-    begin: int
+    begin: int  # offset in the data section (as in the header)
+    offset: int  # absolute offset in the file
     info: TensorInfo
 
 
@@ -63,7 +76,7 @@ def read_header(path: pathlib.Path) -> tuple[dict[str, Any], int]:
     return header, size - 8 - n
 
 
-def _parse_entry(path: pathlib.Path, name: str, raw: Any, data_size: int) -> _Entry:
+def _parse_entry(path: pathlib.Path, name: str, raw: Any, data_size: int, data_start: int) -> _Entry:
     try:
         dtype = str(raw["dtype"])
         shape = tuple(int(d) for d in raw["shape"])
@@ -86,7 +99,7 @@ def _parse_entry(path: pathlib.Path, name: str, raw: Any, data_size: int) -> _En
             raise _header_error(
                 path, f"tensor {name!r} ({dtype}{list(shape)}) needs {expected} bytes, has {end - begin}"
             )
-    return _Entry(path, begin, TensorInfo(name, shape, dtype, end - begin))
+    return _Entry(path, begin, data_start + begin, TensorInfo(name, shape, dtype, end - begin))
 
 
 def scan_file(path: pathlib.Path) -> tuple[list[_Entry], dict[str, str]]:
@@ -95,7 +108,8 @@ def scan_file(path: pathlib.Path) -> tuple[list[_Entry], dict[str, str]]:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise _header_error(path, "__metadata__ is not an object")
-    entries = [_parse_entry(path, name, raw, data_size) for name, raw in header.items()]
+    data_start = path.stat().st_size - data_size
+    entries = [_parse_entry(path, name, raw, data_size, data_start) for name, raw in header.items()]
     entries.sort(key=lambda e: e.begin)
     return entries, {str(k): str(v) for k, v in metadata.items()}
 
@@ -108,6 +122,7 @@ class SafetensorsSource(TensorSource):
         files: the data files, in order.
         wanted: for sharded checkpoints, tensor name -> shard file from the index; None = all tensors.
         index_metadata: the index file's ``metadata`` object.
+        read_mode: "mmap", "pread" or "safe_open" (see READ_MODE_ENV); None: that variable, else "mmap".
     """
 
     format = "safetensors"
@@ -119,8 +134,14 @@ class SafetensorsSource(TensorSource):
         *,
         wanted: dict[str, pathlib.Path] | None = None,
         index_metadata: dict[str, Any] | None = None,
+        read_mode: str | None = None,
     ):
         super().__init__(path)
+        self._read_mode = read_mode or os.environ.get(READ_MODE_ENV) or "mmap"
+        if self._read_mode not in READ_MODES:
+            raise CheckpointError(f"unknown safetensors read mode {self._read_mode!r}",
+                                  hint=f"use one of {', '.join(READ_MODES)} (in ${READ_MODE_ENV})")
+        self._ranges = RangeReader()
         self._files = files
         self._entries: dict[str, _Entry] = {}
         self._metadata: dict[str, Any] = dict(index_metadata or {})
@@ -157,33 +178,56 @@ class SafetensorsSource(TensorSource):
         return None if entry is None else entry.info
 
     def _read(self, name: str) -> torch.Tensor:
-        file = self._entries[name].path
-        info = self._entries[name].info
+        entry = self._entries[name]
+        file, info = entry.path, entry.info
         if info.dtype not in TORCH_DTYPES:  # safetensors may read it, but info() could not describe it
             raise CheckpointError(
                 f"tensor {name!r} in {file} has dtype {info.dtype!r}, which modelkin does not read",
                 hint=f"convert it to one of {', '.join(TORCH_DTYPES)}",
             )
         try:
-            handle = self._handles.get(file)
-            if handle is None:
-                handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            return handle.get_tensor(name)
+            handle = self._mapped(file)
+            if handle is not None:
+                return handle.get_tensor(name)
+            read = self._ranges.read if self._read_mode == "pread" else self._ranges.map
+            raw = read(file, entry.offset, info.nbytes)
+            return raw.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
         except Exception as err:  # noqa: BLE001 - boundary
             raise CheckpointError(f"cannot read tensor {name!r} from {file}: {err}") from None
 
     def _read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor | None:
-        if self._entries[name].info.dtype not in TORCH_DTYPES:
+        entry = self._entries[name]
+        file, info = entry.path, entry.info
+        if info.dtype not in TORCH_DTYPES:
             return None
-        file = self._entries[name].path
         try:
-            handle = self._handles.get(file)
-            if handle is None:
-                handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            index = (slice(None),) * dim + (slice(start, stop),)
-            return handle.get_slice(name)[index]
+            handle = self._mapped(file)
+            if handle is not None:
+                index = (slice(None),) * dim + (slice(start, stop),)
+                return handle.get_slice(name)[index]
+            dtype = TORCH_DTYPES[info.dtype]
+            inner = math.prod(info.shape[dim + 1:]) * torch.empty((), dtype=dtype).element_size()
+            outer = math.prod(info.shape[:dim])
+            shape = (*info.shape[:dim], stop - start, *info.shape[dim + 1:])
+            offset, block = entry.offset + start * inner, (stop - start) * inner
+            if outer == 1 and self._read_mode == "mmap":  # one byte range: map only its pages
+                raw = self._ranges.map(file, offset, block)
+            else:
+                raw = self._ranges.read_blocks(file, offset, outer, block, info.shape[dim] * inner)
+            return raw.view(dtype).reshape(shape)
         except Exception as err:  # noqa: BLE001 - boundary
             raise CheckpointError(f"cannot read a slice of tensor {name!r} from {file}: {err}") from None
+
+    def _mapped(self, file: pathlib.Path) -> Any:
+        """safe_open's handle in "safe_open" mode (None for a file it cannot map, or in other modes)."""
+        if self._read_mode != "safe_open":
+            return None
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            except Exception:  # noqa: BLE001 - e.g. a private map larger than RAM + swap: map by ranges
+                self._handles[file] = None
+        return self._handles[file]
 
     def config(self) -> dict[str, Any]:
         return load_hf_config(self.path)
@@ -196,3 +240,4 @@ class SafetensorsSource(TensorSource):
 
     def _release(self) -> None:
         self._handles.clear()
+        self._ranges.close()

@@ -51,8 +51,8 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from modelkin.compare.pipeline import compare
-    from modelkin.compare.report import print_summary
+    from modelkin.compare.api import compare
+    from modelkin.compare.report.terminal import print_summary
 
     report = compare(
         args.a, args.b, prompts=args.prompts, device=args.device, dtype=args.dtype,
@@ -62,11 +62,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.html:
         report.save_html(args.html)
-    data = report.to_json()
-    common.emit_json(args, data)
+    common.emit_json(args, report.to_json())
     if not args.quiet:
         console = common.console(args)
-        print_summary(data, console)
+        print_summary(report, console)
         if args.html:
             console.print(f"HTML report: {args.html}")
     return 0

@@ -55,8 +55,8 @@ def smollm2_path() -> Path:
 
 def build_variants(source: Path, folder: Path, *, seed: int, tick: Any) -> dict[str, Path]:
     """Write the three relatives of ``source`` into ``folder``; returns name -> checkpoint directory."""
-    from modelkin.compare import variants
-    from modelkin.compare.upcycle_build import upcycle
+    from modelkin.synth import variants
+    from modelkin.synth.upcycle import upcycle
 
     out = {}
     tick("building the upcycled Pangu MoGE model")
@@ -74,14 +74,16 @@ def build_variants(source: Path, folder: Path, *, seed: int, tick: Any) -> dict[
     return out
 
 
-def _summary_row(name: str, about: str, data: dict[str, Any], seconds: float) -> dict[str, Any]:
-    b = data.get("behaviour") or {}
-    evidence = data.get("evidence") or []
-    tested = [e for e in evidence if e.get("p_value") is not None]
-    return {"name": name, "about": about, "href": f"smollm2-vs-{name}.html", "verdict": data["verdict"],
-            "js_divergence": b.get("js_divergence"), "top1_agreement": b.get("top1_agreement"),
-            "greedy_text_similarity": b.get("greedy_text_similarity"), "bpb_correlation": b.get("bpb_correlation"),
-            "bpb_p_value": b.get("bpb_p_value"), "mmd_p_value": (b.get("mmd") or {}).get("p_value"),
+def _summary_row(name: str, about: str, report: Any, seconds: float) -> dict[str, Any]:
+    """One index row of a ComparisonReport."""
+    from modelkin.compare.behaviour.result import BehaviourResult
+
+    b = report.behaviour or BehaviourResult()
+    tested = [e for e in report.evidence if e.get("p_value") is not None]
+    return {"name": name, "about": about, "href": f"smollm2-vs-{name}.html", "verdict": report.verdict,
+            "js_divergence": b.js_divergence, "top1_agreement": b.top1_agreement,
+            "greedy_text_similarity": b.greedy_text_similarity, "bpb_correlation": b.bpb_correlation,
+            "bpb_p_value": b.bpb_p_value, "mmd_p_value": (b.mmd or {}).get("p_value"),
             "weights_significant": f"{sum(e['significant'] for e in tested)}/{len(tested)}",
             "note": about, "seconds": round(seconds, 1)}
 
@@ -90,7 +92,7 @@ def _print_table(rows: list[dict[str, Any]], console: Any) -> None:
     from rich import box
     from rich.table import Table
 
-    from modelkin.compare.html import fmt
+    from modelkin.compare.report.rows import fmt
 
     table = Table(title="SmolLM2-135M vs its relatives", title_justify="left", box=box.SIMPLE_HEAD,
                   caption="weights: fingerprint methods significant after Holm / tested; s: seconds",
@@ -107,10 +109,9 @@ def _print_table(rows: list[dict[str, Any]], console: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from modelkin.compare.html import render_index
-    from modelkin.compare.outputs import OutputCache
-    from modelkin.compare.pipeline import compare
-    from modelkin.compare.report import print_summary, progress
+    from modelkin.compare.api import OutputCache, compare
+    from modelkin.compare.report.html import render_index
+    from modelkin.compare.report.terminal import print_summary, progress
     from modelkin.compare.settings import BehaviourSettings
     from modelkin.utils import atomic_write_text
 
@@ -144,9 +145,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             report.save_html(out / f"smollm2-vs-{name}.html")
             report.save_json(out / f"smollm2-vs-{name}.json")
-            data = report.to_json()
-            print_summary(data, console)
-            rows.append(_summary_row(name, about, data, time.perf_counter() - t))
+            print_summary(report, console)
+            rows.append(_summary_row(name, about, report, time.perf_counter() - t))
     try:
         atomic_write_text(out / "index.html", render_index(rows, "modelkin demo: SmolLM2-135M vs its relatives", INTRO))
     except OSError as err:

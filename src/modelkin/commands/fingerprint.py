@@ -34,16 +34,17 @@ def _table(report, console) -> None:
     from modelkin.compare.fingerprints.result import CALL_RULE
 
     table = Table(title=f"fingerprints: {report.a}  vs  {report.b}", title_justify="left")
-    for col in ("method", "score", "p-value", "Holm p", "z", "call", "note"):
+    for col in ("method", "null", "score", "p-value", "Holm p", "z", "call", "note"):
         table.add_column(col, justify="right" if col in ("score", "p-value", "Holm p", "z") else "left")
-    colour = {"related": "red", "unrelated": "green", "inconclusive": "yellow", "skipped": "dim"}
+    colour = {"related": "red", "unrelated": "green", "inconclusive": "yellow", "skipped": "dim",
+              "descriptive": "dim"}
 
     def fmt(v: float | None) -> str:
         return "" if v is None else f"{v:.4g}"
 
     for name, r in report.methods.items():
         note = r.skipped or ""
-        table.add_row(name, fmt(r.score), fmt(r.p_value), fmt(report.p_holm.get(name)), fmt(r.z),
+        table.add_row(name, r.null_kind, fmt(r.score), fmt(r.p_value), fmt(report.p_holm.get(name)), fmt(r.z),
                       f"[{colour.get(r.call, '')}]{r.call}[/]", note)
     console.print(table)
     console.print(f"verdict: [bold]{report.verdict}[/]  (device {report.device}, seed {report.seed})")
@@ -76,9 +77,14 @@ def run(args: argparse.Namespace) -> int:
 
             save_curves([ca, cb], args.save_curves)
         if args.plot:
-            from modelkin.compare.fingerprints.plot import write_std_curves_plot
+            from modelkin.compare.report.plots import std_curves_png
+            from modelkin.utils import atomic_write_bytes
 
-            write_std_curves_plot(ca, cb, args.plot, r=r, title=f"std curves: {ca.label} vs {cb.label}")
+            png = std_curves_png(ca.curves, cb.curves, (ca.label, cb.label), r=r,
+                                 title=f"std curves: {ca.label} vs {cb.label}")
+            if png is None:
+                raise InputError("--plot: the two models share no attention projection to draw")
+            atomic_write_bytes(args.plot, png)
     common.emit_json(args, report.to_json())
     _table(report, console)
     return 0

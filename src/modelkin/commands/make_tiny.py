@@ -9,7 +9,7 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from modelkin.commands import common
-    from modelkin.runtime.tiny import TINY
+    from modelkin.synth.tiny import TINY
 
     parser.add_argument("arch", metavar="ARCH", choices=sorted(TINY), help=", ".join(sorted(TINY)))
     parser.add_argument("outdir", metavar="OUTDIR", help="directory to write (replaced atomically)")
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from modelkin.commands import common
-    from modelkin.runtime.tiny import make_tiny
+    from modelkin.synth.tiny import make_tiny
 
     path = make_tiny(args.arch, args.outdir, seed=args.seed, tokenizer=not args.no_tokenizer)
     files = sorted(p.name for p in path.iterdir())

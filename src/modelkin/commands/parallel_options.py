@@ -1,5 +1,5 @@
-"""--tp / --ep / --dry-run / --memory-limit for `modelkin run`: start the torchrun process group,
-plan memory before any weight is read (print it, or refuse when it cannot fit), load the shard."""
+"""--tp / --ep / --dry-run / --memory-limit for `modelkin run`, and the plan a run makes before any
+weight is read: the torchrun process group, this rank's model built on the meta device, the memory check."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import os
 import secrets
 import sys
 from typing import Any
+
+import torch
 
 from modelkin.commands import common
 from modelkin.errors import InputError
@@ -44,21 +46,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@dataclasses.dataclass(slots=True)
-class Setup:
-    """What `prepare` decided: the process group (None for one process) and the rank's role."""
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RunPlan:
+    """What `modelkin run` decided before reading any weight (`start`, then `plan`; `args` stay as parsed).
 
+    Attributes:
+        backend: this rank's Backend (cuda:LOCAL_RANK, npu:LOCAL_RANK under torchrun).
+        dtype: the weights' dtype (None until `plan`).
+        shard: this rank's model on the meta device, for `runtime.api.load_source` to fill.
+        memory: the memory plan the run passed (None until `plan`).
+        ctx: the process group of a multi-process run, else None.
+        started: this run started the process group, so `close` ends it.
+        seed: the sampling seed (under torchrun with sampling and no --seed: rank 0's, on every rank).
+    """
+
+    backend: Any
+    dtype: torch.dtype | None
+    shard: Any = None
+    memory: Any = None
     ctx: Any = None
-    started: bool = False  # this call started the process group, so it ends it
-
-    def close(self) -> None:
-        if self.started:
-            from modelkin.runtime.parallel import shutdown
-
-            shutdown()
+    started: bool = False
+    seed: int | None = None
 
     @property
     def is_main(self) -> bool:
+        """Whether this process prints and writes (rank 0, or the only process)."""
         return self.ctx is None or self.ctx.is_main
 
     def describe(self) -> dict[str, int] | None:
@@ -68,129 +80,127 @@ class Setup:
         layout = self.ctx.layout
         return {"tp": layout.tp, "ep": layout.ep, "world_size": layout.world_size}
 
-    def load(self, args: argparse.Namespace) -> Any:
-        from modelkin.runtime.parallel_load import load_parallel
+    def close(self) -> None:
+        if self.started:
+            from modelkin.runtime.parallel import shutdown
 
-        return load_parallel(args.model, self.ctx, dtype=args.dtype)
-
-
-def prepare(args: argparse.Namespace) -> Setup | None:
-    """Start distributed (when launched by torchrun or asked for tp/ep > 1), check the memory plan.
-
-    Returns None after --dry-run (the plan was printed). Non-main ranks lose --json; the caller
-    silences their output.
-
-    Raises:
-        InputError: tp × ep differs from the processes launched, or a bad --memory-limit.
-        DeviceError: the plan does not fit (the plan is printed first, by rank 0).
-    """
-    from modelkin.runtime.parallel import (
-        check_degrees,
-        init_distributed,
-        launched_world_size,
-        resolve_degrees,
-    )
-
-    if args.engine != "torch":
-        if launched_world_size() > 1 or (args.tp or 1) * (args.ep or 1) > 1:
-            raise InputError(
-                f"--engine {args.engine} runs on one process; --tp/--ep need the torch engine",
-                hint="drop --engine, or run without torchrun",
-            )
-        return Setup()
-    backend = common.backend_from_args(args)
-    if args.dry_run:
-        if "WORLD_SIZE" in os.environ:  # under torchrun: plan the launched layout
-            tp, ep = resolve_degrees(args.tp, args.ep, launched_world_size())
-        else:
-            tp, ep = args.tp or 1, args.ep or 1
-            check_degrees(tp, ep)
-        if int(os.environ.get("RANK", "0")) == 0:
-            plan = _plan(args, backend, tp, ep, None)
-            _show(args, plan)
-            common.emit_json(args, {"memory_plan": plan.to_json()})
-        return None
-    import torch.distributed as dist
-
-    started = not dist.is_initialized()
-    ctx = init_distributed(backend, tp=args.tp, ep=args.ep)
-    distributed = ctx.layout.world_size > 1
-    started = started and distributed
-    available = _agreed_available(ctx, args) if distributed else None
-    plan = _plan(args, ctx.backend, ctx.layout.tp, ctx.layout.ep, available)
-    if not plan.fits:
-        try:
-            _refuse(args, ctx, plan)
-        finally:
-            Setup(ctx, started).close()
-    if not distributed:
-        return Setup()
-    if args.temperature > 0 and args.seed is None:  # every rank must draw the same tokens
-        args.seed = ctx.broadcast_object(secrets.randbits(31))
-    if not ctx.is_main:
-        args.json = None
-    return Setup(ctx, started)
+            shutdown()
 
 
-def _agreed_available(ctx: Any, args: argparse.Namespace) -> tuple[int | None, str]:
-    """Every rank must take the same decision: the smallest free memory any rank sees."""
-    from modelkin.runtime.memory_plan import available_memory
+def check_one_process(args: argparse.Namespace) -> None:
+    """--engine onnxruntime runs on one process: refuse torchrun and --tp/--ep."""
+    from modelkin.runtime.parallel import launched_world_size
 
-    seen = ctx.all_gather_object(available_memory(ctx.backend, args.memory_limit))
-    known = [s for s in seen if s[0] is not None]
-    return min(known) if known else (None, "unknown")
+    if launched_world_size() > 1 or (args.tp or 1) * (args.ep or 1) > 1:
+        raise InputError(
+            f"--engine {args.engine} runs on one process; --tp/--ep need the torch engine",
+            hint="drop --engine, or run without torchrun",
+        )
 
 
-def _plan(
-    args: argparse.Namespace, backend: Any, tp: int, ep: int, available: tuple[int | None, str] | None
-) -> Any:
+def dry_run(args: argparse.Namespace, backend: Any) -> None:
+    """--dry-run: plan every rank from this process (rank 0 alone under torchrun), print, write --json."""
     from modelkin.checkpoint import open_checkpoint
-    from modelkin.runtime.memory_plan import plan_memory
+    from modelkin.runtime.parallel import check_degrees, launched_world_size, resolve_degrees
+    from modelkin.runtime.parallel.memory_plan import plan_memory
 
-    prompt_len = _prompt_len(args)
+    if "WORLD_SIZE" in os.environ:  # under torchrun: plan the launched layout
+        tp, ep = resolve_degrees(args.tp, args.ep, launched_world_size())
+    else:
+        tp, ep = args.tp or 1, args.ep or 1
+        check_degrees(tp, ep)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     with open_checkpoint(args.model) as source:
-        return plan_memory(
+        memory = plan_memory(
             source,
             backend=backend,
             dtype=backend.resolve_dtype(args.dtype),
             tp=tp,
             ep=ep,
-            max_len=prompt_len + args.max_new_tokens,
-            prompt_len=prompt_len,
             memory_limit=args.memory_limit,
-            available=available,
+            **_lengths(args),
         )
+    print(memory.render(), file=sys.stderr if common.json_to_stdout(args) else sys.stdout)
+    common.emit_json(args, {"memory_plan": memory.to_json()})
 
 
-def _prompt_len(args: argparse.Namespace) -> int:
-    """An upper bound of the prompt's tokens without loading the tokenizer: its UTF-8 bytes plus
-    room for special and chat-template tokens."""
-    return len((args.prompt or "").encode("utf-8")) + (256 if args.chat else 8)
+def start(args: argparse.Namespace, backend: Any) -> RunPlan:
+    """Join the process group when launched by torchrun (or asked for tp/ep > 1); `plan` completes
+    the RunPlan. The caller closes it.
+
+    Raises:
+        InputError: tp × ep differs from the processes launched.
+    """
+    import torch.distributed as dist
+
+    from modelkin.runtime.parallel import init_distributed
+
+    started = not dist.is_initialized()
+    ctx = init_distributed(backend, tp=args.tp, ep=args.ep)
+    distributed = ctx.layout.world_size > 1
+    return RunPlan(
+        backend=ctx.backend,
+        dtype=None,
+        ctx=ctx if distributed else None,
+        started=started and distributed,
+        seed=args.seed,
+    )
 
 
-def _show(args: argparse.Namespace, plan: Any) -> None:
-    out = sys.stderr if common.json_to_stdout(args) else sys.stdout
-    print(plan.render(), file=out)
+def plan(args: argparse.Namespace, source: Any, run: RunPlan) -> RunPlan:
+    """`run` completed for the open checkpoint: this rank's model built on the meta device, the
+    memory plan of every rank checked, the sampling seed agreed.
+
+    Raises:
+        InputError: a bad --memory-limit or --dtype.
+        DeviceError: the plan does not fit (rank 0 prints the plan and writes it to --json first).
+    """
+    from modelkin.runtime.parallel.memory_plan import plan_shard
+    from modelkin.runtime.parallel.shard import build
+
+    run = dataclasses.replace(run, dtype=run.backend.resolve_dtype(args.dtype))
+    shard = build(source, ctx=run.ctx)
+    memory = plan_shard(
+        source,
+        shard,
+        backend=run.backend,
+        dtype=run.dtype,
+        memory_limit=args.memory_limit,
+        gather=run.ctx.all_gather_object if run.ctx else None,
+        **_lengths(args),
+    )
+    if not memory.fits:
+        _refuse(args, source, run, memory)
+    seed = run.seed
+    if run.ctx is not None and args.temperature > 0 and seed is None:  # every rank draws the same tokens
+        seed = run.ctx.broadcast_object(secrets.randbits(31))
+    return dataclasses.replace(run, shard=shard, memory=memory, seed=seed)
 
 
-def _refuse(args: argparse.Namespace, ctx: Any, plan: Any) -> None:
-    from modelkin.checkpoint import open_checkpoint
-    from modelkin.runtime.memory_plan import fitting_tp, refuse
+def _lengths(args: argparse.Namespace) -> dict[str, int]:
+    """KV length and prefill tokens to plan for. The prompt's tokens are bounded without loading the
+    tokenizer: its UTF-8 bytes plus room for special and chat-template tokens."""
+    prompt_len = len((args.prompt or "").encode("utf-8")) + (256 if args.chat else 8)
+    return {"max_len": prompt_len + args.max_new_tokens, "prompt_len": prompt_len}
+
+
+def _refuse(args: argparse.Namespace, source: Any, run: RunPlan, memory: Any) -> None:
+    from modelkin.runtime.parallel.memory_plan import fitting_tp, refuse
 
     suggestion = None
-    if not plan.shared_host and plan.available is not None:
-        with open_checkpoint(args.model) as source:
-            suggestion = fitting_tp(
-                source,
-                backend=ctx.backend,
-                dtype=ctx.backend.resolve_dtype(args.dtype),
-                ep=plan.ep,
-                batch_size=plan.batch_size,
-                max_len=plan.max_len,
-                prompt_len=_prompt_len(args),
-                available=plan.available,
-            )
-    if ctx.is_main:
-        print(plan.render(), file=sys.stderr)
-        common.emit_json(args, {"memory_plan": plan.to_json()})
-    raise refuse(plan, suggestion=suggestion)
+    if not memory.shared_host and memory.available is not None:
+        suggestion = fitting_tp(
+            source,
+            backend=run.backend,
+            dtype=run.dtype,
+            ep=memory.ep,
+            batch_size=memory.batch_size,
+            max_len=memory.max_len,
+            prompt_len=_lengths(args)["prompt_len"],
+            available=memory.available,
+        )
+    if run.is_main:
+        print(memory.render(), file=sys.stderr)
+        common.emit_json(args, {"memory_plan": memory.to_json()})
+    raise refuse(memory, suggestion=suggestion)

@@ -44,41 +44,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parallel_options.add_arguments(parser)
 
 
-def _load(args: argparse.Namespace) -> Any:
-    if args.engine == "onnxruntime":
-        try:
-            from modelkin.export.ort_engine import load as load_ort
-        except ModuleNotFoundError as err:
-            raise InputError(
-                "the onnxruntime engine is not available in this build", hint="use --engine torch"
-            ) from err
-        # the device picks an onnxruntime provider, checked against onnxruntime, not torch
-        return load_ort(args.model, device=args.device, dtype=args.dtype, allow_fallback=args.allow_fallback)
-    backend = common.backend_from_args(args)
-    from modelkin.runtime.api import load
-
-    return load(args.model, device=backend, dtype=args.dtype)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     if args.prompt is None and not args.dry_run:
         raise InputError("--prompt is required", hint='pass --prompt "TEXT" (or --dry-run to plan memory)')
-    setup = parallel_options.prepare(args)  # torchrun group, memory plan (--dry-run stops here)
-    if setup is None:
+    if args.engine == "onnxruntime":
+        from modelkin.export.ort_engine import load as load_ort
+
+        parallel_options.check_one_process(args)
+        # the device picks an onnxruntime provider, checked against onnxruntime, not torch
+        model = load_ort(args.model, device=args.device, dtype=args.dtype, allow_fallback=args.allow_fallback)
+        return _generate(args, model, seed=args.seed)
+    backend = common.backend_from_args(args)
+    if args.dry_run:
+        parallel_options.dry_run(args, backend)
         return 0
+    from modelkin.checkpoint import open_checkpoint
+    from modelkin.runtime.api import load_source
+
     with contextlib.ExitStack() as stack:
-        stack.callback(setup.close)
-        if not setup.is_main:  # under torchrun only rank 0 prints and writes
-            null = stack.enter_context(open(os.devnull, "w"))
-            stack.enter_context(contextlib.redirect_stdout(null))
-            stack.enter_context(contextlib.redirect_stderr(null))
-        return _run(args, setup)
+        plan = parallel_options.start(args, backend)
+        stack.callback(plan.close)
+        with open_checkpoint(args.model) as source:
+            plan = parallel_options.plan(args, source, plan)
+            if not plan.is_main:  # under torchrun only rank 0 prints and writes
+                null = stack.enter_context(open(os.devnull, "w"))
+                stack.enter_context(contextlib.redirect_stdout(null))
+                stack.enter_context(contextlib.redirect_stderr(null))
+            model = load_source(
+                source, args.model, backend=plan.backend, dtype=plan.dtype, parallel=plan.ctx,
+                shard=plan.shard,
+            )
+        return _generate(args, model, seed=plan.seed, parallel=plan.describe(), write_json=plan.is_main)
 
 
-def _run(args: argparse.Namespace, setup: parallel_options.Setup) -> int:
-    model = setup.load(args) if setup.ctx is not None else _load(args)
+def _generate(
+    args: argparse.Namespace,
+    model: Any,
+    *,
+    seed: int | None,
+    parallel: dict[str, int] | None = None,
+    write_json: bool = True,
+) -> int:
     out = sys.stderr if common.json_to_stdout(args) else sys.stdout
     sampling = {
         "max_new_tokens": args.max_new_tokens,
@@ -86,7 +94,7 @@ def _run(args: argparse.Namespace, setup: parallel_options.Setup) -> int:
         "top_k": args.top_k,
         "top_p": args.top_p,
         "min_p": args.min_p,
-        "seed": args.seed,
+        "seed": seed,
         "stop": args.stop,
     }
     prompt_ids = model.encode_prompt(args.prompt, chat=args.chat)
@@ -125,9 +133,10 @@ def _run(args: argparse.Namespace, setup: parallel_options.Setup) -> int:
     routing = model.routing()
     if routing is not None:
         report["routing"] = routing
-    if setup.describe() is not None:
-        report["parallel"] = setup.describe()
-    common.emit_json(args, report)
+    if parallel is not None:
+        report["parallel"] = parallel
+    if write_json:
+        common.emit_json(args, report)
     return 0
 
 

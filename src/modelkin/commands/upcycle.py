@@ -1,4 +1,5 @@
-"""Build a Pangu-Pro-MoE-layout (MoGE) checkpoint from a dense Llama/Qwen2 checkpoint (HF dir or GGUF).
+"""`modelkin upcycle`: build a Pangu-Pro-MoE-layout (MoGE) checkpoint from a dense Llama/Qwen2 checkpoint
+(HF dir or GGUF) with the upcycle builder, synth/upcycle.py (`fingerprint --methods upcycle` is the detector).
 
 Attention is copied; each layer's MLP neurons are split at random into E routed experts and a shared
 expert; the router starts from each expert's mean gate row; router_scale is ones; --noise adds Gaussian
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from modelkin.compare.upcycle_build import upcycle
+    from modelkin.synth.upcycle import upcycle
 
     summary = upcycle(args.dense, args.outdir, experts=args.experts, groups=args.groups,
                       shared_fraction=args.shared_fraction, noise=args.noise, seed=args.seed,

@@ -1,8 +1,9 @@
-"""Compare two models: weight fingerprints with significance, behaviour, one verdict and report.
+"""Compare two models: weight fingerprints (fingerprints/) and behaviour (behaviour/) -> verdict -> report/.
 
-`modelkin.compare(a, b, ...)` is the public function; importing this subpackage makes Python bind the
-name `modelkin.compare` to the package instead, so the package itself is callable and forwards to
-`modelkin.compare.api.compare`.
+The package is callable as `modelkin.compare(a, b, ...)` (-> api.compare): `import modelkin.compare.<x>` binds
+the attribute `modelkin.compare` to this package after it runs, so only a callable package keeps one object
+under that name; a module gets `__call__` only from its class, set below as the language reference documents
+(https://docs.python.org/3/reference/datamodel.html#customizing-module-attribute-access).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ SAME_TOKENIZER_METRICS = ("logits",)
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class BehaviourSettings:
-    """What `compare` runs on each model. Defaults keep a 135M model on 2 CPU cores well under a minute.
+    """What `compare` runs on each model. Defaults are sized for a quick CPU run of a small model.
 
     Attributes:
         max_prompts: prompts used (round-robin over categories); None for all.

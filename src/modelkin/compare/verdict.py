@@ -1,17 +1,20 @@
 """Combine weight fingerprints and behaviour into one call: related, unrelated or inconclusive.
 
 Rules (every reason in a report names the rule it applied):
-  R1  Weight fingerprints: each method with a p-value tests H0 "trained independently"; the p-values
-      are adjusted together with Holm-Bonferroni and a method counts when its adjusted p < 0.01.
+  R1  Only weight tests whose null holds for independently trained real models decide: exact
+      randomisation over a symmetry of a model's own training (pcs, permtest, csu_aligned, upcycle) or an
+      empirical null over real unrelated models. Their p-values are adjusted together with
+      Holm-Bonferroni; a test counts when its adjusted p < 0.01. Statistics with synthetic nulls
+      (std_curve, invariants, spectral) are shown as description and never decide.
   R2  Functional identity (same tokenizer only): mean next-token JS divergence <= 1e-4 bits, top-1
       agreement >= 0.99 and greedy continuations agreeing on >= 95% of tokens. Independent training
       never yields the same function, so this alone says related (a copy, possibly re-parameterised).
-  R3  Two or more weight methods significant under R1 -> related.
-  R4  Exactly one significant weight method -> related only if behaviour is close as well (top-1
-      agreement >= 0.6 or greedy text similarity >= 0.6); otherwise inconclusive.
-  R5  Unrelated needs both halves: at least two weight methods evaluated, none with a raw p < 0.05,
-      and behaviour measured and distinguishable (the MMD test rejects equality at 0.05, or top-1
-      agreement < 0.5, or greedy text similarity < 0.5).
+  R3  One or more valid weight tests significant under R1 -> related.
+  R4  A valid test with a raw p < 0.05 that Holm does not confirm is weak evidence: it blocks
+      "unrelated" and the verdict is inconclusive.
+  R5  Unrelated needs both halves: at least one valid weight test applied, every one with a raw
+      p >= 0.05, and behaviour measured and distinguishable (the MMD test rejects equality at 0.05, or
+      top-1 agreement < 0.5, or greedy text similarity < 0.5).
   R6  A correlation of bits per byte across texts is reported as context and never decides: all
       language models find the same texts hard, so unrelated models correlate too.
   R7  Anything else is inconclusive, with the missing or conflicting evidence named.
@@ -23,14 +26,15 @@ import dataclasses
 import math
 from typing import Any
 
-from modelkin.compare.significance import holm_bonferroni
+from modelkin.compare.behaviour.result import BehaviourResult
+from modelkin.compare.fingerprints.result import FingerprintReport
+from modelkin.compare.stats import holm_bonferroni
 
 ALPHA = 0.01
 NULL_FLOOR = 0.05
 JS_IDENTICAL = 1e-4
 TOP1_IDENTICAL = 0.99
 GREEDY_IDENTICAL = 0.95
-CLOSE = 0.6
 DIFFERENT = 0.5
 
 
@@ -59,20 +63,24 @@ class Verdict:
         return dataclasses.asdict(self)
 
 
-def weight_evidence(fingerprint: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Per fingerprint method: score, raw p, Holm-adjusted p and whether it rejects independence (R1)."""
-    methods = (fingerprint or {}).get("methods") or {}
+def weight_evidence(fingerprint: FingerprintReport | None) -> list[dict[str, Any]]:
+    """Per fingerprint method: score, raw p, null kind, Holm-adjusted p and whether it rejects independence.
+
+    Holm runs over the deciding methods only (R1); descriptive ones keep their p with a note.
+    """
     rows = []
-    for name, m in methods.items():
-        p = m.get("p_value") if isinstance(m, dict) else None
-        row = {"method": name, "score": m.get("score") if isinstance(m, dict) else None, "p_value": None,
-               "p_holm": None, "significant": False}
+    for name, m in (fingerprint.methods if fingerprint is not None else {}).items():
+        p = m.p_value
+        row = {"method": name, "score": m.score, "p_value": None, "p_holm": None, "significant": False,
+               "null_kind": m.null_kind, "decides": m.deciding}
         if isinstance(p, (int, float)) and math.isfinite(p):
             row["p_value"] = float(p)
+            if not m.deciding:
+                row["note"] = "descriptive: its null is synthetic, so it never decides"
         else:
-            row["note"] = (m.get("skipped") or "no p-value") if isinstance(m, dict) else "no result"
+            row["note"] = m.skipped or "no p-value"
         rows.append(row)
-    tested = [r for r in rows if r["p_value"] is not None]
+    tested = [r for r in rows if r["p_value"] is not None and r["decides"]]
     for r, adj in zip(tested, holm_bonferroni([r["p_value"] for r in tested])):
         r["p_holm"] = adj
         r["significant"] = adj < ALPHA
@@ -83,27 +91,22 @@ def _fmt(p: float | None) -> str:
     return "n/a" if p is None else (f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}")
 
 
-def functionally_identical(b: dict[str, Any] | None) -> bool:
-    """R2 on a behaviour dict."""
-    if not b or not b.get("same_tokenizer"):
+def functionally_identical(b: BehaviourResult | None) -> bool:
+    """R2 on a behaviour result."""
+    if b is None or not b.same_tokenizer:
         return False
-    js, top1, greedy = b.get("js_divergence"), b.get("top1_agreement"), b.get("greedy_token_agreement")
+    js, top1, greedy = b.js_divergence, b.top1_agreement, b.greedy_token_agreement
     if js is None or top1 is None:
         return False
     return js <= JS_IDENTICAL and top1 >= TOP1_IDENTICAL and (greedy is None or greedy >= GREEDY_IDENTICAL)
 
 
-def _close(b: dict[str, Any]) -> bool:
-    top1, sim = b.get("top1_agreement"), b.get("greedy_text_similarity")
-    return (top1 is not None and top1 >= CLOSE) or (sim is not None and sim >= CLOSE)
-
-
-def _distinguishable(b: dict[str, Any]) -> str | None:
+def _distinguishable(b: BehaviourResult) -> str | None:
     """Why behaviour shows the models differ, or None (R5)."""
-    mmd = b.get("mmd") or {}
+    mmd = b.mmd or {}
     if mmd.get("p_value") is not None and mmd["p_value"] < NULL_FLOOR:
         return f"the MMD test rejects equal sampling distributions (p={_fmt(mmd['p_value'])})"
-    top1, sim = b.get("top1_agreement"), b.get("greedy_text_similarity")
+    top1, sim = b.top1_agreement, b.greedy_text_similarity
     if top1 is not None and top1 < DIFFERENT:
         return f"top-1 agreement is only {top1:.2f}"
     if sim is not None and sim < DIFFERENT:
@@ -111,18 +114,18 @@ def _distinguishable(b: dict[str, Any]) -> str | None:
     return None
 
 
-def decide(fingerprint: dict[str, Any] | None, behaviour: dict[str, Any] | None,
+def decide(fingerprint: FingerprintReport | None, behaviour: BehaviourResult | None,
            *, fingerprint_error: str | None = None) -> Verdict:
-    """Apply R1-R7 to a fingerprint report's JSON and a behaviour dict (either may be None)."""
+    """Apply R1-R7 to a fingerprint report and a behaviour result (either may be None)."""
     evidence = weight_evidence(fingerprint)
-    tested = [e for e in evidence if e["p_value"] is not None]
+    tested = [e for e in evidence if e["p_value"] is not None and e["decides"]]
     significant = [e for e in tested if e["significant"]]
     reasons = [_weights_summary(tested, significant, fingerprint_error)]
     if behaviour:
         reasons.append(_behaviour_summary(behaviour))
-        if behaviour.get("bpb_correlation") is not None:
-            reasons.append(f"R6: bits-per-byte correlation r={behaviour['bpb_correlation']:.3f} "
-                           f"(p={_fmt(behaviour.get('bpb_p_value'))}) is context only, not evidence")
+        if behaviour.bpb_correlation is not None:
+            reasons.append(f"R6: bits-per-byte correlation r={behaviour.bpb_correlation:.3f} "
+                           f"(p={_fmt(behaviour.bpb_p_value)}) is context only, not evidence")
     else:
         reasons.append("behaviour was not compared")
 
@@ -130,63 +133,62 @@ def decide(fingerprint: dict[str, Any] | None, behaviour: dict[str, Any] | None,
         reasons.insert(0, "R2: the models compute the same function (JS ≤ 1e-4 bits, top-1 ≥ 0.99, "
                           "same greedy continuations)")
         return Verdict(verdict="related", reasons=reasons, evidence=evidence)
-    if len(significant) >= 2:
-        reasons.insert(0, f"R3: {len(significant)} weight methods reject independence after Holm-Bonferroni "
+    if significant:
+        reasons.insert(0, f"R3: {len(significant)} valid weight test(s) reject independence after Holm-Bonferroni "
                           f"({', '.join(e['method'] for e in significant)})")
         return Verdict(verdict="related", reasons=reasons, evidence=evidence)
-    if len(significant) == 1:
-        name = significant[0]["method"]
-        if behaviour and _close(behaviour):
-            reasons.insert(0, f"R4: one weight method ({name}) rejects independence and behaviour is close")
-            return Verdict(verdict="related", reasons=reasons, evidence=evidence)
-        reasons.insert(0, f"R4: only one weight method ({name}) rejects independence and behaviour "
-                          "does not corroborate it")
-        return Verdict(verdict="inconclusive", reasons=reasons, evidence=evidence)
     return _unrelated_or_not(tested, behaviour, reasons, evidence)
 
 
-def _unrelated_or_not(tested: list[dict[str, Any]], behaviour: dict[str, Any] | None, reasons: list[str],
+def _unrelated_or_not(tested: list[dict[str, Any]], behaviour: BehaviourResult | None, reasons: list[str],
                       evidence: list[dict[str, Any]]) -> Verdict:
     low = [e for e in tested if e["p_value"] < NULL_FLOOR]
-    missing = []
-    if len(tested) < 2:
-        missing.append(f"only {len(tested)} weight method(s) gave a p-value (need 2)")
     if low:
-        missing.append("weak weight evidence (raw p < 0.05 but not significant after Holm), too low to call "
-                       "the models unrelated: " + ", ".join(f"{e['method']} p={_fmt(e['p_value'])}" for e in low))
+        reasons.insert(0, "R4: weak weight evidence (raw p < 0.05 but not significant after Holm), too low to "
+                          "call the models unrelated: "
+                          + ", ".join(f"{e['method']} p={_fmt(e['p_value'])}" for e in low))
+        return Verdict(verdict="inconclusive", reasons=reasons, evidence=evidence)
+    missing = []
+    if not tested:
+        missing.append("no weight test with a valid null applied to this pair" + _skipped_reasons(evidence))
     why_diff = _distinguishable(behaviour) if behaviour else None
     if not behaviour:
         missing.append("behaviour was not compared")
     elif why_diff is None:
         missing.append("behaviour does not distinguish the models")
     if not missing:
-        reasons.insert(0, f"R5: no weight method rejects independence ({len(tested)} tested, all p ≥ 0.05) "
+        reasons.insert(0, f"R5: no valid weight test rejects independence ({len(tested)} tested, all p ≥ 0.05) "
                           f"and {why_diff}")
         return Verdict(verdict="unrelated", reasons=reasons, evidence=evidence)
     reasons.insert(0, "R7: " + "; ".join(missing))
     return Verdict(verdict="inconclusive", reasons=reasons, evidence=evidence)
 
 
+def _skipped_reasons(evidence: list[dict[str, Any]]) -> str:
+    skipped = [f"{e['method']}: {e['note']}" for e in evidence if e["decides"] and e["p_value"] is None]
+    return f" ({'; '.join(skipped)})" if skipped else ""
+
+
 def _weights_summary(tested: list[dict[str, Any]], significant: list[dict[str, Any]], error: str | None) -> str:
     if error:
         return f"weight fingerprints unavailable: {error}"
     if not tested:
-        return "no weight fingerprint method gave a p-value"
+        return "no weight test with a valid null gave a p-value"
     parts = [f"{e['method']} p={_fmt(e['p_value'])} (Holm {_fmt(e['p_holm'])})" for e in tested]
-    return f"weights: {len(significant)}/{len(tested)} methods significant at {ALPHA}: " + ", ".join(parts)
+    return f"weights: {len(significant)}/{len(tested)} valid tests significant at {ALPHA}: " + ", ".join(parts)
 
 
-def _behaviour_summary(b: dict[str, Any]) -> str:
+def _behaviour_summary(b: BehaviourResult) -> str:
     parts = []
-    if b.get("js_divergence") is not None:
-        parts.append(f"JS={b['js_divergence']:.3g} bits")
-    if b.get("top1_agreement") is not None:
-        parts.append(f"top-1 agreement={b['top1_agreement']:.3f}")
-    if b.get("greedy_text_similarity") is not None:
-        parts.append(f"greedy text similarity={b['greedy_text_similarity']:.3f}")
-    mmd = b.get("mmd") or {}
+    if b.js_divergence is not None:
+        parts.append(f"JS={b.js_divergence:.3g} bits")
+    if b.top1_agreement is not None:
+        parts.append(f"top-1 agreement={b.top1_agreement:.3f}")
+    if b.greedy_text_similarity is not None:
+        parts.append(f"greedy text similarity={b.greedy_text_similarity:.3f}")
+    mmd = b.mmd or {}
     if mmd.get("p_value") is not None:
         parts.append(f"MMD p={_fmt(mmd['p_value'])}")
-    if not b.get("same_tokenizer"):
-        parts.append(f"token-level metrics skipped: {b.get('tokenizer_note')}")
+    if not b.same_tokenizer:
+        parts.append(f"token-level metrics skipped: {b.tokenizer_note}")
     return "behaviour: " + (", ".join(parts) if parts else "no metric available")

@@ -4,23 +4,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from modelkin.errors import TokenizerError
+from modelkin.tokenizer.write import copy_tokenizer_files
 
-HF_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-)
 GGUF_TOKENIZER = "tokenizer_gguf.json"  # the tokenizer.* keys of a GGUF's metadata, verbatim
 
 
@@ -44,10 +33,7 @@ def write_assets(source: Any, source_path: Path, outdir: Path, *, args: Any, dty
             return None
         _write_json(outdir / GGUF_TOKENIZER, meta)
         return GGUF_TOKENIZER
-    folder = source_path if source_path.is_dir() else source_path.parent
-    copied = [n for n in HF_TOKENIZER_FILES if (folder / n).is_file()]
-    for name in copied:
-        shutil.copyfile(folder / name, outdir / name)
+    copied = copy_tokenizer_files(source_path if source_path.is_dir() else source_path.parent, outdir)
     main = [n for n in ("tokenizer.json", "tokenizer.model") if n in copied]
     return main[0] if main else None
 
@@ -69,13 +55,13 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def load_export_tokenizer(outdir: Path, config: dict[str, Any]) -> Any | None:
     """The Tokenizer of an exported directory (built as the torch engine builds it), or None."""
-    from modelkin.runtime.tokenizer import Tokenizer, load_tokenizer
-    from modelkin.runtime.tokenizer_files import read_json
+    from modelkin.tokenizer import Tokenizer, load_tokenizer
+    from modelkin.tokenizer.files import read_json
 
     meta_file = outdir / GGUF_TOKENIZER
     if not meta_file.is_file():
         return load_tokenizer(None, outdir)
-    from modelkin.runtime.gguf_vocab import gguf_tokenizer_parts
+    from modelkin.tokenizer.gguf_vocab import gguf_tokenizer_parts
 
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))

@@ -1,17 +1,62 @@
-"""Per-layer std curves (q/k/v/o and the MLP roles) as a PNG, the picture the HonestAGI claim used."""
+"""Std-curve drawing (per-layer std of q/k/v/o and the MLP roles), the picture the HonestAGI claim used.
+
+The one owner of std-curve plotting: `inspect --plot` draws one model here, and compare's report and
+`fingerprint --plot` overlay two models with the same helpers (matplotlib's object API, no pyplot).
+"""
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from modelkin.inspect.report import InspectionResult
 
 ATTENTION_CURVES = ("q", "k", "v", "o")
 MLP_CURVES = ("gate", "up", "down", "shared_gate", "shared_up", "shared_down",
               "expert_gate", "expert_up", "expert_down")
+
+
+def zscore(values: Sequence[float]) -> list[float]:
+    """(v - mean) / population std; all zeros for a constant curve."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+    return [(v - mean) / sd if sd > 0 else 0.0 for v in values]
+
+
+def relative_depth(n: int) -> list[float]:
+    """x positions 0..1 for n layers, so models of different depth line up."""
+    return [i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
+def draw_curves(ax: Any, series: Iterable[tuple[str, Sequence[float], Sequence[float], dict[str, Any]]], *,
+                title: str, xlabel: str, ylabel: str, legend: bool = True) -> None:
+    """One panel: each (label, xs, ys, plot options) as a line; a note when there is nothing to draw."""
+    drawn = False
+    for label, xs, ys, style in series:
+        ax.plot(xs, ys, label=label, **{"marker": "o", "markersize": 3, **style})
+        drawn = True
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if not drawn:
+        ax.text(0.5, 0.5, "no tensors selected", ha="center", transform=ax.transAxes)
+    elif legend:
+        ax.legend(fontsize=7, loc="best")
+
+
+def figure_png(fig: Any, dpi: int = 100) -> bytes:
+    """PNG bytes of a matplotlib Figure (rendered into memory)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
 
 
 def std_curves(result: InspectionResult, roles: tuple[str, ...]) -> dict[str, tuple[list, list]]:
@@ -26,28 +71,13 @@ def std_curves(result: InspectionResult, roles: tuple[str, ...]) -> dict[str, tu
 
 def plot_std_curves(result: InspectionResult, path: str | os.PathLike) -> None:
     """Write a two-panel PNG: std per layer for attention projections and for MLP roles."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from modelkin.utils import atomic_write_bytes
 
-    from modelkin.utils import atomic_path
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, roles, title in ((axes[0], ATTENTION_CURVES, "attention"),
-                             (axes[1], MLP_CURVES, "MLP")):
-        curves = std_curves(result, roles)
-        for role, (layers, stds) in curves.items():
-            ax.plot(layers, stds, marker="o", markersize=3, label=role)
-        ax.set_title(f"{title}: std of weights per layer")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("std")
-        if curves:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no tensors selected", ha="center", transform=ax.transAxes)
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    for ax, roles, title in zip(fig.subplots(1, 2), (ATTENTION_CURVES, MLP_CURVES), ("attention", "MLP")):
+        series = [(role, layers, stds, {}) for role, (layers, stds) in std_curves(result, roles).items()]
+        draw_curves(ax, series, title=f"{title}: std of weights per layer", xlabel="layer", ylabel="std")
     fig.suptitle(os.path.basename(result.path.rstrip("/")))
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    atomic_write_bytes(path, figure_png(fig, dpi=110))

@@ -8,7 +8,6 @@ comes whole from TensorSource.get_tensor, at most one tensor ahead.
 from __future__ import annotations
 
 import queue
-import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,13 +55,10 @@ def safetensors_locations(src: TensorSource) -> dict[str, RawLocation]:
 
     found: dict[str, list[RawLocation]] = {}
     for file in src.files():
-        with open(file, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
         entries, _ = scan_file(Path(file))
         for e in entries:
             if e.info.dtype in TORCH_DTYPES:
-                loc = RawLocation(Path(file), 8 + header_len + e.begin, e.info.nbytes,
-                                  TORCH_DTYPES[e.info.dtype])
+                loc = RawLocation(Path(file), e.offset, e.info.nbytes, TORCH_DTYPES[e.info.dtype])
                 found.setdefault(e.info.name, []).append(loc)
     keys = set(src.keys())
     # a name stored in two shards is resolved by the index: leave it to get_tensor

@@ -6,16 +6,16 @@ import dataclasses
 import math
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
 
 from modelkin.errors import InputError, TokenizerError
-from modelkin.runtime import moe_telemetry
 from modelkin.runtime.config import SamplingParams
 from modelkin.runtime.generate import GenerationResponse, stream_generate
 from modelkin.runtime.kv_cache import attention_mask, positions_from_mask
+from modelkin.runtime.moe import telemetry as moe_telemetry
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,11 +56,15 @@ class ScoreResult:
         return dataclasses.asdict(self)
 
 
-@runtime_checkable
-class RoutingTelemetry(Protocol):
-    """Implemented by MoE models that record expert routing while they run."""
-
-    def routing_summary(self) -> dict[str, Any]: ...
+def score_logprobs(logprobs: torch.Tensor, ids: Sequence[int], text: str) -> ScoreResult:
+    """Score ``text`` from its log-softmax rows [len(ids), V]: row i predicts ids[i + 1] (used by Model.score
+    and by compare's behaviour pass, so bits per byte has one definition)."""
+    target = torch.tensor(list(ids[1:]), device=logprobs.device)[:, None]
+    values = logprobs[:-1].gather(-1, target)[:, 0].double().cpu().tolist()
+    nll = -math.fsum(values)
+    n_bytes = len(text.encode("utf-8"))
+    return ScoreResult(tokens=list(ids[1:]), logprobs=values, nll=nll, n_bytes=n_bytes,
+                       bits_per_byte=nll / math.log(2) / n_bytes)
 
 
 class Model:
@@ -259,29 +263,12 @@ class Model:
             raise InputError(
                 f"text encodes to {len(ids)} token(s); scoring needs at least 2", hint="score a longer text"
             )
-        logits = self.logits([ids])[0, :-1]
-        logprobs_T = logits.log_softmax(dim=-1).gather(
-            -1, torch.tensor(ids[1:], device=logits.device)[:, None]
-        )
-        values = logprobs_T[:, 0].double().cpu().tolist()
-        nll = -math.fsum(values)
-        n_bytes = len(text.encode("utf-8"))
-        return ScoreResult(
-            tokens=ids[1:],
-            logprobs=values,
-            nll=nll,
-            n_bytes=n_bytes,
-            bits_per_byte=nll / math.log(2) / n_bytes,
-        )
+        return score_logprobs(self.logits([ids])[0].log_softmax(dim=-1), ids, text)
 
     def routing(self) -> dict[str, Any] | None:
         """MoE routing telemetry of the latest generation call (``RoutingTelemetry.to_json()``), or
         None for a dense model."""
-        if self.routing_telemetry is not None:
-            return self.routing_telemetry.to_json()
-        if isinstance(self.module, RoutingTelemetry):
-            return self.module.routing_summary()
-        return None
+        return self.routing_telemetry.to_json() if self.routing_telemetry is not None else None
 
     def _require_tokenizer(self, action: str) -> Any:
         if self.tokenizer is None:
@@ -344,15 +331,20 @@ def load(
     allow_fallback: bool | None = None,
     *,
     progress: bool | None = None,
+    parallel: Any = None,
 ) -> Model:
     """Load a checkpoint (HF directory, .gguf, …) onto a device, ready to run.
 
     Args:
         path: a model directory or file that ``open_checkpoint`` understands.
-        device: "auto", "cpu", "cuda[:i]", "npu[:i]" or a Backend.
+        device: "auto", "cpu", "cuda[:i]", "npu[:i]" or a Backend (ignored with ``parallel``).
         dtype: "auto" (float32 on CPU, bfloat16 on accelerators), or a dtype name.
         allow_fallback: run on CPU when the device is unavailable (None: MODELKIN_ALLOW_FALLBACK).
         progress: force the loading progress bar on or off (None: on a terminal, for big checkpoints).
+        parallel: a ``runtime.parallel.DistContext``: load this rank's shard of a tensor/expert-parallel
+            run on the context's device (call it on every rank). The Model's logits, generation and
+            routing equal the single-process ones within float rounding; call its methods on every
+            rank with the same arguments (and the same ``seed`` when sampling).
 
     Raises:
         CheckpointError, ConfigError, UnsupportedArchitectureError, DeviceError, InputError.
@@ -363,23 +355,44 @@ def load(
     """
     from modelkin.backends import get_backend
     from modelkin.checkpoint import open_checkpoint
-    from modelkin.runtime.layers import prefer_gemv_layout
-    from modelkin.runtime.loader import load_model
-    from modelkin.runtime.tokenizer import load_tokenizer
 
-    backend = get_backend(device, allow_fallback=allow_fallback)
+    if parallel is not None:
+        backend = parallel.backend
+    else:
+        backend = get_backend(device, allow_fallback=allow_fallback)
     torch_dtype = backend.resolve_dtype(dtype)
     with open_checkpoint(path) as source:
-        module = load_model(source, device=backend.device, dtype=torch_dtype, progress=progress)
-        if backend.name == "cpu" and torch_dtype == torch.float32:
-            prefer_gemv_layout(module)
-        tokenizer = load_tokenizer(source, path)
-        generation_config = source.config().get("_generation_config")
+        return load_source(source, path, backend=backend, dtype=torch_dtype, parallel=parallel, progress=progress)
+
+
+def load_source(
+    source: Any,
+    path: str | os.PathLike[str],
+    *,
+    backend: Any,
+    dtype: torch.dtype,
+    parallel: Any = None,
+    shard: Any = None,
+    progress: bool | None = None,
+) -> Model:
+    """The one way a Model is made: build this rank's model on the meta device (unless ``shard``,
+    a `runtime.parallel.shard.Shard`, was built already, e.g. to plan memory), read its weights
+    from the open ``source``, add the tokenizer. One process is the 1 × 1 layout."""
+    from modelkin.runtime.cpu_kernels import prefer_gemv_layout
+    from modelkin.runtime.parallel.shard import build, read_weights
+    from modelkin.tokenizer import load_tokenizer
+
+    shard = shard or build(source, ctx=parallel)
+    if parallel is not None and not parallel.is_main:
+        progress = False  # rank 0 alone shows the bar
+    module = read_weights(source, shard, device=backend.device, dtype=dtype, progress=progress)
+    if shard.layout.world_size == 1 and backend.name == "cpu" and dtype == torch.float32:
+        prefer_gemv_layout(module)
     return Model(
         module,
-        tokenizer=tokenizer,
+        tokenizer=load_tokenizer(source, path),
         backend=backend,
-        dtype=torch_dtype,
+        dtype=dtype,
         path=str(path),
-        generation_config=generation_config,
+        generation_config=source.config().get("_generation_config"),
     )

@@ -1,4 +1,4 @@
-"""Runtime dataclasses: the shared decoder ModelArgs base (HF key names), RuntimeConfig and SamplingParams."""
+"""Runtime dataclasses: the shared decoder ModelArgs base (HF key names) and SamplingParams."""
 
 from __future__ import annotations
 
@@ -188,15 +188,6 @@ def _require(d: dict[str, Any], key: str, cls: type) -> int:
             hint="fix config.json",
         )
     return value
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class RuntimeConfig:
-    """How a loaded model runs: on which device, in which dtype, up to which length."""
-
-    device: str
-    dtype: str
-    max_seq_len: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

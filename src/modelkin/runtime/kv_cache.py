@@ -128,12 +128,11 @@ def make_kv_cache(
     device: torch.device | str | None = None,
 ) -> KVCache:
     """A KVCache sized for ``model`` (its ``args`` and ``sliding_window``), in its dtype and device."""
-    from modelkin.runtime.layers import Attention
-
     args = model.args
     weight = model.model.embed_tokens.weight
-    # the heads the attention modules hold: fewer than the config's on a tensor-parallel rank
-    kv_heads = next((m.num_kv_heads for m in model.modules() if isinstance(m, Attention)), None)
+    # the heads the attention modules (layers.Attention) hold: fewer than the config's on a
+    # tensor-parallel rank; read by attribute, since layers imports this module
+    kv_heads = next((m.num_kv_heads for m in model.modules() if hasattr(m, "num_kv_heads")), None)
     return KVCache(
         num_layers=args.num_hidden_layers,
         batch_size=batch_size,

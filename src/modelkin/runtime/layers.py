@@ -7,9 +7,7 @@ D model dimension, Dh head dimension, V vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,57 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelkin.errors import ConfigError
+from modelkin.runtime.cpu_kernels import Linear, one_cpu_thread
 
 if TYPE_CHECKING:
     from modelkin.runtime.kv_cache import KVCache
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [B, 1, L, Dh]
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` whose single-row product on CPU runs on every intra-op thread.
-
-    PyTorch's CPU GEMV for one row (decoding at batch 1) stays on one core, whose memory bandwidth
-    caps it well below the machine's. With more than one intra-op thread, a weight of at least
-    ``SPLIT_MIN_NUMEL`` elements is cut into one block per thread and the blocks run as one
-    batched matmul, which the CPU kernels spread over the threads: 1.5-1.9x faster per matrix on
-    2 idle cores (bench/decode.py). The blocks are views; nothing is copied. Every other input
-    takes the plain ``F.linear`` path. On cores busy with other processes, each split waits for a
-    descheduled thread: run with one intra-op thread there (``torch.set_num_threads(1)``).
-    """
-
-    SPLIT_MIN_NUMEL = 1 << 18  # smaller matrices finish before a thread team pays off
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        threads = torch.get_num_threads()
-        if (
-            threads > 1
-            and x.numel() == self.in_features
-            and self.in_features * self.out_features >= self.SPLIT_MIN_NUMEL
-            and x.device.type == "cpu"
-            and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
-        ):
-            return split_gemv(x, self.weight, self.bias, threads)
-        return F.linear(x, self.weight, self.bias)
-
-
-def split_gemv(x: torch.Tensor, w_OI: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
-    """``F.linear`` of one row ``x`` as ``parts`` block products in one ``bmm`` (see ``Linear``).
-
-    A row-major weight splits along its outputs (each block a run of whole rows); a column-major
-    one (``prefer_gemv_layout``) along its inputs, and the partial products are summed.
-    """
-    O, I = w_OI.shape
-    if w_OI.stride() == (I, 1) and O % parts == 0:
-        w_PIo = w_OI.view(parts, O // parts, I).transpose(1, 2)
-        y = torch.bmm(x.reshape(1, 1, I).expand(parts, 1, I), w_PIo).reshape(O)
-    elif w_OI.stride() == (1, O) and I % parts == 0:
-        w_PiO = w_OI.t().view(parts, I // parts, O)
-        y = torch.bmm(x.reshape(parts, 1, I // parts), w_PiO).sum(dim=0)
-    else:
-        return F.linear(x, w_OI, bias)
-    y = y.view(*x.shape[:-1], O)
-    return y if bias is None else y + bias
 
 
 class RMSNorm(nn.Module):
@@ -286,28 +239,12 @@ def _attend_one(
     B, H, _, Dh = q_BH1d.shape
     K = k_BKSd.shape[1]
     q_BKGd = q_BH1d.view(B, K, H // K, Dh)
-    with _one_cpu_thread(q_BH1d.device):
+    with one_cpu_thread(q_BH1d.device):
         scores_BKGS = torch.matmul(q_BKGd, k_BKSd.transpose(-1, -2)) * Dh**-0.5
         if mask_B1S is not None:
             scores_BKGS = scores_BKGS.masked_fill(~mask_B1S[:, None], float("-inf"))
         probs_BKGS = scores_BKGS.float().softmax(dim=-1).to(v_BKSd.dtype)
         return torch.matmul(probs_BKGS, v_BKSd).view(B, H, 1, Dh)
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run tiny CPU ops without an OpenMP team: splitting a few heads' work across threads costs
-    more than the work, and when other processes hold the cores every team waits a scheduler tick
-    for its late thread (measured 8x slower decoding on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class MLP(nn.Module):
@@ -371,22 +308,3 @@ class DecoderStack(nn.Module):
         if cache is not None:
             cache.advance(input_ids_BL.shape[1])
         return self.norm(h)
-
-
-def prefer_gemv_layout(model: nn.Module) -> None:
-    """Store the weight of every Linear with more outputs than inputs column-major (same values,
-    same [out, in] shape, transposed strides), so a batch-1 ``x @ W.T`` reads it as a contiguous
-    [in, out] matrix.
-
-    On CPU, float32 GEMV over gate/up and a tied lm_head runs 1.3-1.75x faster this way (see
-    bench/decode.py); thin matrices (down_proj, k/v) are faster row-major and stay so. Tied
-    embeddings keep sharing one tensor.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.out_features > module.in_features:
-            old = module.weight
-            new = nn.Parameter(old.detach().t().contiguous().t(), requires_grad=old.requires_grad)
-            for other in model.modules():  # re-point every module sharing it (tied embeddings)
-                for name, param in list(other.named_parameters(recurse=False)):
-                    if param is old:
-                        setattr(other, name, new)

@@ -10,47 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelkin.checkpoint.lazy import LazyTensor, StateDict, narrowed
 from modelkin.checkpoint.limits import check_config_sizes
 from modelkin.errors import ConfigError
 
 LARGE_CHECKPOINT_BYTES = 1 << 30  # show a progress bar above this (on a terminal)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class LazyTensor:
-    """A tensor not read yet: its shape, how to read it, and the checkpoint names it comes from."""
-
-    shape: tuple[int, ...]
-    load: Callable[[], torch.Tensor]
-    sources: tuple[str, ...]
-    nbytes: int = 0
-    # (dim, start, stop) -> a LazyTensor that reads only that slice; None: read whole, then narrow
-    slicer: Callable[[int, int, int], LazyTensor] | None = None
-
-    def narrow(self, dim: int, start: int, stop: int) -> LazyTensor:
-        """Elements ``start:stop`` along ``dim`` (tensor-/expert-parallel shards), still unread.
-
-        Reads only the slice where the source can (safetensors, and stacks/cats of such tensors);
-        otherwise the whole tensor is read and then narrowed.
-        """
-        dim %= len(self.shape)
-        if start == 0 and stop == self.shape[dim]:
-            return self
-        if self.slicer is not None:
-            return self.slicer(dim, start, stop)
-        shape = _narrowed(self.shape, dim, start, stop)
-
-        def load() -> torch.Tensor:  # clone: a view would keep the whole tensor alive in the parameter
-            return self.load().narrow(dim, start, stop - start).clone()
-
-        return LazyTensor(shape, load, self.sources, self.nbytes)
-
-
-StateDict = dict[str, LazyTensor]
-
-
-def _narrowed(shape: tuple[int, ...], dim: int, start: int, stop: int) -> tuple[int, ...]:
-    return (*shape[:dim], stop - start, *shape[dim + 1 :])
 
 
 def lazy_state(source: Any) -> StateDict:
@@ -72,79 +36,11 @@ def _slicer(source: Any, name: str) -> Callable[[int, int, int], LazyTensor]:
     info = source.info(name)
 
     def slicer(dim: int, start: int, stop: int) -> LazyTensor:
-        shape = _narrowed(tuple(info.shape), dim, start, stop)
+        shape = narrowed(tuple(info.shape), dim, start, stop)
         nbytes = int(info.nbytes) * (stop - start) // max(info.shape[dim], 1)
         return LazyTensor(shape, lambda: source.get_slice(name, dim, start, stop), (name,), nbytes)
 
     return slicer
-
-
-def stack(parts: list[LazyTensor], dim: int = 0) -> LazyTensor:
-    """One LazyTensor stacking ``parts`` along ``dim`` (for MoE expert weights), read when loaded.
-
-    Narrowing it along ``dim`` keeps only the parts in range (expert parallelism reads only its
-    experts); along another dimension it narrows every part.
-    """
-    shape = list(parts[0].shape)
-    shape.insert(dim, len(parts))
-
-    def slicer(d: int, start: int, stop: int) -> LazyTensor:
-        if d == dim:
-            return stack(parts[start:stop], dim)
-        return stack([p.narrow(d if d < dim else d - 1, start, stop) for p in parts], dim)
-
-    return LazyTensor(
-        tuple(shape),
-        lambda: torch.stack([p.load() for p in parts], dim=dim),
-        tuple(s for p in parts for s in p.sources),
-        sum(p.nbytes for p in parts),
-        slicer,
-    )
-
-
-def cat(parts: list[LazyTensor], dim: int = 0) -> LazyTensor:
-    """One LazyTensor concatenating ``parts`` along ``dim`` (e.g. an expert's gate and up rows).
-
-    Narrowing it along ``dim`` reads only the parts (and rows of parts) in range.
-    """
-    shape = list(parts[0].shape)
-    shape[dim] = sum(p.shape[dim] for p in parts)
-
-    def slicer(d: int, start: int, stop: int) -> LazyTensor:
-        if d != dim:
-            return cat([p.narrow(d, start, stop) for p in parts], dim)
-        picked, offset = [], 0
-        for p in parts:
-            size = p.shape[dim]
-            lo, hi = max(start - offset, 0), min(stop - offset, size)
-            if lo < hi:
-                picked.append(p.narrow(dim, lo, hi))
-            offset += size
-        return picked[0] if len(picked) == 1 else cat(picked, dim)
-
-    return LazyTensor(
-        tuple(shape),
-        lambda: torch.cat([p.load() for p in parts], dim=dim),
-        tuple(s for p in parts for s in p.sources),
-        sum(p.nbytes for p in parts),
-        slicer,
-    )
-
-
-def drop_rotary_buffers(state: StateDict) -> StateDict:
-    """Remove stored ``rotary_emb.inv_freq`` buffers: the model recomputes them from the config."""
-    return {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-
-
-def check_qk_norms(state: StateDict, family: str) -> None:
-    """Raise a one-line ConfigError when a layer has q_proj but no q_norm/k_norm weight."""
-    for name in state:
-        if name.endswith("self_attn.q_proj.weight"):
-            for norm in ("q_norm", "k_norm"):
-                needed = name.replace("q_proj.weight", f"{norm}.weight")
-                if needed not in state:
-                    raise ConfigError(f"{family} checkpoint lacks the per-head {norm} tensor {needed}",
-                                      hint=f"{family} needs self_attn.q_norm and k_norm in every layer")
 
 
 def check_state(model: nn.Module, state: StateDict, *, where: str) -> None:

@@ -1,7 +1,9 @@
 """Weight fingerprints, one module per method, each returning a score with a p-value under a stated null.
 
-Methods: std_curve (HonestAGI), pcs (HuRef PCS), invariants (HuRef ICS-style), spectral
-(GhostSpec-style), permtest (Zhu et al.), upcycle (MoE-from-dense detector).
+Methods that decide (exact nulls over symmetries of training): pcs (HuRef PCS, residual sign flips),
+permtest (Zhu et al.), csu_aligned (Zhu et al.'s csu after shared-token residual alignment), upcycle
+(MoE-from-dense detector). Descriptive (synthetic nulls, never decide): std_curve (HonestAGI),
+invariants (HuRef ICS-style), spectral (GhostSpec-style).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from types import ModuleType
 from modelkin.compare.fingerprints.result import FingerprintReport, MethodResult, NotApplicable
 from modelkin.errors import InputError
 
-METHODS = ("std_curve", "pcs", "invariants", "spectral", "permtest", "upcycle")
+METHODS = ("std_curve", "pcs", "invariants", "spectral", "permtest", "csu_aligned", "upcycle")
 
 __all__ = ["METHODS", "FingerprintReport", "MethodResult", "NotApplicable", "method_module", "resolve_methods"]
 

@@ -14,12 +14,13 @@ import re
 import numpy as np
 import torch
 
-from modelkin.compare import significance as sig
+import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.heads import repeat_kv
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.weights import ATTENTION_ROLES, ModelWeights, vocab_strings
 
 NAME = "invariants"
+NULL_KIND = "descriptive"  # see result.NULL_KINDS
 NULL = ("H0: B's invariant terms have no token-by-token correspondence with A's; exact permutation p over "
         "random relabellings of B's tokens (rows and columns of every B term permuted jointly). Token "
         "structure that independently trained models learn from similar data (frequency, meaning) is not "
@@ -142,5 +143,5 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_tokens: int = 1024
     details = {"ics": 100.0 * observed, "tokens": len(ids_b), "token_selection": how, "layers_a": la,
                "layers_b": lb, "per_term": dict(zip(names, per_term.tolist())), "n_permutations": n_permutations,
                "null_mean": float(null.mean()), "null_sd": float(null.std(ddof=1))}
-    return MethodResult(name=NAME, score=observed, p_value=sig.permutation_p(observed, null),
+    return MethodResult(name=NAME, null_kind=NULL_KIND, score=observed, p_value=sig.permutation_p(observed, null),
                         z=sig.zscore(observed, null), null=NULL, details=details).decide()

@@ -16,11 +16,12 @@ import math
 import numpy as np
 import torch
 
-from modelkin.compare import significance as sig
+import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.weights import ModelWeights, parse_name
 
 NAME = "pcs"
+NULL_KIND = "exact"  # see result.NULL_KINDS
 NULL = ("H0: B's residual dimensions carry independent random signs relative to A's (a symmetry of "
         "independent training); randomisation p over sign flips of the summed dot product of the tensors "
         "with a residual axis (norm weights and biases count in the score only); z from its exact variance.")
@@ -99,5 +100,5 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_flips: int = 9999,
     observed, var = float(g_np.sum()), float((g_np * g_np).sum())
     null = sign_flip_null(g_np, n_flips, np.random.default_rng(seed))
     details.update({"test_statistic": observed, "n_flips": n_flips})
-    return MethodResult(name=NAME, score=score, p_value=sig.permutation_p(observed, null),
+    return MethodResult(name=NAME, null_kind=NULL_KIND, score=score, p_value=sig.permutation_p(observed, null),
                         z=observed / math.sqrt(var) if var > 0 else None, null=NULL, details=details).decide()

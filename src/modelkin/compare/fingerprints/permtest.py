@@ -16,12 +16,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from modelkin.compare import significance as sig
+import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.unitmatch import Split, cross_moment, relabelled, unit_features
 from modelkin.compare.fingerprints.weights import ModelWeights, pick_layers
 
 NAME = "permtest"
+NULL_KIND = "exact"  # see result.NULL_KINDS
 NULL = ("H0: A and B come from independent initialisations, so B's hidden-unit order and residual-dimension "
         "order are uniformly random relative to A's (symmetries of independent training); exact permutation "
         "p for the matching's Spearman correlation with the identity (csu, Fisher over layers) and for the "
@@ -93,5 +94,5 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
                "match": observed, "match_null_mean": float(null.mean()), "match_null_sd": float(null.std(ddof=1)),
                "mean_csu": float(np.mean([r["csu"] for r in per_layer.values()])),
                "per_layer": per_layer, "n_permutations": n_permutations}
-    return MethodResult(name=NAME, score=observed, p_value=min(1.0, 2.0 * min(p_csu, p_match)),
+    return MethodResult(name=NAME, null_kind=NULL_KIND, score=observed, p_value=min(1.0, 2.0 * min(p_csu, p_match)),
                         z=sig.zscore(observed, null), null=NULL, details=details).decide()

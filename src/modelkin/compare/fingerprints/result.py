@@ -1,9 +1,12 @@
 """Results of the weight fingerprints: one MethodResult per method, gathered in a FingerprintReport.
 
-Call rule (every method, on its own p-value): p < 0.01 -> "related"; p >= 0.05 -> "unrelated"
-(no evidence of derivation at the 5% level); otherwise "inconclusive". The report's verdict applies
-Holm–Bonferroni over the methods that ran: "related" when some Holm-adjusted p < 0.01,
-"unrelated" when every raw p >= 0.05, else "inconclusive".
+Only a p-value whose null holds for independently trained *real* models may decide (NULL_KINDS): an exact
+randomisation over a symmetry of a model's own training, or an empirical null over real unrelated models.
+Call rule for such a method, on its own p-value: p < 0.01 -> "related"; p >= 0.05 -> "unrelated";
+otherwise "inconclusive". A method with a synthetic null (surrogate curves, relabelled tokens or layers)
+is "descriptive": its score and p are shown, its call is "descriptive", and it never decides. The report's
+verdict applies Holm–Bonferroni over the deciding methods that ran: "related" when some Holm-adjusted
+p < 0.01, "unrelated" when at least one ran and every raw p >= 0.05, else "inconclusive".
 """
 
 from __future__ import annotations
@@ -11,10 +14,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelkin.compare.stats import holm_bonferroni
+
 RELATED_P = 0.01
 UNRELATED_P = 0.05
-CALL_RULE = (f"related if p < {RELATED_P}; unrelated if p >= {UNRELATED_P}; inconclusive in between; "
-             f"verdict: related if a Holm-adjusted p < {RELATED_P}, unrelated if every p >= {UNRELATED_P}")
+NULL_KINDS = {
+    "exact": "exact randomisation over a symmetry of a model's own training: valid for any real pair",
+    "empirical": "empirical null over real, independently trained models (p = (1+k)/(N+1))",
+    "descriptive": "synthetic null (surrogates or relabellings that destroy structure all trained models "
+                   "share): shown as description, never decides",
+}
+DECIDING = ("exact", "empirical")
+CALL_RULE = (f"only methods with an exact or empirical null decide; for those, related if p < {RELATED_P}, "
+             f"unrelated if p >= {UNRELATED_P}, inconclusive in between; descriptive methods never decide; "
+             f"verdict: related if a deciding method's Holm-adjusted p < {RELATED_P}, unrelated if at least one "
+             f"deciding method ran and every such p >= {UNRELATED_P}")
 
 
 def call_for(p_value: float | None) -> str:
@@ -50,6 +64,7 @@ class MethodResult:
     z: float | None = None
     call: str = "inconclusive"
     null: str = ""
+    null_kind: str = "descriptive"
     details: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None
     seconds: float = 0.0
@@ -59,18 +74,30 @@ class MethodResult:
         return cls(name=name, call="skipped", skipped=reason, null=null)
 
     def decide(self) -> MethodResult:
-        """Set ``call`` from ``p_value`` (skipped results keep their call)."""
+        """Set ``call`` from ``p_value`` (skipped results keep theirs; descriptive ones never decide)."""
         if self.skipped is None:
-            self.call = call_for(self.p_value)
+            self.call = call_for(self.p_value) if self.deciding else "descriptive"
         return self
+
+    @property
+    def deciding(self) -> bool:
+        """Whether this result's p-value may count toward a verdict (its null holds for real models)."""
+        return self.null_kind in DECIDING
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"score": self.score, "p_value": self.p_value, "z": self.z, "call": self.call,
-                               "null": self.null, "seconds": round(self.seconds, 3)}
+                               "null": self.null, "null_kind": self.null_kind, "seconds": round(self.seconds, 3)}
         if self.skipped is not None:
             out["skipped"] = self.skipped
         out.update(self.details)
         return out
+
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> MethodResult:
+        """The inverse of ``to_json`` (a ``p_holm`` entry belongs to the report and is left out)."""
+        own = ("score", "p_value", "z", "call", "null", "null_kind", "seconds", "skipped")
+        details = {k: v for k, v in data.items() if k not in own and k != "p_holm"}
+        return cls(name=name, details=details, **{k: data[k] for k in own if k in data})
 
 
 @dataclass(kw_only=True)
@@ -89,10 +116,9 @@ class FingerprintReport:
         return self.methods[name]
 
     def finish(self) -> FingerprintReport:
-        """Compute Holm-adjusted p-values and the verdict from the methods' p-values."""
-        from modelkin.compare.significance import holm_bonferroni
-
-        ran = {n: r.p_value for n, r in self.methods.items() if r.skipped is None and r.p_value is not None}
+        """Holm-adjusted p-values over the deciding methods that ran, and the verdict from them."""
+        ran = {n: r.p_value for n, r in self.methods.items()
+               if r.skipped is None and r.p_value is not None and r.deciding}
         self.p_holm = dict(zip(ran, holm_bonferroni(list(ran.values())))) if ran else {}
         if any(p < RELATED_P for p in self.p_holm.values()):
             self.verdict = "related"
@@ -110,6 +136,16 @@ class FingerprintReport:
                 methods[name]["p_holm"] = self.p_holm[name]
         return {"a": self.a, "b": self.b, "device": self.device, "seed": self.seed, "verdict": self.verdict,
                 "call_rule": CALL_RULE, "methods": methods}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FingerprintReport:
+        """The inverse of ``to_json``."""
+        methods = data.get("methods") or {}
+        return cls(a=data.get("a", ""), b=data.get("b", ""), device=data.get("device", ""),
+                   seed=data.get("seed", 0),
+                   methods={n: MethodResult.from_json(n, m) for n, m in methods.items()},
+                   p_holm={n: m["p_holm"] for n, m in methods.items() if m.get("p_holm") is not None},
+                   verdict=data.get("verdict", "inconclusive"))
 
 
 class NotApplicable(Exception):

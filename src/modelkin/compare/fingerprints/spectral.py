@@ -15,12 +15,13 @@ import math
 
 import numpy as np
 
-from modelkin.compare import significance as sig
+import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.heads import product_singular_values, qk_factors, vo_factors
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.weights import ATTENTION_ROLES, ModelWeights
 
 NAME = "spectral"
+NULL_KIND = "descriptive"  # see result.NULL_KINDS
 NULL = ("H0: B's layers carry no layer-specific spectral correspondence to A's (B's layer order is "
         "exchangeable); exact permutation p over random reorderings of B's layers, the alignment redone each "
         "time. Smooth depth trends that unrelated families share are not in this null; the score says how "
@@ -127,5 +128,5 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_permutations: int 
         "n_permutations": n_permutations, "null_mean_cost": float(null.mean()),
         "params": {"gap": gap, "tau": tau, "steepness": steepness},
     }
-    return MethodResult(name=NAME, score=score, p_value=sig.permutation_p(observed, null, greater=False),
+    return MethodResult(name=NAME, null_kind=NULL_KIND, score=score, p_value=sig.permutation_p(observed, null, greater=False),
                         z=sig.zscore(-observed, -null), null=NULL, details=details).decide()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modelkin.compare import significance as sig
+import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.result import MethodResult
 from modelkin.compare.fingerprints.weights import ATTENTION_ROLES, ModelWeights, acc_dtype
 from modelkin.errors import InputError
@@ -22,6 +22,7 @@ from modelkin.utils import atomic_write_text
 
 NAME = "std_curve"
 EXTRA_ROLES = ("q_bias", "k_bias", "v_bias", "attn_norm")
+NULL_KIND = "descriptive"  # see result.NULL_KINDS
 NULL = ("H0: B's z-scored per-layer std curves match A's no better than random curves of the same "
         "smoothness (multivariate phase-randomised and AAFT surrogates of each model's curves, keeping "
         "their power spectra and cross-correlations); p is the larger of the two surrogate p-values. "
@@ -198,7 +199,7 @@ def compare_curves(a: StdCurves, b: StdCurves, *, n_surrogates: int = 2000, seed
                               "p_value": sig.permutation_p(mean_r, lib) if lib.size else None,
                               "null_mean": float(lib.mean()) if lib.size else None}
     zs = [v for v in z.values() if v is not None]
-    return MethodResult(name=NAME, score=mean_r, p_value=max(p.values()), z=min(zs) if zs else None,
+    return MethodResult(name=NAME, null_kind=NULL_KIND, score=mean_r, p_value=max(p.values()), z=min(zs) if zs else None,
                         null=NULL, details=details).decide()
 
 

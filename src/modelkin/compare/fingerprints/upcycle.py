@@ -13,12 +13,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from modelkin.compare import significance as sig
+import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.unitmatch import Split, cross_moment, relabelled, unit_features
 from modelkin.compare.fingerprints.weights import ModelWeights, pick_layers
 
 NAME = "upcycle"
+NULL_KIND = "exact"  # see result.NULL_KINDS
 NULL = ("H0: the MoE's expert units are unrelated to the dense model's MLP units, so the dense model's "
         "residual dimensions are in a random order relative to the MoE's (a symmetry of independent "
         "training); exact randomisation p of the matched units' cosine on residual dimensions not used for "
@@ -102,5 +103,5 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
     details = {"moe": moe.label, "dense": dense.label, "threshold": threshold, "mean_cosine": observed,
                "null_mean": float(null.mean()), "source_layers": {m: layers[m]["source_layer"] for m in layers},
                "layers": layers, "rows_per_expert": rows_per_expert, "n_permutations": n_permutations}
-    return MethodResult(name=NAME, score=float(np.mean(fractions)), p_value=sig.permutation_p(observed, null),
+    return MethodResult(name=NAME, null_kind=NULL_KIND, score=float(np.mean(fractions)), p_value=sig.permutation_p(observed, null),
                         z=sig.zscore(observed, null), null=NULL, details=details).decide()

@@ -1,6 +1,7 @@
 """The architecture registry: HF ``architectures[0]`` and ``model_type`` -> the module implementing it.
 
-Every module exports the trio declared by ``Architecture``: ``ModelArgs``, ``Model``, ``remap_weights``.
+Every module exports what ``Architecture`` declares: ``ModelArgs``, ``Model`` (a ``CausalLM``),
+``remap_weights`` and its inverse ``to_checkpoint``, and its make-tiny entry ``TINY``.
 """
 
 from __future__ import annotations
@@ -9,9 +10,8 @@ import importlib
 from types import ModuleType
 from typing import Any, Protocol
 
-from torch import nn
-
 from modelkin.errors import UnsupportedArchitectureError
+from modelkin.runtime.models.causal_lm import CausalLM, Tiny
 
 # HF name (architectures[0] or model_type) -> module under modelkin.runtime.models
 ARCHITECTURES: dict[str, str] = {
@@ -29,7 +29,7 @@ ARCHITECTURES: dict[str, str] = {
     "gemma3": "gemma3",
     "PanguEmbeddedForCausalLM": "pangu_embedded",
     "PanguEmbedded": "pangu_embedded",
-    # MoE (runtime/moe.py)
+    # MoE (runtime/moe)
     "PanguProMoEForCausalLM": "pangu_moe",
     "PanguProMoE": "pangu_moe",  # pangu_moe.ModelArgs rejects the V2 model that reuses this type
     "Qwen2MoeForCausalLM": "qwen2_moe",
@@ -56,18 +56,29 @@ class ArchArgs(Protocol):
 class Architecture(Protocol):
     """What an architecture module exports.
 
-    ``Model(args)`` is an ``nn.Module`` with HF internal names, attributes ``args`` and
-    ``sliding_window`` (int or None), and ``forward(input_ids_BL, *, positions_BL, mask_BLS,
-    cache, last_only) -> logits``. ``remap_weights`` maps a checkpoint's canonical HF names to the
-    model's parameter names (identity for dense models, plus dropping buffers; MoE files stack
-    experts) and works on ``loader.StateDict`` (name -> LazyTensor).
+    ``Model(args)`` is a ``causal_lm.CausalLM`` (HF internal names, attributes ``args`` and
+    ``sliding_window``, ``forward(input_ids_BL, *, positions_BL, mask_BLS, cache, last_only) ->
+    logits``) built from the module's own layer builder. ``remap_weights`` maps a checkpoint's
+    canonical HF names to the model's parameter names (identity for dense models, plus dropping
+    buffers; MoE files stack experts) and works on a ``checkpoint.lazy.StateDict``;
+    ``to_checkpoint(tensors, args)`` is its inverse on real tensors, for writers. ``TINY`` is
+    the make-tiny entry (``causal_lm.Tiny``).
     """
 
     ModelArgs: type[ArchArgs]
-    Model: type[nn.Module]
+    Model: type[CausalLM]
+    TINY: Tiny
 
     @staticmethod
     def remap_weights(state: dict[str, Any]) -> dict[str, Any]: ...
+
+    @staticmethod
+    def to_checkpoint(tensors: dict[str, Any], args: Any) -> dict[str, Any]: ...
+
+
+def modules() -> dict[str, Architecture]:
+    """Every architecture module by its file name (``llama``, ``pangu_moe``, …), sorted."""
+    return {name: _module(name) for name in sorted(set(ARCHITECTURES.values()))}
 
 
 def supported() -> list[str]:

@@ -20,11 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelkin.checkpoint.lazy import StateDict
 from modelkin.errors import ConfigError
 from modelkin.runtime.config import DecoderArgs
+from modelkin.runtime.cpu_kernels import Linear
 from modelkin.runtime.kv_cache import KVCache
-from modelkin.runtime.layers import MLP, Attention, Linear, Rope, RotaryEmbedding, rope_inv_freq
-from modelkin.runtime.loader import StateDict, check_qk_norms, drop_rotary_buffers
+from modelkin.runtime.layers import MLP, Attention, Rope, RotaryEmbedding, rope_inv_freq
+from modelkin.runtime.models.causal_lm import (
+    TINY_DENSE,
+    CausalLM,
+    Tiny,
+    check_qk_norms,
+    drop_rotary_buffers,
+    same_names,
+)
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")
@@ -125,11 +134,11 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     """Causal LM: ``model`` (scaled embeddings, layers, norm) then ``lm_head``."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
+        nn.Module.__init__(self)  # not CausalLM's stack: Gemma's has two rope tables and masks
         self.args = args
         self.sliding_window = None  # per layer: the stack narrows the mask of sliding layers itself
         self.model = Gemma3Stack(args)
@@ -295,3 +304,30 @@ def remap_weights(state: StateDict) -> StateDict:
     check_qk_norms(out, "Gemma-3")
     return out
 
+
+
+to_checkpoint = same_names  # text-only Gemma3ForCausalLM names
+
+TINY = Tiny(
+    config={
+        **TINY_DENSE,
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "head_dim": 32,
+        "query_pre_attn_scalar": 32,
+        "rms_norm_eps": 1e-6,
+        "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "tie_word_embeddings": True,
+        "pad_token_id": 0,
+    },
+    tokenizer="sentencepiece",
+)

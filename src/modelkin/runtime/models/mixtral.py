@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-from torch import nn
-
+from modelkin.checkpoint.lazy import StateDict
 from modelkin.runtime.config import DecoderArgs
-from modelkin.runtime.kv_cache import KVCache
-from modelkin.runtime.layers import Attention, DecoderLayer, DecoderStack
-from modelkin.runtime.loader import StateDict, drop_rotary_buffers
+from modelkin.runtime.layers import Attention, DecoderLayer
+from modelkin.runtime.models.causal_lm import TINY_MOE, CausalLM, Tensors, Tiny, drop_rotary_buffers
 from modelkin.runtime.moe import Router, RouterPolicy, SparseMoeBlock, StackedExperts
-from modelkin.runtime.moe_weights import MIXTRAL_NAMES, stack_layer_experts
+from modelkin.runtime.moe.weights import MIXTRAL_NAMES, stack_layer_experts, unstack_layer_experts
 
 CHECKPOINT_BLOCK = ".block_sparse_moe."
 
@@ -33,30 +30,11 @@ class ModelArgs(DecoderArgs):
     rope_theta: float = 1000000.0
 
 
-class Model(nn.Module):
-    """Causal LM: ``model`` (embeddings, layers, norm) then ``lm_head``."""
+class Model(CausalLM):
+    """Causal LM of ``_layer`` blocks (causal_lm.py)."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.sliding_window = args.sliding_window
-        layers = [_layer(args, i) for i in range(args.num_hidden_layers)]
-        self.model = DecoderStack(args=args, layers=layers)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids_BL: torch.Tensor,
-        *,
-        positions_BL: torch.Tensor,
-        mask_BLS: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        h = self.model(input_ids_BL, positions_BL=positions_BL, mask_BLS=mask_BLS, cache=cache)
-        return self.lm_head(h[:, -1:] if last_only else h)
+        super().__init__(args, _layer, sliding_window=args.sliding_window)
 
 
 def _layer(args: ModelArgs, i: int) -> DecoderLayer:
@@ -87,9 +65,27 @@ def remap_weights(state: StateDict) -> StateDict:
     return stack_layer_experts(renamed, "mlp", names=MIXTRAL_NAMES)
 
 
-def to_checkpoint(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of ``remap_weights`` for real tensors (used by make-tiny)."""
-    from modelkin.runtime.moe_weights import unstack_layer_experts
-
+def to_checkpoint(tensors: Tensors, args: ModelArgs) -> Tensors:
+    """The inverse of ``remap_weights``: per-expert w1/w3/w2 under ``block_sparse_moe``."""
     split = unstack_layer_experts(tensors, names=MIXTRAL_NAMES)
     return {k.replace(".mlp.", CHECKPOINT_BLOCK): v for k, v in split.items()}
+
+
+TINY = Tiny(
+    config={
+        **TINY_MOE,
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "intermediate_size": 48,  # per expert
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "router_jitter_noise": 0.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    tokenizer="sentencepiece",
+)

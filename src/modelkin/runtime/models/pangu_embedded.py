@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import nn
 
+from modelkin.checkpoint.lazy import StateDict
 from modelkin.runtime.config import DecoderArgs
-from modelkin.runtime.kv_cache import KVCache
-from modelkin.runtime.layers import MLP, Attention, DecoderLayer, DecoderStack, Linear
-from modelkin.runtime.loader import StateDict, drop_rotary_buffers
+from modelkin.runtime.layers import MLP, Attention, DecoderLayer
+from modelkin.runtime.models.causal_lm import TINY_DENSE, CausalLM, Tensors, Tiny, drop_rotary_buffers
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,30 +25,11 @@ class ModelArgs(DecoderArgs):
     rope_theta: float = 16000000.0
 
 
-class Model(nn.Module):
-    """Causal LM: ``model`` (embeddings, layers, norm) then ``lm_head``."""
+class Model(CausalLM):
+    """Causal LM of ``_layer`` blocks (causal_lm.py)."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.sliding_window = None
-        layers = [_layer(args, i) for i in range(args.num_hidden_layers)]
-        self.model = DecoderStack(args=args, layers=layers)
-        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:  # the 1B release ties, the 7B does not
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids_BL: torch.Tensor,
-        *,
-        positions_BL: torch.Tensor,
-        mask_BLS: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        h = self.model(input_ids_BL, positions_BL=positions_BL, mask_BLS=mask_BLS, cache=cache)
-        return self.lm_head(h[:, -1:] if last_only else h)
+        super().__init__(args, _layer, sliding_window=None)
 
 
 def _layer(args: ModelArgs, i: int) -> DecoderLayer:
@@ -69,3 +49,35 @@ def _layer(args: ModelArgs, i: int) -> DecoderLayer:
 def remap_weights(state: StateDict) -> StateDict:
     """HF names are ours; the stored ``rotary_emb.inv_freq`` buffers are recomputed, so dropped."""
     return drop_rotary_buffers(state)
+
+
+def to_checkpoint(tensors: Tensors, args: ModelArgs) -> Tensors:
+    """The inverse of ``remap_weights``: add each layer's ``rotary_emb.inv_freq``, as released."""
+    exponent = torch.arange(0, args.head_dim, 2, dtype=torch.int64).float() / args.head_dim
+    inv_freq = 1.0 / (args.rope_theta**exponent)
+    rotary = {
+        f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq.clone()
+        for i in range(args.num_hidden_layers)
+    }
+    return {**tensors, **rotary}
+
+
+TINY = Tiny(
+    config={
+        **TINY_DENSE,
+        "architectures": ["PanguEmbeddedForCausalLM"],
+        "model_type": "PanguEmbedded",
+        "auto_map": {
+            "AutoConfig": "configuration_openpangu_dense.PanguEmbeddedConfig",
+            "AutoModelForCausalLM": "modeling_openpangu_dense.PanguEmbeddedForCausalLM",
+        },
+        "bias": True,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 16000000.0,
+        "tie_word_embeddings": False,  # the 1B release ties, the 7B does not
+        "bos_token_id": 1,
+        "eos_token_id": 5,  # [unused10], as in the real release
+        "pad_token_id": 0,
+    },
+    tokenizer="pangu",
+)

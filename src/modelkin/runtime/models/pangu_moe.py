@@ -13,16 +13,13 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-import torch
-from torch import nn
-
+from modelkin.checkpoint.lazy import LazyTensor, StateDict
 from modelkin.errors import ConfigError, UnsupportedArchitectureError
 from modelkin.runtime.config import DecoderArgs
-from modelkin.runtime.kv_cache import KVCache
-from modelkin.runtime.layers import MLP, Attention, DecoderLayer, DecoderStack
-from modelkin.runtime.loader import LazyTensor, StateDict, drop_rotary_buffers
+from modelkin.runtime.layers import MLP, Attention, DecoderLayer
+from modelkin.runtime.models.causal_lm import TINY_MOE, CausalLM, Tensors, Tiny, drop_rotary_buffers
 from modelkin.runtime.moe import Router, RouterPolicy, SparseMoeBlock, StackedExperts
-from modelkin.runtime.moe_weights import stack_layer_experts
+from modelkin.runtime.moe.weights import stack_layer_experts, unstack_layer_experts
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,30 +56,11 @@ class ModelArgs(DecoderArgs):
             )
 
 
-class Model(nn.Module):
-    """Causal LM: ``model`` (embeddings, layers, norm) then ``lm_head``."""
+class Model(CausalLM):
+    """Causal LM of ``_layer`` blocks (causal_lm.py)."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.sliding_window = None
-        layers = [_layer(args, i) for i in range(args.num_hidden_layers)]
-        self.model = DecoderStack(args=args, layers=layers)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids_BL: torch.Tensor,
-        *,
-        positions_BL: torch.Tensor,
-        mask_BLS: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        h = self.model(input_ids_BL, positions_BL=positions_BL, mask_BLS=mask_BLS, cache=cache)
-        return self.lm_head(h[:, -1:] if last_only else h)
+        super().__init__(args, _layer, sliding_window=None)
 
 
 def _layer(args: ModelArgs, i: int) -> DecoderLayer:
@@ -138,11 +116,33 @@ def _flatten(t: LazyTensor) -> LazyTensor:
     return LazyTensor((numel,), lambda: t.load().reshape(-1), t.sources, t.nbytes)
 
 
-def to_checkpoint(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of ``remap_weights`` for real tensors: per-expert names, router_scale [1, E]."""
-    from modelkin.runtime.moe_weights import unstack_layer_experts
-
+def to_checkpoint(tensors: Tensors, args: ModelArgs) -> Tensors:
+    """The inverse of ``remap_weights``: per-expert names, router_scale [1, E]."""
     out = unstack_layer_experts(tensors)
     for name in [k for k in out if k.endswith(".mlp.router_scale")]:
         out[name] = out[name].reshape(1, -1)
     return out
+
+
+TINY = Tiny(
+    config={
+        **TINY_MOE,
+        "architectures": ["PanguProMoEForCausalLM"],
+        "model_type": "PanguProMoE",
+        "auto_map": {
+            "AutoConfig": "configuration_pangu_moe.PanguProMoEConfig",
+            "AutoModelForCausalLM": "modeling_pangu_moe.PanguProMoEForCausalLM",
+        },
+        "num_experts": 16,
+        "num_experts_per_tok": 4,  # 4 groups of 4 experts, one pick per group
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 128,  # 4 × moe_intermediate_size, as released
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 16000000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 5,  # [unused10] in the tiny Pangu tokenizer
+        "pad_token_id": 0,
+    },
+    tokenizer="pangu",
+)

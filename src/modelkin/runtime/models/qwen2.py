@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-from torch import nn
-
+from modelkin.checkpoint.lazy import StateDict
 from modelkin.errors import ConfigError
 from modelkin.runtime.config import DecoderArgs
-from modelkin.runtime.kv_cache import KVCache
-from modelkin.runtime.layers import MLP, Attention, DecoderLayer, DecoderStack, Linear
-from modelkin.runtime.loader import StateDict, drop_rotary_buffers
+from modelkin.runtime.layers import MLP, Attention, DecoderLayer
+from modelkin.runtime.models.causal_lm import TINY_DENSE, CausalLM, Tiny, drop_rotary_buffers, same_names
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,30 +30,11 @@ class ModelArgs(DecoderArgs):
             )
 
 
-class Model(nn.Module):
-    """Causal LM: ``model`` (embeddings, layers, norm) then ``lm_head``."""
+class Model(CausalLM):
+    """Causal LM of ``_layer`` blocks (causal_lm.py)."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.sliding_window = None
-        layers = [_layer(args, i) for i in range(args.num_hidden_layers)]
-        self.model = DecoderStack(args=args, layers=layers)
-        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids_BL: torch.Tensor,
-        *,
-        positions_BL: torch.Tensor,
-        mask_BLS: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        h = self.model(input_ids_BL, positions_BL=positions_BL, mask_BLS=mask_BLS, cache=cache)
-        return self.lm_head(h[:, -1:] if last_only else h)
+        super().__init__(args, _layer, sliding_window=None)
 
 
 def _layer(args: ModelArgs, i: int) -> DecoderLayer:
@@ -76,3 +54,23 @@ def _layer(args: ModelArgs, i: int) -> DecoderLayer:
 def remap_weights(state: StateDict) -> StateDict:
     """HF names are ours: only drop stored rotary buffers."""
     return drop_rotary_buffers(state)
+
+
+to_checkpoint = same_names
+
+TINY = Tiny(
+    config={
+        **TINY_DENSE,
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "sliding_window": 512,
+        "use_sliding_window": False,
+        "max_window_layers": 2,
+        "tie_word_embeddings": True,
+        "bos_token_id": 0,  # <|endoftext|>
+        "eos_token_id": 2,  # <|im_end|>
+    },
+    tokenizer="bpe",
+)

@@ -11,16 +11,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
-from torch import nn
-
+from modelkin.checkpoint.lazy import StateDict
 from modelkin.errors import ConfigError
 from modelkin.runtime.config import DecoderArgs
-from modelkin.runtime.kv_cache import KVCache
-from modelkin.runtime.layers import MLP, Attention, DecoderLayer, DecoderStack
-from modelkin.runtime.loader import StateDict, drop_rotary_buffers
+from modelkin.runtime.layers import MLP, Attention, DecoderLayer
+from modelkin.runtime.models.causal_lm import TINY_MOE, CausalLM, Tensors, Tiny, drop_rotary_buffers
 from modelkin.runtime.moe import Router, RouterPolicy, SparseMoeBlock, StackedExperts
-from modelkin.runtime.moe_weights import stack_layer_experts
+from modelkin.runtime.moe.weights import stack_layer_experts, unstack_layer_experts
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,30 +68,11 @@ def is_sparse_layer(args: ModelArgs, i: int) -> bool:
     return i not in args.mlp_only_layers and args.num_experts > 0 and (i + 1) % args.decoder_sparse_step == 0
 
 
-class Model(nn.Module):
-    """Causal LM: ``model`` (embeddings, layers, norm) then ``lm_head``."""
+class Model(CausalLM):
+    """Causal LM of ``_layer`` blocks (causal_lm.py)."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.sliding_window = None
-        layers = [_layer(args, i) for i in range(args.num_hidden_layers)]
-        self.model = DecoderStack(args=args, layers=layers)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids_BL: torch.Tensor,
-        *,
-        positions_BL: torch.Tensor,
-        mask_BLS: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        h = self.model(input_ids_BL, positions_BL=positions_BL, mask_BLS=mask_BLS, cache=cache)
-        return self.lm_head(h[:, -1:] if last_only else h)
+        super().__init__(args, _layer, sliding_window=None)
 
 
 def _layer(args: ModelArgs, i: int) -> DecoderLayer:
@@ -131,3 +109,34 @@ def _sparse_block(args: ModelArgs, i: int) -> SparseMoeBlock:
 def remap_weights(state: StateDict) -> StateDict:
     """Stack each sparse layer's per-expert tensors; drop stored rotary buffers."""
     return stack_layer_experts(drop_rotary_buffers(state), "mlp")
+
+
+def to_checkpoint(tensors: Tensors, args: ModelArgs) -> Tensors:
+    """The inverse of ``remap_weights``: per-expert names (rotary buffers are not stored)."""
+    return unstack_layer_experts(tensors)
+
+
+TINY = Tiny(
+    config={
+        **TINY_MOE,
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "intermediate_size": 96,  # the dense MLP of mlp_only_layers
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 80,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [1],
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "sliding_window": 512,
+        "use_sliding_window": False,
+        "max_window_layers": 2,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+    },
+    tokenizer="bpe",
+)

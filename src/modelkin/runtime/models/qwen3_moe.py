@@ -10,16 +10,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
 from torch import nn
 
+from modelkin.checkpoint.lazy import StateDict
 from modelkin.runtime.config import DecoderArgs
-from modelkin.runtime.kv_cache import KVCache
-from modelkin.runtime.layers import MLP, Attention, DecoderLayer, DecoderStack
-from modelkin.runtime.loader import StateDict, drop_rotary_buffers
+from modelkin.runtime.layers import MLP, Attention, DecoderLayer
+from modelkin.runtime.models.causal_lm import TINY_MOE, CausalLM, Tensors, Tiny, drop_rotary_buffers
 from modelkin.runtime.models.qwen2_moe import alias_expert_count, is_sparse_layer, validate_sparse_layout
 from modelkin.runtime.moe import Router, RouterPolicy, SparseMoeBlock, StackedExperts
-from modelkin.runtime.moe_weights import stack_layer_experts
+from modelkin.runtime.moe.weights import stack_layer_experts, unstack_layer_experts
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,30 +44,11 @@ class ModelArgs(DecoderArgs):
         return is_sparse_layer(self, i)
 
 
-class Model(nn.Module):
-    """Causal LM: ``model`` (embeddings, layers, norm) then ``lm_head``."""
+class Model(CausalLM):
+    """Causal LM of ``_layer`` blocks (causal_lm.py)."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.sliding_window = None
-        layers = [_layer(args, i) for i in range(args.num_hidden_layers)]
-        self.model = DecoderStack(args=args, layers=layers)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids_BL: torch.Tensor,
-        *,
-        positions_BL: torch.Tensor,
-        mask_BLS: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        h = self.model(input_ids_BL, positions_BL=positions_BL, mask_BLS=mask_BLS, cache=cache)
-        return self.lm_head(h[:, -1:] if last_only else h)
+        super().__init__(args, _layer, sliding_window=None)
 
 
 def _layer(args: ModelArgs, i: int) -> DecoderLayer:
@@ -102,3 +82,33 @@ def _layer(args: ModelArgs, i: int) -> DecoderLayer:
 def remap_weights(state: StateDict) -> StateDict:
     """Stack each sparse layer's per-expert tensors; drop stored rotary buffers."""
     return stack_layer_experts(drop_rotary_buffers(state), "mlp")
+
+
+def to_checkpoint(tensors: Tensors, args: ModelArgs) -> Tensors:
+    """The inverse of ``remap_weights``: per-expert names (rotary buffers are not stored)."""
+    return unstack_layer_experts(tensors)
+
+
+TINY = Tiny(
+    config={
+        **TINY_MOE,
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "head_dim": 32,  # explicit and != hidden_size / heads, as in the releases
+        "intermediate_size": 96,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "attention_bias": False,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "use_sliding_window": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+    },
+    tokenizer="bpe",
+)

@@ -1,0 +1,220 @@
+"""Run one model over a prompt set and keep what behavioural metrics need, compactly, on the CPU.
+
+Per prompt: the next-token log-softmax at every prompt position (float16), the top-k ids (from float32),
+bits per byte of the prompt text, a greedy continuation, sampled continuations for the two-sample test,
+and MoE routing telemetry. Models are run one at a time, so two models never need to fit together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from modelkin.compare.behaviour.prompts import Prompt
+from modelkin.compare.settings import BehaviourSettings
+from modelkin.errors import InputError
+
+Tick = Callable[[str], None]
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelOutputs:
+    """Everything behavioural comparison reads from one model (CPU tensors and plain lists)."""
+
+    path: str
+    model_type: str
+    logits_size: int
+    vocab_hash: str | None           # sha256 of the tokenizer's id -> token table
+    is_moe: bool
+    prompt_ids: list[list[int]]
+    logprobs: list[Any]              # per prompt: float16 Tensor [T, V]
+    topk_ids: list[Any]              # per prompt: int32 Tensor [T, k]
+    bpb: list[float | None]
+    greedy_ids: list[list[int]]
+    greedy_text: list[str]
+    sample_ids: list[list[list[int]]]  # [prompt][sample] -> ids
+    sample_text: list[list[str]]
+    routing: dict[str, Any] | None
+    timings: dict[str, float]
+
+
+def model_identity(path: str | os.PathLike[str]) -> str:
+    """A cheap identity for caching: resolved path plus size and mtime of its files."""
+    p = Path(path).resolve()
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    parts = [str(p)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+class OutputCache:
+    """Keeps the outputs of the last ``max_entries`` (model, settings, prompts, seed) runs in memory."""
+
+    def __init__(self, max_entries: int = 2):
+        self.max_entries = max_entries
+        self._items: OrderedDict[tuple[Any, ...], ModelOutputs] = OrderedDict()
+
+    def get(self, key: tuple[Any, ...]) -> ModelOutputs | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key: tuple[Any, ...], outputs: ModelOutputs) -> None:
+        self._items[key] = outputs
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_entries:
+            self._items.popitem(last=False)
+
+
+def vocab_hash(tokenizer: Any) -> str | None:
+    """sha256 over the tokenizer's id -> token strings; equal hashes mean identical vocabularies."""
+    if tokenizer is None:
+        return None
+    size = int(getattr(tokenizer, "vocab_size", 0) or len(tokenizer))
+    h = hashlib.sha256(str(size).encode())
+    for i in range(size):
+        h.update(b"\x00" + str(tokenizer.id_to_token(i)).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def collect_outputs(path: str | os.PathLike[str], prompts: Sequence[Prompt], settings: BehaviourSettings, *,
+                    device: str = "auto", dtype: str = "auto", allow_fallback: bool | None = None,
+                    seed: int, tick: Tick | None = None) -> ModelOutputs:
+    """Load the model at ``path``, run it over ``prompts``, free it, and return its outputs."""
+    import modelkin
+
+    tick = tick or (lambda _msg: None)
+    t0 = time.perf_counter()
+    tick(f"loading {Path(path).name}")
+    model = modelkin.load(path, device=device, dtype=dtype, allow_fallback=allow_fallback)
+    timings = {"load_s": time.perf_counter() - t0}
+    try:
+        return run_outputs(model, prompts, settings, seed=seed, tick=tick, timings=timings)
+    finally:
+        backend = model.backend
+        del model
+        gc.collect()
+        _empty_device_cache(backend)
+
+
+def run_outputs(model: Any, prompts: Sequence[Prompt], settings: BehaviourSettings, *, seed: int,
+                tick: Tick | None = None, timings: dict[str, float] | None = None) -> ModelOutputs:
+    """Run an already loaded model over ``prompts`` (see collect_outputs)."""
+    tick = tick or (lambda _msg: None)
+    timings = dict(timings or {})
+    tok = model.tokenizer
+    if tok is None:
+        raise InputError(f"{model.path} has no tokenizer, so it cannot run text prompts",
+                         hint="add tokenizer files beside the weights, or compare weights only (--no-behaviour)")
+    ids = [tok.encode(p.prompt, add_special_tokens=True) for p in prompts]
+    for p, row in zip(prompts, ids):
+        if not row:
+            raise InputError(f"prompt {p.id!r} encodes to zero tokens for {model.path}", hint="remove it")
+    tele = _telemetry(model)
+    t = time.perf_counter()
+    tick("next-token distributions")
+    logprobs, topk, bpb = _logits_pass(model, prompts, ids, settings.top_k, tele)
+    routing = tele.to_json() if tele is not None else None
+    timings["logits_s"] = time.perf_counter() - t
+    greedy_ids, greedy_text = [], []
+    if settings.wants("greedy"):
+        t = time.perf_counter()
+        tick("greedy continuations")
+        results = model.generate_batch(ids, max_new_tokens=settings.greedy_tokens, temperature=0.0)
+        greedy_ids = [list(r.tokens) for r in results]
+        greedy_text = [r.text for r in results]
+        timings["greedy_s"] = time.perf_counter() - t
+    sample_ids, sample_text = _samples(model, ids, settings, seed, tick, timings)
+    return ModelOutputs(
+        path=str(model.path), model_type=str(getattr(model.config, "model_type", "?")),
+        logits_size=int(logprobs[0].shape[-1]), vocab_hash=vocab_hash(tok), is_moe=tele is not None, prompt_ids=ids,
+        logprobs=logprobs, topk_ids=topk, bpb=bpb, greedy_ids=greedy_ids, greedy_text=greedy_text,
+        sample_ids=sample_ids, sample_text=sample_text, routing=routing, timings=timings,
+    )
+
+
+def _logits_pass(model: Any, prompts: Sequence[Prompt], ids: list[list[int]], k: int, tele: Any | None,
+                 budget: int = 1 << 26) -> tuple[list[Any], list[Any], list[float | None]]:
+    """Batches of prompts under ``budget`` logits elements; log-softmax on the device, kept as float16.
+
+    With ``tele`` (an MoE's RoutingTelemetry) the routing of every real prompt token is recorded.
+    """
+    import contextlib
+
+    if tele is not None:
+        tele.reset()
+    recording = tele.recording(model.module) if tele is not None else contextlib.nullcontext()
+    with recording:
+        return _logits_batches(model, prompts, ids, k, tele, budget)
+
+
+def _logits_batches(model: Any, prompts: Sequence[Prompt], ids: list[list[int]], k: int, tele: Any | None,
+                    budget: int) -> tuple[list[Any], list[Any], list[float | None]]:
+    import torch
+
+    from modelkin.runtime.api import score_logprobs
+
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    logprobs: list[Any] = [None] * len(ids)
+    topk: list[Any] = [None] * len(ids)
+    bpb: list[float | None] = [None] * len(ids)
+    start = 0
+    while start < len(order):
+        vocab = int(model.config.vocab_size)
+        width = len(ids[order[start]])
+        stop = start + 1
+        while stop < len(order) and (stop - start + 1) * max(width, len(ids[order[stop]])) * vocab <= budget:
+            width = max(width, len(ids[order[stop]]))
+            stop += 1
+        batch = order[start:stop]
+        if tele is not None:  # count real tokens only, not the right padding of the batch
+            tele.token_mask = torch.tensor([[j < len(ids[i]) for j in range(width)] for i in batch],
+                                           device=model.device)
+        logits = model.logits([ids[i] for i in batch])
+        for row, i in enumerate(batch):
+            n = len(ids[i])
+            lp = logits[row, :n].float().log_softmax(dim=-1)
+            topk[i] = lp.topk(min(k, lp.shape[-1]), dim=-1).indices.to(torch.int32).cpu()
+            if n >= 2:
+                bpb[i] = score_logprobs(lp, ids[i], prompts[i].prompt).bits_per_byte
+            logprobs[i] = lp.to(torch.float16).cpu()
+        del logits
+        start = stop
+    if tele is not None:
+        tele.token_mask = None
+    return logprobs, topk, bpb
+
+
+def _samples(model: Any, ids: list[list[int]], settings: BehaviourSettings, seed: int, tick: Tick,
+             timings: dict[str, float]) -> tuple[list[list[list[int]]], list[list[str]]]:
+    if not settings.wants("mmd") or settings.mmd_prompts == 0:
+        return [], []
+    t = time.perf_counter()
+    tick("sampled continuations")
+    chosen = ids[: settings.mmd_prompts]
+    batch = [row for row in chosen for _ in range(settings.mmd_samples)]
+    results = model.generate_batch(batch, max_new_tokens=settings.mmd_tokens,
+                                   temperature=settings.temperature, seed=seed)
+    n = settings.mmd_samples
+    sample_ids = [[list(r.tokens) for r in results[j * n:(j + 1) * n]] for j in range(len(chosen))]
+    sample_text = [[r.text for r in results[j * n:(j + 1) * n]] for j in range(len(chosen))]
+    timings["samples_s"] = time.perf_counter() - t
+    return sample_ids, sample_text
+
+
+def _telemetry(model: Any) -> Any | None:
+    """The model's RoutingTelemetry (MoE models), or None for dense models."""
+    return getattr(model, "routing_telemetry", None)
+
+
+def _empty_device_cache(backend: Any) -> None:
+    fn = getattr(backend, "empty_cache", None)
+    if callable(fn):
+        fn()

@@ -1,0 +1,214 @@
+"""Zhu et al.'s csu independence test after aligning B's residual basis to A's through shared tokens.
+
+Per layer, A's MLP units (gate and up rows with the input norm gain folded in) are matched to B's units
+(B's rows mapped into A's residual basis, see align.py) by linear assignment on cosine similarity; the
+statistic is the Spearman correlation of the matching with A's unit order. Null (H0: A and B come from
+independent initialisations): A's hidden units are exchangeable - permuting them is a symmetry of A's own
+training - and the alignment and the layer map read only quantities that permutation leaves unchanged
+(embeddings, Gram matrices), so the matching is a uniformly random injection and the p-value is exact
+whatever B is (Spearman's null via the t distribution, Fisher across layers).
+Blind spot: a copy whose MLP hidden units were permuted keeps its function but scores like an unrelated
+model here (the matching is then that permutation, not the identity).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modelkin.compare import stats as sig
+from modelkin.compare.fingerprints.align import ResidualAlignment, fit_alignment
+from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
+from modelkin.compare.fingerprints.weights import ModelWeights, pick_layers
+from modelkin.tokenizer.canonical import shared_tokens
+
+NAME = "csu_aligned"
+NULL_KIND = "exact"  # see result.NULL_KINDS
+NULL = ("H0: A and B come from independent initialisations; A's MLP hidden units are exchangeable (a symmetry "
+        "of A's own training) and the residual alignment and layer map depend only on quantities invariant to "
+        "it, so each layer's unit matching is a uniformly random injection: exact Spearman p per layer, "
+        "Fisher across layers. Valid whatever B is.")
+BLIND = ("blind to a copy whose MLP hidden units were permuted (function-preserving); such a pair scores like "
+         "an unrelated one here")
+_ROLES = ("gate", "up")
+MIN_SHARED = 256
+
+
+def vocabulary(weights: ModelWeights) -> tuple[list[str], set[int]] | None:
+    """(token strings by id, special ids) from a GGUF vocabulary or tokenizer.json, None when absent."""
+    source = weights.source
+    if source.format == "gguf":
+        meta = source.metadata()
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not tokens:
+            return None
+        types = list(meta.get("tokenizer.ggml.token_type") or [])
+        special = {i for i, t in enumerate(types) if int(t) in (2, 3, 5)}  # unknown, control, unused
+        return [str(t) for t in tokens], special
+    folder = Path(str(source.path))
+    folder = folder if folder.is_dir() else folder.parent
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    raw = (data.get("model") or {}).get("vocab") or {}
+    vocab = ({str(p[0]): i for i, p in enumerate(raw)} if isinstance(raw, list)
+             else {str(k): int(v) for k, v in dict(raw).items()})
+    special = set()
+    for added in data.get("added_tokens") or []:
+        vocab[str(added.get("content"))] = int(added.get("id"))
+        if added.get("special"):
+            special.add(int(added.get("id")))
+    if not vocab:
+        return None
+    out = [""] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        out[i] = token
+    return out, special
+
+
+def _norm_gain(w: ModelWeights, layer: int) -> torch.Tensor | None:
+    for role in ("pre_mlp_norm", "mlp_norm"):
+        if w.has(layer, role):
+            return w.get(layer, role).flatten()
+    return None
+
+
+def _unit_rows(w: ModelWeights, layer: int, align: ResidualAlignment | None) -> torch.Tensor:
+    """[units, 2·d_A]: normalised gate and up rows (norm gain folded; B's mapped into A's basis) / √2."""
+    gain = _norm_gain(w, layer)
+    parts = []
+    for role in _ROLES:
+        rows = w.get(layer, role)
+        if gain is not None and gain.numel() == rows.shape[1]:
+            rows = rows * gain[None, :]
+        if align is not None:
+            rows = align.apply(rows)
+        parts.append(torch.nn.functional.normalize(rows, dim=1))
+    return torch.cat(parts, dim=1) / math.sqrt(2.0)
+
+
+def _gram_cka(fa: torch.Tensor, fb: torch.Tensor) -> float:
+    """Linear CKA of the residual-side Gram matrices (invariant to either model's unit order)."""
+    ka, kb = fa.T @ fa, fb.T @ fb
+    ka = ka - ka.mean(0, keepdim=True) - ka.mean(1, keepdim=True) + ka.mean()
+    kb = kb - kb.mean(0, keepdim=True) - kb.mean(1, keepdim=True) + kb.mean()
+    den = float(ka.norm() * kb.norm())
+    return float((ka * kb).sum()) / den if den > 0 else 0.0
+
+
+def monotone_map(sim: np.ndarray) -> list[tuple[int, int]]:
+    """Order-preserving one-to-one pairing of min(L_A, L_B) layers maximising the summed similarity."""
+    la, lb = sim.shape
+    if la > lb:
+        return [(i, j) for j, i in monotone_map(sim.T)]
+    best = np.full((la + 1, lb + 1), -np.inf)
+    best[0, :] = 0.0
+    for i in range(1, la + 1):
+        for j in range(i, lb + 1):
+            best[i, j] = max(best[i, j - 1], best[i - 1, j - 1] + sim[i - 1, j - 1])
+    pairs, i, j = [], la, lb
+    while i > 0:
+        if j > i and best[i, j] == best[i, j - 1]:
+            j -= 1
+        else:
+            pairs.append((i - 1, j - 1))
+            i, j = i - 1, j - 1
+    return pairs[::-1]
+
+
+def _spearman(matched: np.ndarray) -> float:
+    k = len(matched)
+    ranks = np.argsort(np.argsort(matched)).astype(np.float64)
+    return 1.0 - 6.0 * float(((ranks - np.arange(k)) ** 2).sum()) / (k * (k * k - 1.0))
+
+
+def spearman_p(rho: float, k: int) -> float:
+    """One-sided p of Spearman's rho for k items under a uniformly random order (t approximation)."""
+    from scipy import stats
+
+    if k < 3:
+        return 1.0
+    rho = min(rho, 1.0 - 1e-15)
+    t = rho * math.sqrt((k - 2) / max(1e-300, 1.0 - rho * rho))
+    return float(stats.t.sf(t, k - 2))
+
+
+def check_pair(a: ModelWeights, b: ModelWeights) -> tuple[list[int], list[int]]:
+    if a.is_moe or b.is_moe:
+        raise NotApplicable("csu_aligned matches dense MLP units; an MoE is compared by the upcycle detector")
+    la = [i for i in a.layers if all(a.has(i, r) for r in _ROLES)]
+    lb = [i for i in b.layers if all(b.has(i, r) for r in _ROLES)]
+    if not la or not lb:
+        raise NotApplicable("no layer with gate_proj and up_proj in " + ("A" if not la else "B"))
+    if not (a.has(None, "embed") and b.has(None, "embed")):
+        raise NotApplicable("an embedding matrix is missing, so the residual bases cannot be aligned")
+    return la, lb
+
+
+def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | None = None,
+        max_units: int = 1024) -> MethodResult:
+    """The aligned csu test of a dense pair (any widths, depths and tokenizers with enough shared tokens)."""
+    layers_a, layers_b = check_pair(a, b)
+    va, vb = vocabulary(a), vocabulary(b)
+    if va is None or vb is None:
+        raise NotApplicable(f"{'A' if va is None else 'B'} carries no vocabulary (GGUF tokens or tokenizer.json)")
+    emb_a, emb_b = a.get(None, "embed"), b.get(None, "embed")
+    shared = shared_tokens(va[0], vb[0], special_a=va[1], special_b=vb[1],
+                           rows_a=emb_a.shape[0], rows_b=emb_b.shape[0])
+    if len(shared) < MIN_SHARED:
+        raise NotApplicable(f"only {len(shared)} byte-identical shared tokens (need {MIN_SHARED}) to align "
+                            "the residual bases")
+    rng = np.random.default_rng(seed)
+    align = fit_alignment(emb_a, emb_b, shared, rng=rng)
+    del emb_a, emb_b
+    sim = None
+    if len(layers_a) == len(layers_b):
+        pairs = pick_layers(list(zip(layers_a, layers_b)), max_layers)
+        feats_a = {i: _unit_rows(a, i, None) for i, _ in pairs}
+        feats_b = {j: _unit_rows(b, j, align) for _, j in pairs}
+    else:  # depth alignment on Gram matrices, which no relabelling of either model's units changes
+        feats_a = {i: _unit_rows(a, i, None) for i in layers_a}
+        feats_b = {j: _unit_rows(b, j, align) for j in layers_b}
+        sim = np.array([[_gram_cka(feats_a[i], feats_b[j]) for j in layers_b] for i in layers_a])
+        pairs = pick_layers([(layers_a[i], layers_b[j]) for i, j in monotone_map(sim)], max_layers)
+    per_layer = {}
+    for la_, lb_ in pairs:
+        per_layer[f"{la_}->{lb_}"] = _layer(feats_a[la_], feats_b[lb_], rng, max_units)
+    # within-pair contrast (descriptive): the same statistic on deliberately mismatched layer pairs
+    shift = max(1, len(pairs) // 2)
+    mismatched = [(pairs[k][0], pairs[(k + shift) % len(pairs)][1]) for k in range(len(pairs))] \
+        if len(pairs) > 1 else []
+    off = [_layer(feats_a[x], feats_b[y], rng, max_units)["rho"] for x, y in mismatched[:4]]
+    p = sig.fisher_combine([r["p"] for r in per_layer.values()])
+    score = float(np.mean([r["rho"] for r in per_layer.values()]))
+    details = {
+        "shared_tokens": shared.summary(),
+        "alignment": align.summary(),
+        "layer_pairs": [f"{x}->{y}" for x, y in pairs],
+        "per_layer": per_layer,
+        "mismatched_layers_mean_rho": float(np.mean(off)) if off else None,
+        "blind_to": BLIND,
+    }
+    if sim is not None:
+        details["layer_map_similarity"] = [[round(float(v), 4) for v in row] for row in sim]
+    return MethodResult(name=NAME, null_kind=NULL_KIND, score=score, p_value=p, null=NULL, details=details).decide()
+
+
+def _layer(fa: torch.Tensor, fb: torch.Tensor, rng: np.random.Generator, max_units: int) -> dict:
+    from scipy.optimize import linear_sum_assignment
+
+    k = min(fa.shape[0], fb.shape[0], max_units)
+    idx = np.sort(rng.choice(fa.shape[0], size=k, replace=False))
+    cos = (fa[torch.as_tensor(idx)] @ fb.T).cpu().double().numpy()
+    _, matched = linear_sum_assignment(cos, maximize=True)
+    rho = _spearman(matched)
+    return {"rho": rho, "p": spearman_p(rho, k), "units": k,
+            "matched_cosine": float(cos[np.arange(k), matched].mean())}

@@ -1,0 +1,93 @@
+"""CPU threading policy for the decoder maths: one-row products split over the intra-op threads
+(``Linear``, ``split_gemv``), tiny ops kept off the thread team (``one_cpu_thread``), and the weight
+layout batch-1 GEMV reads fastest (``prefer_gemv_layout``). Timings: bench/README.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose single-row product on CPU runs on every intra-op thread.
+
+    PyTorch's CPU GEMV for one row (decoding at batch 1) stays on one core, whose memory bandwidth
+    caps it well below the machine's. With more than one intra-op thread, a weight of at least
+    ``SPLIT_MIN_NUMEL`` elements is cut into one block per thread and the blocks run as one
+    batched matmul, which the CPU kernels spread over the threads. The blocks are views; nothing
+    is copied. Every other input takes the plain ``F.linear`` path. On cores busy with other
+    processes, each split waits for a descheduled thread: run with one intra-op thread there
+    (``torch.set_num_threads(1)``).
+    """
+
+    SPLIT_MIN_NUMEL = 1 << 18  # smaller matrices finish before a thread team pays off
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        threads = torch.get_num_threads()
+        if (
+            threads > 1
+            and x.numel() == self.in_features
+            and self.in_features * self.out_features >= self.SPLIT_MIN_NUMEL
+            and x.device.type == "cpu"
+            and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+        ):
+            return split_gemv(x, self.weight, self.bias, threads)
+        return F.linear(x, self.weight, self.bias)
+
+
+def split_gemv(x: torch.Tensor, w_OI: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
+    """``F.linear`` of one row ``x`` as ``parts`` block products in one ``bmm`` (see ``Linear``).
+
+    A row-major weight splits along its outputs (each block a run of whole rows); a column-major
+    one (``prefer_gemv_layout``) along its inputs, and the partial products are summed.
+    """
+    O, I = w_OI.shape
+    if w_OI.stride() == (I, 1) and O % parts == 0:
+        w_PIo = w_OI.view(parts, O // parts, I).transpose(1, 2)
+        y = torch.bmm(x.reshape(1, 1, I).expand(parts, 1, I), w_PIo).reshape(O)
+    elif w_OI.stride() == (1, O) and I % parts == 0:
+        w_PiO = w_OI.t().view(parts, I // parts, O)
+        y = torch.bmm(x.reshape(parts, 1, I // parts), w_PiO).sum(dim=0)
+    else:
+        return F.linear(x, w_OI, bias)
+    y = y.view(*x.shape[:-1], O)
+    return y if bias is None else y + bias
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run tiny CPU ops without an OpenMP team: splitting a few heads' work across threads costs
+    more than the work, and when other processes hold the cores every team waits a scheduler tick
+    for its late thread."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def prefer_gemv_layout(model: nn.Module) -> None:
+    """Store the weight of every Linear with more outputs than inputs column-major (same values,
+    same [out, in] shape, transposed strides), so a batch-1 ``x @ W.T`` reads it as a contiguous
+    [in, out] matrix.
+
+    On CPU, float32 GEMV over gate/up and a tied lm_head runs faster this way; thin matrices
+    (down_proj, k/v) are faster row-major and stay so. Tied embeddings keep sharing one tensor.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.out_features > module.in_features:
+            old = module.weight
+            new = nn.Parameter(old.detach().t().contiguous().t(), requires_grad=old.requires_grad)
+            for other in model.modules():  # re-point every module sharing it (tied embeddings)
+                for name, param in list(other.named_parameters(recurse=False)):
+                    if param is old:
+                        setattr(other, name, new)
