@@ -66,7 +66,8 @@ def is_gemma3_config(config: Mapping[str, Any] | None) -> bool:
     """True when a config.json dict describes a Gemma-3 model (text-only or multimodal)."""
     if not config:
         return False
-    architectures = config.get("architectures") or []
+    architectures = config.get("architectures")
+    architectures = architectures if isinstance(architectures, list) else []  # hostile configs: any JSON
     return str(config.get("model_type") or "") in ("gemma3", "gemma3_text") or any(
         str(a).startswith("Gemma3") for a in architectures
     )

@@ -58,7 +58,8 @@ class ModelArgs(DecoderArgs):
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
         d = text_config(config)
-        sliding = SLIDING in (d.get("layer_types") or [SLIDING])
+        types = d.get("layer_types")
+        sliding = not isinstance(types, list) or SLIDING in types
         if "sliding_window" in d and d["sliding_window"] is None and sliding:
             raise ConfigError("config.json key 'sliding_window' is null but layer_types has sliding layers",
                               hint="set sliding_window (Gemma-3 uses 512 or 1024) in config.json")
@@ -109,7 +110,8 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
         ConfigError: a multimodal config without ``text_config``, or an unsupported sliding rope.
     """
     d = dict(config)
-    if d.get("model_type") == "gemma3" or "Gemma3ForConditionalGeneration" in (d.get("architectures") or []):
+    archs = d.get("architectures")
+    if d.get("model_type") == "gemma3" or (isinstance(archs, list) and "Gemma3ForConditionalGeneration" in archs):
         text = d.get("text_config")
         if not isinstance(text, dict):
             raise ConfigError("Gemma-3 multimodal config lacks 'text_config'",
@@ -120,7 +122,8 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     params = d.get("rope_parameters")
     if isinstance(params, dict) and (FULL in params or SLIDING in params):
         d.pop("rope_parameters")
-        full, local = params.get(FULL) or {}, params.get(SLIDING) or {}
+        full, local = params.get(FULL), params.get(SLIDING)
+        full, local = (x if isinstance(x, dict) else {} for x in (full, local))
         if "rope_theta" in full:
             d["rope_theta"] = full["rope_theta"]
         if full.get("rope_type", "default") != "default":
