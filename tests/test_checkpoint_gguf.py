@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modelkin.checkpoint import open_checkpoint
-from modelkin.checkpoint.gguf_names import BLOCK_NAMES, TOP_NAMES, gguf_to_hf, hf_to_gguf
+from modelkin.checkpoint.gguf_names import TOP_NAMES, block_names, gguf_to_hf, hf_to_gguf
 from modelkin.checkpoint.gguf_reader import permute_rows, unpermute_rows
 from modelkin.errors import CheckpointError
 from tests.ckpt_factory import (
@@ -276,9 +276,9 @@ def test_metadata_has_python_values(tmp_path):
         assert ckpt.config()["vocab_size"] == 3
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2moe", "qwen3moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2moe", "qwen3moe", "gemma3"])
 def test_name_mapping_round_trips(arch):
-    for kind, suffix in itertools.product(BLOCK_NAMES, ("weight", "bias")):
+    for kind, suffix in itertools.product(block_names(arch), ("weight", "bias")):
         gname = f"blk.7.{kind}.{suffix}"
         hf = gguf_to_hf(gname, arch)
         if "{expert}" in hf:
@@ -293,6 +293,15 @@ def test_name_mapping_round_trips(arch):
     )
     assert gguf_to_hf("blk.0.unknown_thing.weight", arch) is None
     assert hf_to_gguf("model.layers.0.mlp.foo.weight", arch) is None
+
+
+def test_gemma3_sandwich_norm_names():
+    assert gguf_to_hf("blk.2.ffn_norm.weight", "gemma3") == "model.layers.2.pre_feedforward_layernorm.weight"
+    assert gguf_to_hf("blk.2.post_attention_norm.weight", "gemma3") == (
+        "model.layers.2.post_attention_layernorm.weight")
+    assert gguf_to_hf("blk.2.post_ffw_norm.weight", "gemma3") == (
+        "model.layers.2.post_feedforward_layernorm.weight")
+    assert gguf_to_hf("blk.2.ffn_norm.weight", "llama") == "model.layers.2.post_attention_layernorm.weight"
 
 
 def test_truncated_and_fake_gguf(tmp_path):

@@ -13,6 +13,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
     "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
 MIXTRAL = ("mixtral", "MixtralForCausalLM")
 
@@ -84,7 +85,28 @@ def build_config(kv: dict[str, Any], *, tensor_names: set[str], vocab_fallback: 
     if model_type in ("llama", "mixtral"):
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
     config["tie_word_embeddings"] = "output.weight" not in tensor_names
+    if arch == "gemma3":
+        config.update(gemma3_keys(kv, config))
     for hf_key, gguf_key in _TOKEN_KEYS.items():
         if f"tokenizer.ggml.{gguf_key}_token_id" in kv:
             config[hf_key] = int(kv[f"tokenizer.ggml.{gguf_key}_token_id"])
     return config
+
+
+def gemma3_keys(kv: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Gemma-3 keys GGUF leaves implicit, filled as llama.cpp and transformers assume them: GELU-tanh,
+    every 6th layer global (local rope base 1e4), q scaled by head_dim^-0.5 except in the 27B (62
+    layers: (hidden_size / heads)^-0.5)."""
+    head_dim = config.get("head_dim") or 256
+    scalar = head_dim
+    if config.get("num_hidden_layers") == 62 and config.get("num_attention_heads"):
+        scalar = config["hidden_size"] // config["num_attention_heads"]
+    keys: dict[str, Any] = {
+        "hidden_act": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": scalar,
+        "sliding_window_pattern": 6,
+        "rope_local_base_freq": 10000.0,
+    }
+    if "gemma3.attention.sliding_window" in kv:
+        keys["sliding_window"] = int(kv["gemma3.attention.sliding_window"])
+    return keys

@@ -29,6 +29,14 @@ BLOCK_NAMES: dict[str, str] = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# architectures whose block names differ from the table above (llama.cpp's Gemma sandwich norms)
+ARCH_BLOCK_NAMES: dict[str, dict[str, str]] = {
+    "gemma3": {
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
 TOP_NAMES: dict[str, str] = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -42,6 +50,11 @@ _OLD_EXPERT = {"ffn_gate": "ffn_gate_exps", "ffn_up": "ffn_up_exps", "ffn_down":
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z0-9_]+?)(?:\.(\d+))?\.(weight|bias)")
 _HF_BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 _HF_EXPERT_RE = re.compile(r"(mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)")
+
+
+def block_names(arch: str) -> dict[str, str]:
+    """GGUF block tensor kind -> HF module path for ``arch``."""
+    return {**BLOCK_NAMES, **ARCH_BLOCK_NAMES.get(arch, {})}
 
 
 def _style(arch: str) -> dict[str, str]:
@@ -69,7 +82,7 @@ def gguf_to_hf(gguf_name: str, arch: str) -> str | None:
         if kind not in _OLD_EXPERT:
             return None
         kind = _OLD_EXPERT[kind]
-    template = BLOCK_NAMES.get(kind)
+    template = block_names(arch).get(kind)
     if template is None:
         return None
     path = template.format(expert="{expert}" if expert is None else expert, **_style(arch))
@@ -97,7 +110,7 @@ def hf_to_gguf(hf_name: str, arch: str) -> tuple[str, int | None] | None:
     if em is not None:
         expert = int(em.group(2))
         path = f"{em.group(1)}.experts.{{expert}}.{em.group(3)}"
-    for kind, template in BLOCK_NAMES.items():
+    for kind, template in block_names(arch).items():
         rendered = template.format(expert="{expert}", **style)
         if rendered == path and (expert is None) == ("{expert}" not in rendered):
             return f"blk.{layer}.{kind}.{suffix}", expert

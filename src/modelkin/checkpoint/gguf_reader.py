@@ -23,6 +23,8 @@ from modelkin.errors import CheckpointError, ConfigError
 
 # llama.cpp's converter permutes Q/K rows (for its RoPE layout) only for the Llama family.
 PERMUTED_ARCHS = frozenset({"llama"})
+# llama.cpp stores Gemma's RMSNorm weights as (1 + w); HF checkpoints (and modelkin) hold w.
+NORM_PLUS_ONE_ARCHS = frozenset({"gemma2", "gemma3"})
 _PLAIN_NUMPY = {"F64", "F32", "F16", "I64", "I32", "I16", "I8"}
 
 
@@ -275,6 +277,8 @@ class GGUFSource(TensorSource):
             ) from None
         if entry.n_heads is not None:
             tensor = unpermute_rows(tensor, entry.n_heads)
+        if self.arch in NORM_PLUS_ONE_ARCHS and entry.info.name.endswith("norm.weight"):
+            tensor = tensor - 1
         return tensor
 
     def config(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Canonical tensor name -> (layer, role, expert), and the --select groups built on roles.
 
-Covers the HF layouts of llama, qwen2, qwen2_moe, qwen3_moe, mixtral, Pangu Pro MoE and
-openPangu-Embedded, raw GGUF block names, and ONNX initialisers named by torch's exporter.
+Covers the HF layouts of llama, qwen2, qwen3, gemma3, qwen2_moe, qwen3_moe, mixtral, Pangu Pro MoE
+and openPangu-Embedded, raw GGUF block names, and ONNX initialisers named by torch's exporter.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ LAYER_MODULES: dict[str, str] = {
     "self_attn.rotary_emb.inv_freq": "rotary_inv_freq",
     "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
     "pre_mlp_layernorm": "pre_mlp_norm", "post_mlp_layernorm": "post_mlp_norm",
+    # Gemma-3's sandwich norms (its post_attention_layernorm norms the attention output; by name
+    # it keeps the mlp_norm role of the other families)
+    "pre_feedforward_layernorm": "pre_mlp_norm", "post_feedforward_layernorm": "post_mlp_norm",
     "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
     "mlp.gate_up_proj": "gate_up",
     "mlp.gate": "router", "block_sparse_moe.gate": "router",
@@ -34,6 +37,7 @@ LAYER_MODULES: dict[str, str] = {
     "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "attn_qkv": "qkv",
     "attn_q_norm": "q_norm", "attn_k_norm": "k_norm",
     "attn_norm": "attn_norm", "ffn_norm": "mlp_norm",
+    "post_attention_norm": "mlp_norm", "post_ffw_norm": "post_mlp_norm",  # Gemma
     "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down",
     "ffn_gate_inp": "router", "ffn_gate_inp_shexp": "shared_router",
     "ffn_gate_exps": "expert_gate", "ffn_up_exps": "expert_up", "ffn_down_exps": "expert_down",

@@ -47,6 +47,7 @@ class DecoderArgs:
         "head_dim",
         "max_position_embeddings",
     )
+    supported_acts: ClassVar[tuple[str, ...]] = ("silu", "swish")  # hidden_act values the MLP runs
 
     @classmethod
     def from_hf_config(cls: type[A], config: dict[str, Any]) -> A:
@@ -104,8 +105,9 @@ class DecoderArgs:
                 f"num_key_value_heads={self.num_key_value_heads}",
                 hint="fix config.json",
             )
-        if self.hidden_act not in ("silu", "swish"):
-            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported", hint="only silu is")
+        if self.hidden_act not in self.supported_acts:
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported",
+                              hint=f"supported: {', '.join(self.supported_acts)}")
 
     def eos_ids(self) -> set[int]:
         """All EOS ids named by the config (an int or a list)."""

@@ -10,7 +10,14 @@ from typing import Any
 
 from modelkin.errors import InputError, TokenizerError
 from modelkin.tokenizer.base import TokenizerParts
-from modelkin.tokenizer.chat import PANGU_CHAT_TEMPLATE, ChatTemplate, is_pangu_config
+from modelkin.tokenizer.chat import (
+    GEMMA_CHAT_TEMPLATE,
+    GEMMA_END_OF_TURN,
+    PANGU_CHAT_TEMPLATE,
+    ChatTemplate,
+    is_gemma3_config,
+    is_pangu_config,
+)
 
 __all__ = ["Tokenizer", "load_tokenizer"]
 
@@ -54,6 +61,10 @@ class Tokenizer:
         templates, where = parts.chat_templates, parts.chat_template_source
         if templates is None and is_pangu_config(config):
             templates, where = PANGU_CHAT_TEMPLATE, "modelkin's built-in Pangu chat format"
+        if is_gemma3_config(config):  # Gemma's turns end with <end_of_turn>, not EOS
+            self.eos_token_ids |= {i for i in [self.token_to_id(GEMMA_END_OF_TURN)] if i is not None}
+            if templates is None:
+                templates, where = GEMMA_CHAT_TEMPLATE, "modelkin's built-in Gemma-3 chat format"
         self._chat = ChatTemplate(templates, source=where) if templates else None
 
     def _resolve(self, parts: TokenizerParts, name: str) -> int | None:

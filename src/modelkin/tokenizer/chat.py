@@ -41,6 +41,38 @@ PANGU_MODEL_TYPES = frozenset({"pangupromoe", "panguembedded", "pangu_pro_moe", 
 PANGU_ARCHITECTURES = frozenset({"PanguProMoEForCausalLM", "PanguEmbeddedForCausalLM"})
 
 
+# Gemma-3's documented chat format (its tokenizer_config.json, text parts only), for GGUF files that
+# carry no template: a system message prefixes the first user turn, the assistant's role is "model",
+# every turn ends with <end_of_turn>. The template writes BOS itself.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] ~ '\n\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' ~ role ~ '\n' ~ (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+GEMMA_END_OF_TURN = "<end_of_turn>"
+
+
+def is_gemma3_config(config: Mapping[str, Any] | None) -> bool:
+    """True when a config.json dict describes a Gemma-3 model (text-only or multimodal)."""
+    if not config:
+        return False
+    architectures = config.get("architectures")
+    architectures = architectures if isinstance(architectures, list) else []  # hostile configs: any JSON
+    return str(config.get("model_type") or "") in ("gemma3", "gemma3_text") or any(
+        str(a).startswith("Gemma3") for a in architectures
+    )
+
+
 def is_pangu_config(config: Mapping[str, Any] | None) -> bool:
     """True when a config.json dict describes Pangu Pro MoE or openPangu-Embedded."""
     if not config:

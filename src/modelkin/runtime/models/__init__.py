@@ -21,6 +21,12 @@ ARCHITECTURES: dict[str, str] = {
     "mistral": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "qwen2": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "qwen3": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
+    "gemma3_text": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",  # the language model only; vision is not run
+    "gemma3": "gemma3",
     "PanguEmbeddedForCausalLM": "pangu_embedded",
     "PanguEmbedded": "pangu_embedded",
     # MoE (runtime/moe)

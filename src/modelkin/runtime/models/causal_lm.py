@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from modelkin.checkpoint.lazy import StateDict
+from modelkin.errors import ConfigError
 from modelkin.runtime.cpu_kernels import Linear
 from modelkin.runtime.kv_cache import KVCache
 from modelkin.runtime.layers import DecoderLayer, DecoderStack
@@ -58,6 +59,17 @@ class CausalLM(nn.Module):
 def drop_rotary_buffers(state: StateDict) -> StateDict:
     """Remove stored ``rotary_emb.inv_freq`` buffers: the model recomputes them from the config."""
     return {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def check_qk_norms(state: StateDict, family: str) -> None:
+    """Raise a one-line ConfigError when a layer has q_proj but no q_norm/k_norm weight."""
+    for name in state:
+        if name.endswith("self_attn.q_proj.weight"):
+            for norm in ("q_norm", "k_norm"):
+                needed = name.replace("q_proj.weight", f"{norm}.weight")
+                if needed not in state:
+                    raise ConfigError(f"{family} checkpoint lacks the per-head {norm} tensor {needed}",
+                                      hint=f"{family} needs self_attn.q_norm and k_norm in every layer")
 
 
 def same_names(tensors: Tensors, args: Any) -> Tensors:
