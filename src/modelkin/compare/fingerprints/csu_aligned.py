@@ -74,16 +74,9 @@ def vocabulary(weights: ModelWeights) -> tuple[list[str], set[int]] | None:
     return out, special
 
 
-def _norm_gain(w: ModelWeights, layer: int) -> torch.Tensor | None:
-    for role in ("pre_mlp_norm", "mlp_norm"):
-        if w.has(layer, role):
-            return w.get(layer, role).flatten()
-    return None
-
-
 def _unit_rows(w: ModelWeights, layer: int, align: ResidualAlignment | None) -> torch.Tensor:
     """[units, 2·d_A]: normalised gate and up rows (norm gain folded; B's mapped into A's basis) / √2."""
-    gain = _norm_gain(w, layer)
+    gain = w.norm_gain(layer, w.mlp_input_norm(layer))
     parts = []
     for role in _ROLES:
         rows = w.get(layer, role)

@@ -83,9 +83,8 @@ def _mlp_term(w: ModelWeights, layer: int, x: torch.Tensor) -> torch.Tensor:
 def layer_terms(w: ModelWeights, layer: int, x: torch.Tensor) -> list[torch.Tensor]:
     """[QK, VO, MLP] N×N terms of one layer, rows standardised (float32 on the device)."""
     geo = w.geometry()
-    xa = x * _norm_gain(w, layer, "attn_norm")
-    # sandwich-norm models (Gemma) norm the MLP input with pre_mlp_norm; mlp_norm norms attention's output
-    xm = x * _norm_gain(w, layer, "pre_mlp_norm" if w.has(layer, "pre_mlp_norm") else "mlp_norm")
+    xa = x * _gain(w, layer, "attn_norm")
+    xm = x * _gain(w, layer, w.mlp_input_norm(layer))
     q, k, v, o = (w.get(layer, r) for r in ATTENTION_ROLES)
     k, v = repeat_kv(k, geo.num_heads, geo.num_kv_heads), repeat_kv(v, geo.num_heads, geo.num_kv_heads)
     qk = (xa @ q.T) @ (xa @ k.T).T
@@ -93,12 +92,9 @@ def layer_terms(w: ModelWeights, layer: int, x: torch.Tensor) -> list[torch.Tens
     return [standardise_rows(t) for t in (qk, vo, _mlp_term(w, layer, xm))]
 
 
-def _norm_gain(w: ModelWeights, layer: int, role: str) -> torch.Tensor | float:
-    """The gain an RMSNorm applies: its weight, or 1 + weight for Gemma (stored offset from 1)."""
-    if not w.has(layer, role):
-        return 1.0
-    gain = w.get(layer, role)
-    return 1.0 + gain if str(w.config.get("model_type", "")).startswith("gemma") else gain
+def _gain(w: ModelWeights, layer: int, role: str) -> torch.Tensor | float:
+    gain = w.norm_gain(layer, role)
+    return 1.0 if gain is None else gain
 
 
 def standardise_rows(t: torch.Tensor) -> torch.Tensor:

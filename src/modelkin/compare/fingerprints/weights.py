@@ -105,6 +105,18 @@ class ModelWeights:
             sizes = [fused.shape[0] // 3] * 3  # LeaFBench's rule for fused Wqkv without head counts
         return torch.split(fused, sizes, dim=0)["qkv".index(role)]
 
+    def norm_gain(self, layer: int, role: str) -> torch.Tensor | None:
+        """The gain an RMSNorm applies (its weight, or 1 + weight for Gemma's offset-from-1 storage), None if absent."""
+        if not self.has(layer, role):
+            return None
+        gain = self.get(layer, role).flatten()
+        return 1.0 + gain if str(self.config.get("model_type", "")).startswith("gemma") else gain
+
+    def mlp_input_norm(self, layer: int) -> str:
+        """The role of the norm feeding the MLP: sandwich-norm models (Gemma) have pre_mlp_norm, whose
+        mlp_norm norms the attention output instead."""
+        return "pre_mlp_norm" if self.has(layer, "pre_mlp_norm") else "mlp_norm"
+
     def experts(self, layer: int) -> list[int]:
         return sorted({k[2] for k in self.index if k[0] == layer and k[1] == "expert_gate"})
 
