@@ -105,7 +105,7 @@ def _summary_row(name: str, about: str, expected: str, report: Any, seconds: flo
     from modelkin.compare.behaviour.result import BehaviourResult
 
     b = report.behaviour or BehaviourResult()
-    tested = [e for e in report.evidence if e.get("p_value") is not None]
+    tested = [e for e in report.evidence if e.get("p_value") is not None and e.get("decides")]
     return {"name": name, "about": about, "href": f"smollm2-vs-{name}.html", "verdict": report.verdict,
             "expected": expected, "right": report.verdict == expected,
             "js_divergence": b.js_divergence, "top1_agreement": b.top1_agreement,
