@@ -112,8 +112,8 @@ def _reader_class() -> type:
     class PlainViewReader(GGUFReader):
         """GGUFReader that maps only the header (a growing prefix of the file, read-only and shared)
         and leaves tensor data in the file as LazyData. Header parsing uses a plain ndarray view of
-        the map: ~2x faster (np.memmap slicing pays a Python-level hook per field, ~10^6 times for a
-        49k-token vocabulary)."""
+        the map, because np.memmap slicing pays a Python-level hook per field (about 10^6 fields for
+        a 49k-token vocabulary)."""
 
         def __init__(self, path: pathlib.Path):
             self._path = pathlib.Path(path)

@@ -61,7 +61,7 @@ def inspect_threads() -> int:
     but one (that core is the reader thread's).
 
     Each worker runs single-threaded torch on its own part of a tensor: OpenMP teams on small
-    chunks are 10-40x slower than that when the cores are shared with other processes.
+    chunks stall when the cores are shared with other processes.
     """
     env = os.environ.get("MODELKIN_INSPECT_THREADS")
     if env and env.strip().isdigit() and int(env) > 0:
@@ -299,8 +299,8 @@ class ParallelAccumulator:
 
 
 def _count_nonzero(c: torch.Tensor) -> torch.Tensor:
-    """Elements != 0 (-0.0 counts as zero). On CPU via numpy on the bit pattern: torch's
-    count_nonzero is ~10x slower there for 16-bit floats."""
+    """Elements != 0 (-0.0 counts as zero). On CPU via numpy on the bit pattern, which is much
+    cheaper there than torch's count_nonzero for 16-bit floats."""
     if c.device.type != "cpu" or not c.is_contiguous():
         return torch.count_nonzero(c)
     import numpy as np
