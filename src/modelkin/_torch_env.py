@@ -1,8 +1,7 @@
 """Make `import torch` survive a torch-npu install without a working CANN toolkit.
 
 Since torch-npu 2.5.1 the wheel registers a `torch.backends` entry point, and torch imports it inside
-`import torch`; without CANN's shared libraries that raises and takes torch down with it (see
-platform-notes §1.7). A failed torch import cannot be retried in the same process, so before torch
+`import torch`; without CANN's shared libraries that raises and takes torch down with it. A failed torch import cannot be retried in the same process, so before torch
 is first imported we check, without importing anything, whether torch_npu could load; if not we set
 TORCH_DEVICE_BACKEND_AUTOLOAD=0 and remember why, so `doctor` and the npu backend can say so.
 """

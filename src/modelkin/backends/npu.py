@@ -34,7 +34,7 @@ class NPUBackend(Backend):
         _torch_npu()
 
     def default_dtype(self) -> torch.dtype:
-        # 910A (first generation) has no bf16: fall back to fp16 there (platform-notes §1.4).
+        # 910A (first generation) has no bf16: fall back to fp16 there (Ascend 910A lacks bf16 units).
         return torch.bfloat16 if torch.npu.is_bf16_supported() else torch.float16
 
     def supports_dtype(self, dtype: torch.dtype) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 if __name__ == "inspect":
     # Python was started with src/modelkin/ itself on sys.path (e.g. `python -c` run from inside the
     # package), so `import inspect` found this directory. Become the standard library's module instead
-    # of shadowing it; modelkin.inspect is unaffected (style.md, "The inspect name hazard").
+    # of shadowing it; modelkin.inspect is unaffected (see tests/test_no_stdlib_shadow.py).
     import importlib.util as _util
     import os as _os
     import sys as _sys

@@ -1,7 +1,6 @@
 """openPangu-Embedded (1B / 7B) decoder: ``PanguEmbeddedForCausalLM``, model_type ``PanguEmbedded``.
 
-Reference: the checkpoint's own modeling_openpangu_dense.py (a LlamaForCausalLM subclass); facts in
-docs/pangu-pro-moe.md §8.
+Reference: the checkpoint's own modeling_openpangu_dense.py (a LlamaForCausalLM subclass).
 Differs from Llama by: config key ``bias`` (not ``attention_bias``) puts biases on q, k, v *and*
 o_proj; rope_theta 1.6e7 (7B) or 4e6 (1B); checkpoints store ``rotary_emb.inv_freq`` buffers.
 """

@@ -1,7 +1,7 @@
 """Pangu Pro MoE 72B-A16B: ``PanguProMoEForCausalLM``, model_type ``PanguProMoE`` (MoGE).
 
-Reference: no transformers class; facts from implementations that load the release, in
-docs/pangu-pro-moe.md (config §1, tensor names §2, routing §3, attention §4).
+Reference: no transformers class; facts from the implementations that load the release (its own
+modeling code, vLLM-Ascend), checked against tests/test_moe_models.py's independent float64 reference.
 Differs from Llama by: q/k/v *and* o_proj biases; every layer is a Mixture of Grouped Experts — one
 global softmax over E experts, top-1 inside each of G = num_experts_per_tok contiguous groups,
 weight p·router_scale[e], no renormalisation — plus an ungated shared expert of width

@@ -120,8 +120,8 @@ def run_spans(
 
 
 def _mm(x_MI: torch.Tensor, w_OI: torch.Tensor, out_MO: torch.Tensor, parts: int) -> None:
-    """out = x·wᵀ; a single row with several intra-op threads and a weight as large as layers.Linear
-    splits, as layers.split_gemv (MKL's GEMV stays on one core; numbers in bench/README.md)."""
+    """out = x·wᵀ; a single row with several intra-op threads and a weight as large as cpu_kernels.Linear
+    splits, as cpu_kernels.split_gemv (MKL's GEMV stays on one core; numbers in bench/README.md)."""
     if parts > 1 and x_MI.shape[0] == 1 and w_OI.numel() >= Linear.SPLIT_MIN_NUMEL:
         out_MO[0] = split_gemv(x_MI[0], w_OI, None, parts)
     else:
