@@ -189,6 +189,9 @@ def _behaviour_summary(b: BehaviourResult) -> str:
     mmd = b.mmd or {}
     if mmd.get("p_value") is not None:
         parts.append(f"MMD p={_fmt(mmd['p_value'])}")
-    if not b.same_tokenizer:
+    if not b.same_tokenizer and b.token_vocabulary:
+        parts.append(f"token-level metrics over {b.token_vocabulary['shared']} byte-identical shared tokens "
+                     "(the vocabularies differ)")
+    elif not b.same_tokenizer:
         parts.append(f"token-level metrics skipped: {b.tokenizer_note}")
     return "behaviour: " + (", ".join(parts) if parts else "no metric available")

@@ -116,3 +116,48 @@ def std_matched(config: dict[str, Any], tensors: Tensors, seed: int = 0) -> tupl
         t = tensors[name]
         out[name] = t if t.ndim < 2 else torch.randn(t.shape, generator=gen) * t.std() + t.mean()
     return dict(config), out
+
+
+def extend_vocabulary(source_dir: str | Any, out_dir: str | Any, words: list[str]) -> Any:
+    """Copy an HF checkpoint directory with ``words`` added to its tokenizer.json as new (non-special) tokens.
+
+    Each new embedding row (and lm_head row when untied) is the mean of the rows of the tokens the word
+    was split into before, the usual initialisation when a vocabulary is extended; the function is
+    otherwise unchanged until the model is trained further (``synth.train.finetune``).
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from tokenizers import Tokenizer
+
+    from modelkin.synth.variants import read_dense, write_hf_checkpoint
+    from modelkin.utils import atomic_path
+
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    config, tensors = read_dense(source_dir)
+    data = json.loads((source_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    old = Tokenizer.from_file(str(source_dir / "tokenizer.json"))
+    embed = tensors["model.embed_tokens.weight"]
+    first = int(config["vocab_size"])
+    rows = []
+    for n, word in enumerate(words):
+        pieces = old.encode(word, add_special_tokens=False).ids
+        rows.append(embed[pieces].mean(0))
+        data.setdefault("added_tokens", []).append(
+            {"id": first + n, "content": word, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": False})
+    new = torch.stack(rows)
+    tensors["model.embed_tokens.weight"] = torch.cat([embed, new])
+    if "lm_head.weight" in tensors and not config.get("tie_word_embeddings"):
+        head = tensors["lm_head.weight"]
+        tensors["lm_head.weight"] = torch.cat([head, new])
+    config = {**config, "vocab_size": first + len(words)}
+    with atomic_path(out_dir) as tmp:
+        write_hf_checkpoint(tmp, config, tensors)
+        (tmp / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        for name in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+            if (source_dir / name).is_file():
+                shutil.copy(source_dir / name, tmp / name)
+    return out_dir

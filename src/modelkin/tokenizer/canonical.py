@@ -51,12 +51,12 @@ def detect_style(pieces: Sequence[str]) -> TokenStyle:
     return TokenStyle.BYTE_LEVEL if n_g >= n_spm else TokenStyle.SENTENCEPIECE
 
 
-def _byte_level(piece: str) -> bytes | None:
+def _byte_level(piece: str) -> bytes:
     table = _unicode_to_byte()
     try:
         return bytes(table[c] for c in piece)
-    except KeyError:  # not a byte-level string (an added token written as text)
-        return None
+    except KeyError:  # not a byte-level string: an added token, which vocabularies store as plain text
+        return piece.encode("utf-8")
 
 
 def _sentencepiece(piece: str) -> bytes:

@@ -97,8 +97,10 @@ def compare_outputs(a: ModelOutputs, b: ModelOutputs, prompts: Sequence[Prompt],
     same, why = same_tokenizer(a, b)
     if not same and settings.explicit_metrics:
         asked = [m for m in SAME_TOKENIZER_METRICS if settings.wants(m)]
-        if asked:
-            raise InputError(f"metric {asked[0]!r} needs identical tokenizers, but {why}",
+        shared, unusable = shared_vocabulary(a, b)
+        if asked and shared is None:
+            raise InputError(f"metric {asked[0]!r} needs identical tokenizers or at least {MIN_SHARED_TOKENS} "
+                             f"byte-identical shared tokens, but {why} ({unusable})",
                              hint="drop it from --metrics; bpb, greedy (as text) and mmd work across tokenizers")
     out = BehaviourResult(same_tokenizer=same, tokenizer_note=why, n_prompts=len(prompts))
     per_prompt = [{"id": p.id, "category": p.category, "prompt": p.prompt} for p in prompts]
@@ -120,7 +122,7 @@ def _logit_metrics(out: BehaviourResult, rows: list[dict[str, Any]], a: ModelOut
         out.skipped["logits"] = "not requested"
         return
     if not same:
-        out.skipped["logits"] = why
+        _shared_vocab_logit_metrics(out, rows, a, b, why, settings)
         return
     import torch
 
@@ -149,6 +151,98 @@ def _logit_metrics(out: BehaviourResult, rows: list[dict[str, Any]], a: ModelOut
                kl_ab=float(torch.cat(kl_ab).mean()), kl_ba=float(torch.cat(kl_ba).mean()),
                top1_agreement=float(torch.cat(top1_all).mean()), topk_overlap=float(torch.cat(overlap_all).mean()),
                n_positions=int(js.numel()))
+
+
+MIN_SHARED_TOKENS = 256
+
+
+def _shared_vocab_logit_metrics(out: BehaviourResult, rows: list[dict[str, Any]], a: ModelOutputs,
+                                b: ModelOutputs, why: str | None, settings: BehaviourSettings) -> None:
+    """Token metrics when the vocabularies differ: over the byte-identical shared tokens, renormalised, at
+    positions where both tokenisations of a prompt end on the same byte (so both predict what follows the
+    same text)."""
+    import torch
+
+    from modelkin.tokenizer.canonical import canonical_bytes
+
+    shared, unusable = shared_vocabulary(a, b)
+    if shared is None:
+        out.skipped["logits"] = f"{why}; {unusable}"
+        return
+    special_a, special_b = a.special_ids or set(), b.special_ids or set()
+    bytes_a = canonical_bytes(a.vocab_pieces, special_ids=special_a, style=shared.style_a)
+    bytes_b = canonical_bytes(b.vocab_pieces, special_ids=special_b, style=shared.style_b)
+    ids_a, ids_b = torch.as_tensor(shared.ids_a), torch.as_tensor(shared.ids_b)
+    k = min(settings.top_k, len(shared))
+    js_all, kl_ab, kl_ba, top1_all, overlap_all, unaligned = [], [], [], [], [], 0
+    for i, row in enumerate(rows):
+        text = row["prompt"].encode("utf-8")
+        pos_a = _byte_boundaries(a.prompt_ids[i], bytes_a, text)
+        pos_b = _byte_boundaries(b.prompt_ids[i], bytes_b, text)
+        if pos_a is None or pos_b is None:
+            unaligned += 1
+            continue
+        common = sorted(set(pos_a) & set(pos_b))
+        if not common:
+            unaligned += 1
+            continue
+        rows_a = torch.as_tensor([pos_a[c] for c in common])
+        rows_b = torch.as_tensor([pos_b[c] for c in common])
+        lp_a = a.logprobs[i][rows_a][:, ids_a].float().log_softmax(-1)
+        lp_b = b.logprobs[i][rows_b][:, ids_b].float().log_softmax(-1)
+        d = position_divergences(lp_a, lp_b)
+        top1, overlap = topk_agreement(lp_a.topk(k, dim=-1).indices, lp_b.topk(k, dim=-1).indices)
+        row.update(js=float(d["js"].mean()), top1_agreement=float(top1.double().mean()), n_positions=len(top1))
+        js_all.append(d["js"])
+        kl_ab.append(d["kl_ab"])
+        kl_ba.append(d["kl_ba"])
+        top1_all.append(top1.double())
+        overlap_all.append(overlap)
+    if unaligned:
+        out.skipped["logits_prompts"] = f"{unaligned} prompt(s) whose tokens do not spell the prompt's bytes"
+    if not js_all:
+        out.skipped["logits"] = f"{why}; no prompt position where both tokenisations end on the same byte"
+        return
+    js = torch.cat(js_all)
+    out.update(js_divergence=float(js.mean()), js_divergence_max=float(js.max()),
+               kl_ab=float(torch.cat(kl_ab).mean()), kl_ba=float(torch.cat(kl_ba).mean()),
+               top1_agreement=float(torch.cat(top1_all).mean()), topk_overlap=float(torch.cat(overlap_all).mean()),
+               n_positions=int(js.numel()),
+               token_vocabulary={"kind": "shared byte-identical tokens, renormalised", "shared": len(shared),
+                                 "vocab_a": shared.vocab_a, "vocab_b": shared.vocab_b,
+                                 "raw_string_overlap": shared.raw_string_overlap,
+                                 "aligned_positions": int(js.numel())})
+
+
+def shared_vocabulary(a: ModelOutputs, b: ModelOutputs) -> tuple[Any, str | None]:
+    """(byte-identical shared tokens of A and B within their output layers, None) or (None, why not)."""
+    from modelkin.tokenizer.canonical import shared_tokens
+
+    if a.vocab_pieces is None or b.vocab_pieces is None:
+        return None, "a model's vocabulary is unknown"
+    shared = shared_tokens(a.vocab_pieces, b.vocab_pieces, special_a=a.special_ids or set(),
+                           special_b=b.special_ids or set(), rows_a=a.logits_size, rows_b=b.logits_size)
+    if len(shared) < MIN_SHARED_TOKENS:
+        return None, f"only {len(shared)} byte-identical shared tokens (need {MIN_SHARED_TOKENS})"
+    return shared, None
+
+
+def _byte_boundaries(ids: Sequence[int], token_bytes: Sequence[bytes | None], text: bytes) -> dict[int, int] | None:
+    """Byte offset in ``text`` after each token -> the last position ending there; None when the tokens do
+    not spell ``text`` (a SentencePiece dummy-prefix space is allowed)."""
+    spelled = b"".join((token_bytes[i] or b"") if 0 <= i < len(token_bytes) else b"" for i in ids)
+    if spelled == text:
+        skip = 0
+    elif spelled == b" " + text:
+        skip = 1
+    else:
+        return None
+    ends, offset = {}, -skip
+    for t, i in enumerate(ids):
+        offset += len((token_bytes[i] or b"") if 0 <= i < len(token_bytes) else b"")
+        if offset >= 0:
+            ends[offset] = t
+    return ends
 
 
 def _common_vocab(lp_a: Any, lp_b: Any) -> tuple[Any, Any]:

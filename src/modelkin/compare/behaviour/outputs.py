@@ -20,6 +20,7 @@ from typing import Any
 from modelkin.compare.behaviour.prompts import Prompt
 from modelkin.compare.settings import BehaviourSettings
 from modelkin.errors import InputError
+from modelkin.tokenizer.canonical import vocabulary
 
 Tick = Callable[[str], None]
 
@@ -43,6 +44,8 @@ class ModelOutputs:
     sample_text: list[list[str]]
     routing: dict[str, Any] | None
     timings: dict[str, float]
+    vocab_pieces: list[str] | None = None  # token strings by id, for matching vocabularies byte by byte
+    special_ids: set[int] | None = None
 
 
 def model_identity(path: str | os.PathLike[str]) -> str:
@@ -132,11 +135,13 @@ def run_outputs(model: Any, prompts: Sequence[Prompt], settings: BehaviourSettin
         greedy_text = [r.text for r in results]
         timings["greedy_s"] = time.perf_counter() - t
     sample_ids, sample_text = _samples(model, ids, settings, seed, tick, timings)
+    pieces, special = vocabulary(tok)
     return ModelOutputs(
         path=str(model.path), model_type=str(getattr(model.config, "model_type", "?")),
         logits_size=int(logprobs[0].shape[-1]), vocab_hash=vocab_hash(tok), is_moe=tele is not None, prompt_ids=ids,
         logprobs=logprobs, topk_ids=topk, bpb=bpb, greedy_ids=greedy_ids, greedy_text=greedy_text,
         sample_ids=sample_ids, sample_text=sample_text, routing=routing, timings=timings,
+        vocab_pieces=pieces, special_ids=special,
     )
 
 

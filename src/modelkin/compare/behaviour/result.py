@@ -7,15 +7,17 @@ import dataclasses
 from typing import Any
 
 # Written to JSON only once measured (the other fields are always present, None when not measured).
-_ONLY_WHEN_MEASURED = ("n_positions", "bpb_texts")
+_ONLY_WHEN_MEASURED = ("n_positions", "bpb_texts", "token_vocabulary")
 
 
 @dataclasses.dataclass(kw_only=True)
 class BehaviourResult:
     """A vs B on the same prompts; every metric that could not run is None with a reason in ``skipped``.
 
-    Units are bits. Same tokenizer only: js_divergence … topk_overlap (per position) and the greedy token
-    metrics. Any tokenizers: greedy text similarity, bits per byte and their correlation across texts, the
+    Units are bits. js_divergence … topk_overlap (per position): over the whole vocabulary when the
+    tokenizers are identical, else over the byte-identical shared tokens (renormalised) at positions where
+    both tokenisations end on the same byte (``token_vocabulary`` says so). Same tokenizer only: the greedy
+    token metrics. Any tokenizers: greedy text similarity, bits per byte and their correlation across texts, the
     two-sample MMD test. MoE pairs: routing. ``result["key"]`` reads a field like the JSON dict does.
     """
 
@@ -32,6 +34,7 @@ class BehaviourResult:
     topk_overlap: float | None = None
     top_k: int | None = None
     n_positions: int | None = None
+    token_vocabulary: dict[str, Any] | None = None  # set when token metrics ran over a shared sub-vocabulary
     greedy_text_similarity: float | None = None
     greedy_exact_match: float | None = None
     greedy_token_agreement: float | None = None

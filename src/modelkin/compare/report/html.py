@@ -76,7 +76,15 @@ def _fingerprint_section(report: Any, labels: tuple[str, str]) -> str:
 def _behaviour_section(b: BehaviourResult | None, labels: tuple[str, str]) -> str:
     if not b:
         return "<h2>Behaviour</h2><p class='muted'>Behaviour was not compared.</p>"
-    note = "" if b.same_tokenizer else f"<p class='muted'>Token-level metrics skipped: {esc(b.tokenizer_note)}</p>"
+    if b.same_tokenizer:
+        note = ""
+    elif b.token_vocabulary:
+        tv = b.token_vocabulary
+        note = (f"<p class='muted'>The vocabularies differ: token-level metrics are over the {tv['shared']} "
+                f"byte-identical shared tokens (renormalised) at {tv['aligned_positions']} positions where both "
+                "tokenisations end on the same byte.</p>")
+    else:
+        note = f"<p class='muted'>Token-level metrics skipped: {esc(b.tokenizer_note)}</p>"
     rows = [[_td(label), _td(value, True), f'<td class="muted">{esc(n)}</td>'] for label, value, n in behaviour_rows(b)]
     per = b.per_prompt or []
     figs = (_img(bpb_scatter_png(per, labels), "bits per byte per text")
