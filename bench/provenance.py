@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from modelkin.compare.fingerprints import csu_aligned, method_module
-from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
+from modelkin.compare.fingerprints.result import FingerprintReport, MethodResult, NotApplicable, call_for
 from modelkin.compare.fingerprints.weights import open_weights
 from modelkin.synth import derive, train
 from modelkin.synth.variants import permute_dense, read_dense, write_hf_checkpoint
 from modelkin.utils import atomic_write_text
 
 METHODS = ("csu_aligned", "permtest", "std_curve", "pcs", "invariants", "spectral")
-EXACT = ("csu_aligned", "permtest")  # nulls that hold for independently trained real models
+EXACT = ("csu_aligned", "permtest", "pcs")  # nulls that hold for independently trained real models
 CALLS = ("related", "inconclusive", "unrelated", "skipped")
 # invariants' token-relabelling null costs ~40 s per pair at 1024 tokens on a loaded core; 512 keeps it usable
 OPTIONS: dict[str, dict[str, Any]] = {"invariants": {"n_tokens": 512}}
@@ -143,6 +143,14 @@ def run_methods(a: Path, b: Path, methods: tuple[str, ...]) -> dict[str, MethodR
     return out
 
 
+def _call(result: MethodResult) -> str:
+    """The method's call; for a descriptive method, the call its p-value would make if it were allowed to
+    decide (so the table shows what its synthetic null would do to real pairs)."""
+    if result.skipped is None and not result.deciding:
+        return call_for(result.p_value)
+    return result.call
+
+
 def auroc(pos: list[float], neg: list[float]) -> float | None:
     """P(score of a related pair > score of an unrelated pair), ties counted half."""
     if not pos or not neg:
@@ -178,8 +186,9 @@ def report(rows: list[dict[str, Any]], methods: tuple[str, ...], print_: Callabl
             cells.append(f"{_fmt_p(res['p']):>11} {mark}")
         print_(f"{r['pair']:<{width}} {r['label']:<9} " + " ".join(cells) + f"  {r['seconds']:.1f}")
     summary: dict[str, Any] = {}
-    print_("\nper method: confusion (calls by label), AUROC of the score, worst-case margin "
-           "(min related - max unrelated score), KS p of the seed-twin p-values against uniform")
+    print_("\nper method: confusion (calls by label; for descriptive methods, the calls their p would make if "
+           "they decided), AUROC of the score, worst-case margin (min related - max unrelated score), KS p of the "
+           "seed-twin p-values against uniform")
     print_(f"{'method':<12} {'label':<9} " + " ".join(f"{c:>12}" for c in CALLS) +
            "   AUROC   margin  KS p(twins)  s/pair")
     for m in methods:
@@ -202,7 +211,8 @@ def report(rows: list[dict[str, Any]], methods: tuple[str, ...], print_: Callabl
                 mg = "-" if row["margin"] is None else f"{row['margin']:+.3f}"
                 ks = "-" if row["ks_p"] is None else f"{row['ks_p']:.3f} (n={row['n_twins']})"
                 extra = f"  {au:>6} {mg:>8}  {ks:>11}  {row['seconds_per_pair']:.2f}"
-            print_(f"{m if label == 'related' else '':<12} {label:<9} " +
+            name = m if label == "related" else ("(descriptive)" if m not in EXACT else "")
+            print_(f"{name:<13}{label:<9} " +
                    " ".join(f"{row[label][c]:>12}" for c in CALLS) + extra)
     for m in [x for x in EXACT if x in methods]:
         twin_p = sorted(_values(rows, m, "p", stratum="seed-only"))
@@ -259,11 +269,23 @@ def main(argv: list[str] | None = None) -> int:
     for pair, label, stratum, a, b in pair_list:
         start = time.perf_counter()
         results = run_methods(a, b, methods)
+        # the weights verdict modelkin prints: Holm over the methods whose null is valid for real models
+        verdict = FingerprintReport(a=str(a), b=str(b), device="cpu", seed=0, methods=results).finish().verdict
         rows.append({"pair": pair, "label": label, "stratum": stratum, "seconds": time.perf_counter() - start,
-                     "results": {m: {"score": r.score, "p": r.p_value, "call": r.call, "seconds": r.seconds,
-                                     "skipped": r.skipped} for m, r in results.items()}})
+                     "verdict": verdict,
+                     "results": {m: {"score": r.score, "p": r.p_value, "call": _call(r), "seconds": r.seconds,
+                                     "skipped": r.skipped, "null_kind": r.null_kind} for m, r in results.items()}})
         log(f"  {pair}: " + ", ".join(f"{m} {_fmt_p(r.p_value)}" for m, r in results.items()))
     summary = report(rows, methods, log)
+    log("\nweights verdict (Holm over the exact tests that ran; descriptive methods never decide):")
+    for label in ("related", "unrelated"):
+        verdicts = [r["verdict"] for r in rows if r["label"] == label]
+        log(f"  {label:<9} " + "  ".join(f"{c} {verdicts.count(c)}" for c in ("related", "inconclusive", "unrelated")))
+    wrong = [f"{r['pair']} ({r['verdict']})" for r in rows if r["verdict"] != r["label"]]
+    log("  not as labelled: " + (", ".join(wrong) or "none") +
+        " (compare adds behaviour: functional identity (R2) calls a permuted copy related)")
+    summary["verdict"] = {label: {c: [r["verdict"] for r in rows if r["label"] == label].count(c)
+                                  for c in ("related", "inconclusive", "unrelated")} for label in ("related", "unrelated")}
     per_pair = np.mean([r["seconds"] for r in rows])
     log(f"\ntotal {time.perf_counter() - t0:.0f}s (models {build_s:.0f}s); all methods {per_pair:.1f}s per pair; "
         f"load average {os.getloadavg()[0]:.1f}")
