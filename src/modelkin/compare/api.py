@@ -76,8 +76,7 @@ def fingerprint(a: str | Path | TensorSource, b: str | Path | TensorSource, meth
                 reason = f"not computable: {str(err).splitlines()[0]}"
                 result = MethodResult.skip(name, reason, module.NULL)
             backend.synchronize()
-            result.null_kind = module.NULL_KIND
-            result.decide()
+            result.null_kind = module.NULL_KIND  # the modules set it on their results; skips get it here
             result.seconds = time.perf_counter() - start
             results[name] = result
         labels = (str(a if not isinstance(a, TensorSource) else a.path),

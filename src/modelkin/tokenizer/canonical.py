@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from modelkin.tokenizer.gguf_vocab import bytes_to_unicode
+
 __all__ = ["SharedTokens", "TokenStyle", "canonical_bytes", "detect_style", "shared_tokens"]
 
 _SPM_SPACE = "\u2581"  # ▁
@@ -28,14 +30,7 @@ class TokenStyle(str, Enum):
 
 @functools.cache
 def _unicode_to_byte() -> dict[str, int]:
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return {c: b for b, c in mapping.items()}
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def detect_style(pieces: Sequence[str]) -> TokenStyle:

@@ -124,33 +124,50 @@ def _logit_metrics(out: BehaviourResult, rows: list[dict[str, Any]], a: ModelOut
     if not same:
         _shared_vocab_logit_metrics(out, rows, a, b, why, settings)
         return
-    import torch
-
-    js_all, kl_ab, kl_ba, top1_all, overlap_all = [], [], [], [], []
+    acc = _PositionMetrics()
     mismatched = 0
     for i, row in enumerate(rows):
         if a.prompt_ids[i] != b.prompt_ids[i]:
             mismatched += 1
             continue
         lp_a, lp_b = _common_vocab(a.logprobs[i], b.logprobs[i])
-        d = position_divergences(lp_a, lp_b)
-        top1, overlap = topk_agreement(a.topk_ids[i], b.topk_ids[i])
-        row.update(js=float(d["js"].mean()), top1_agreement=float(top1.double().mean()), n_positions=len(top1))
-        js_all.append(d["js"])
-        kl_ab.append(d["kl_ab"])
-        kl_ba.append(d["kl_ba"])
-        top1_all.append(top1.double())
-        overlap_all.append(overlap)
+        acc.add(row, lp_a, lp_b, a.topk_ids[i], b.topk_ids[i])
     if mismatched:
         out.skipped["logits_prompts"] = f"{mismatched} prompt(s) tokenized differently by the two models"
-    if not js_all:
+    if not acc.js:
         out.skipped["logits"] = "no prompt is tokenized identically by both models"
         return
-    js = torch.cat(js_all)
-    out.update(js_divergence=float(js.mean()), js_divergence_max=float(js.max()),
-               kl_ab=float(torch.cat(kl_ab).mean()), kl_ba=float(torch.cat(kl_ba).mean()),
-               top1_agreement=float(torch.cat(top1_all).mean()), topk_overlap=float(torch.cat(overlap_all).mean()),
-               n_positions=int(js.numel()))
+    acc.write(out)
+
+
+class _PositionMetrics:
+    """Per-position JS/KL, top-1 agreement and top-k overlap gathered over prompts, then averaged."""
+
+    def __init__(self) -> None:
+        self.js: list[Any] = []
+        self.kl_ab: list[Any] = []
+        self.kl_ba: list[Any] = []
+        self.top1: list[Any] = []
+        self.overlap: list[Any] = []
+
+    def add(self, row: dict[str, Any], lp_a: Any, lp_b: Any, top_a: Any, top_b: Any) -> None:
+        d = position_divergences(lp_a, lp_b)
+        top1, overlap = topk_agreement(top_a, top_b)
+        row.update(js=float(d["js"].mean()), top1_agreement=float(top1.double().mean()), n_positions=len(top1))
+        self.js.append(d["js"])
+        self.kl_ab.append(d["kl_ab"])
+        self.kl_ba.append(d["kl_ba"])
+        self.top1.append(top1.double())
+        self.overlap.append(overlap)
+
+    def write(self, out: BehaviourResult, **extra: Any) -> None:
+        import torch
+
+        js = torch.cat(self.js)
+        out.update(js_divergence=float(js.mean()), js_divergence_max=float(js.max()),
+                   kl_ab=float(torch.cat(self.kl_ab).mean()), kl_ba=float(torch.cat(self.kl_ba).mean()),
+                   top1_agreement=float(torch.cat(self.top1).mean()),
+                   topk_overlap=float(torch.cat(self.overlap).mean()), n_positions=int(js.numel()), **extra)
 
 
 MIN_SHARED_TOKENS = 256
@@ -174,44 +191,28 @@ def _shared_vocab_logit_metrics(out: BehaviourResult, rows: list[dict[str, Any]]
     bytes_b = canonical_bytes(b.vocab_pieces, special_ids=special_b, style=shared.style_b)
     ids_a, ids_b = torch.as_tensor(shared.ids_a), torch.as_tensor(shared.ids_b)
     k = min(settings.top_k, len(shared))
-    js_all, kl_ab, kl_ba, top1_all, overlap_all, unaligned = [], [], [], [], [], 0
+    acc, unaligned = _PositionMetrics(), 0
     for i, row in enumerate(rows):
         text = row["prompt"].encode("utf-8")
         pos_a = _byte_boundaries(a.prompt_ids[i], bytes_a, text)
         pos_b = _byte_boundaries(b.prompt_ids[i], bytes_b, text)
-        if pos_a is None or pos_b is None:
-            unaligned += 1
-            continue
-        common = sorted(set(pos_a) & set(pos_b))
+        common = sorted(set(pos_a) & set(pos_b)) if pos_a is not None and pos_b is not None else []
         if not common:
             unaligned += 1
             continue
-        rows_a = torch.as_tensor([pos_a[c] for c in common])
-        rows_b = torch.as_tensor([pos_b[c] for c in common])
-        lp_a = a.logprobs[i][rows_a][:, ids_a].float().log_softmax(-1)
-        lp_b = b.logprobs[i][rows_b][:, ids_b].float().log_softmax(-1)
-        d = position_divergences(lp_a, lp_b)
-        top1, overlap = topk_agreement(lp_a.topk(k, dim=-1).indices, lp_b.topk(k, dim=-1).indices)
-        row.update(js=float(d["js"].mean()), top1_agreement=float(top1.double().mean()), n_positions=len(top1))
-        js_all.append(d["js"])
-        kl_ab.append(d["kl_ab"])
-        kl_ba.append(d["kl_ba"])
-        top1_all.append(top1.double())
-        overlap_all.append(overlap)
+        lp_a = a.logprobs[i][torch.as_tensor([pos_a[c] for c in common])][:, ids_a].float().log_softmax(-1)
+        lp_b = b.logprobs[i][torch.as_tensor([pos_b[c] for c in common])][:, ids_b].float().log_softmax(-1)
+        acc.add(row, lp_a, lp_b, lp_a.topk(k, dim=-1).indices, lp_b.topk(k, dim=-1).indices)
     if unaligned:
-        out.skipped["logits_prompts"] = f"{unaligned} prompt(s) whose tokens do not spell the prompt's bytes"
-    if not js_all:
+        out.skipped["logits_prompts"] = (f"{unaligned} prompt(s) with no position where both tokenisations "
+                                         "end on the same byte")
+    if not acc.js:
         out.skipped["logits"] = f"{why}; no prompt position where both tokenisations end on the same byte"
         return
-    js = torch.cat(js_all)
-    out.update(js_divergence=float(js.mean()), js_divergence_max=float(js.max()),
-               kl_ab=float(torch.cat(kl_ab).mean()), kl_ba=float(torch.cat(kl_ba).mean()),
-               top1_agreement=float(torch.cat(top1_all).mean()), topk_overlap=float(torch.cat(overlap_all).mean()),
-               n_positions=int(js.numel()),
-               token_vocabulary={"kind": "shared byte-identical tokens, renormalised", "shared": len(shared),
-                                 "vocab_a": shared.vocab_a, "vocab_b": shared.vocab_b,
-                                 "raw_string_overlap": shared.raw_string_overlap,
-                                 "aligned_positions": int(js.numel())})
+    n = sum(len(js) for js in acc.js)
+    acc.write(out, token_vocabulary={"kind": "shared byte-identical tokens, renormalised", "shared": len(shared),
+                                     "vocab_a": shared.vocab_a, "vocab_b": shared.vocab_b,
+                                     "raw_string_overlap": shared.raw_string_overlap, "aligned_positions": n})
 
 
 def shared_vocabulary(a: ModelOutputs, b: ModelOutputs) -> tuple[Any, str | None]:

@@ -76,14 +76,11 @@ class OutputCache:
             self._items.popitem(last=False)
 
 
-def vocab_hash(tokenizer: Any) -> str | None:
-    """sha256 over the tokenizer's id -> token strings; equal hashes mean identical vocabularies."""
-    if tokenizer is None:
-        return None
-    size = int(getattr(tokenizer, "vocab_size", 0) or len(tokenizer))
-    h = hashlib.sha256(str(size).encode())
-    for i in range(size):
-        h.update(b"\x00" + str(tokenizer.id_to_token(i)).encode("utf-8", "surrogatepass"))
+def vocab_hash(pieces: Sequence[str]) -> str:
+    """sha256 over a vocabulary's id -> token strings; equal hashes mean identical vocabularies."""
+    h = hashlib.sha256(str(len(pieces)).encode())
+    for piece in pieces:
+        h.update(b"\x00" + piece.encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 
@@ -138,7 +135,7 @@ def run_outputs(model: Any, prompts: Sequence[Prompt], settings: BehaviourSettin
     pieces, special = vocabulary(tok)
     return ModelOutputs(
         path=str(model.path), model_type=str(getattr(model.config, "model_type", "?")),
-        logits_size=int(logprobs[0].shape[-1]), vocab_hash=vocab_hash(tok), is_moe=tele is not None, prompt_ids=ids,
+        logits_size=int(logprobs[0].shape[-1]), vocab_hash=vocab_hash(pieces), is_moe=tele is not None, prompt_ids=ids,
         logprobs=logprobs, topk_ids=topk, bpb=bpb, greedy_ids=greedy_ids, greedy_text=greedy_text,
         sample_ids=sample_ids, sample_text=sample_text, routing=routing, timings=timings,
         vocab_pieces=pieces, special_ids=special,

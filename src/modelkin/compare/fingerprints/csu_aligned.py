@@ -13,9 +13,7 @@ model here (the matching is then that permutation, not the identity).
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +21,7 @@ import torch
 from modelkin.compare import stats as sig
 from modelkin.compare.fingerprints.align import ResidualAlignment, fit_alignment
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
-from modelkin.compare.fingerprints.weights import ModelWeights, pick_layers
+from modelkin.compare.fingerprints.weights import ModelWeights, pick_layers, vocabulary
 from modelkin.tokenizer.canonical import shared_tokens
 
 NAME = "csu_aligned"
@@ -36,42 +34,6 @@ BLIND = ("blind to a copy whose MLP hidden units were permuted (function-preserv
          "an unrelated one here")
 _ROLES = ("gate", "up")
 MIN_SHARED = 256
-
-
-def vocabulary(weights: ModelWeights) -> tuple[list[str], set[int]] | None:
-    """(token strings by id, special ids) from a GGUF vocabulary or tokenizer.json, None when absent."""
-    source = weights.source
-    if source.format == "gguf":
-        meta = source.metadata()
-        tokens = meta.get("tokenizer.ggml.tokens")
-        if not tokens:
-            return None
-        types = list(meta.get("tokenizer.ggml.token_type") or [])
-        special = {i for i, t in enumerate(types) if int(t) in (2, 3, 5)}  # unknown, control, unused
-        return [str(t) for t in tokens], special
-    folder = Path(str(source.path))
-    folder = folder if folder.is_dir() else folder.parent
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    raw = (data.get("model") or {}).get("vocab") or {}
-    vocab = ({str(p[0]): i for i, p in enumerate(raw)} if isinstance(raw, list)
-             else {str(k): int(v) for k, v in dict(raw).items()})
-    special = set()
-    for added in data.get("added_tokens") or []:
-        vocab[str(added.get("content"))] = int(added.get("id"))
-        if added.get("special"):
-            special.add(int(added.get("id")))
-    if not vocab:
-        return None
-    out = [""] * (max(vocab.values()) + 1)
-    for token, i in vocab.items():
-        out[i] = token
-    return out, special
 
 
 def _unit_rows(w: ModelWeights, layer: int, align: ResidualAlignment | None) -> torch.Tensor:

@@ -161,10 +161,23 @@ def pick_layers(layers: list[int], limit: int | None) -> list[int]:
 
 def vocab_strings(weights: ModelWeights) -> list[str] | None:
     """Token strings by id (GGUF vocabulary or tokenizer.json), or None when the checkpoint carries none."""
+    found = vocabulary(weights)
+    return None if found is None else found[0]
+
+
+def vocabulary(weights: ModelWeights) -> tuple[list[str], set[int]] | None:
+    """(token strings by id, special ids) from a GGUF vocabulary or tokenizer.json, None when absent.
+
+    Special ids: GGUF unknown/control/unused token types, or tokenizer.json added tokens marked special.
+    """
     source = weights.source
     if source.format == "gguf":
-        tokens = source.metadata().get("tokenizer.ggml.tokens")
-        return [str(t) for t in tokens] if tokens else None
+        meta = source.metadata()
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not tokens:
+            return None
+        types = list(meta.get("tokenizer.ggml.token_type") or [])
+        return [str(t) for t in tokens], {i for i, t in enumerate(types) if int(t) in (2, 3, 5)}
     folder = Path(str(source.path))
     folder = folder if folder.is_dir() else folder.parent
     path = folder / "tokenizer.json"
@@ -181,11 +194,14 @@ def vocab_strings(weights: ModelWeights) -> list[str] | None:
         vocab = {str(pair[0]): i for i, pair in enumerate(raw)}
     else:
         vocab = {str(k): int(v) for k, v in dict(raw).items()}
+    special = set()
     for added in data.get("added_tokens") or []:
         vocab[str(added.get("content"))] = int(added.get("id"))
+        if added.get("special"):
+            special.add(int(added.get("id")))
     if not vocab:
         return None
     out = [""] * (max(vocab.values()) + 1)
     for token, i in vocab.items():
         out[int(i)] = token
-    return out
+    return out, special
