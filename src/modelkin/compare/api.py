@@ -4,6 +4,9 @@ fingerprints + behaviour -> verdict -> ComparisonReport (which the JSON, termina
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
 import hashlib
 import os
 import time
@@ -14,7 +17,7 @@ from typing import Any
 import torch
 
 from modelkin.backends import get_backend
-from modelkin.checkpoint import TensorSource
+from modelkin.checkpoint import TensorSource, open_checkpoint
 from modelkin.compare.behaviour.metrics import compare_outputs
 from modelkin.compare.behaviour.outputs import ModelOutputs, OutputCache, collect_outputs, model_identity
 from modelkin.compare.behaviour.prompts import Prompt, PromptsArg, resolve_prompts
@@ -23,12 +26,14 @@ from modelkin.compare.fingerprints import method_module, resolve_methods
 from modelkin.compare.fingerprints.result import FingerprintReport, MethodResult, NotApplicable
 from modelkin.compare.fingerprints.weights import open_weights
 from modelkin.compare.report.document import ComparisonReport
+from modelkin.compare.report.index import ComparisonSet, ReportSet, candidate_names, new_counters, slug
 from modelkin.compare.report.terminal import progress
 from modelkin.compare.settings import BehaviourSettings
 from modelkin.compare.verdict import RULES, decide
 from modelkin.errors import InputError, ModelkinError
 
-__all__ = ["ComparisonReport", "FingerprintReport", "OutputCache", "compare", "fingerprint", "resolve_prompts"]
+__all__ = ["ComparisonReport", "ComparisonSet", "FingerprintReport", "OutputCache", "compare", "compare_many", "fingerprint",
+           "models_in", "resolve_prompts"]
 
 def fingerprint(a: str | Path | TensorSource, b: str | Path | TensorSource, methods: str | list[str] | None = None,
                 device: Any = "auto", *, seed: int = 0, allow_fallback: bool | None = None,
@@ -100,17 +105,18 @@ def _model_info(path: str | os.PathLike[str], outputs: ModelOutputs | None) -> d
 
 def _cached_outputs(path: Any, prompts: list[Prompt], settings: BehaviourSettings, *, seed: int,
                     device: str, dtype: str, allow_fallback: bool | None, cache: OutputCache | None,
-                    tick: Callable[[str], None]) -> ModelOutputs:
+                    tick: Callable[[str], None]) -> tuple[ModelOutputs, bool]:
+    """The model's outputs and whether they were computed here (False: served from ``cache``)."""
     digest = hashlib.sha256("\x00".join(p.prompt for p in prompts).encode()).hexdigest()
     key = (model_identity(path), settings.collect_key(), digest, seed, device, dtype)
     hit = cache.get(key) if cache is not None else None
     if hit is not None:
-        return hit
+        return hit, False
     out = collect_outputs(path, prompts, settings, device=device, dtype=dtype, allow_fallback=allow_fallback,
                           seed=seed, tick=lambda m: tick(f"{_name(path)}: {m}"))
     if cache is not None:
         cache.put(key, out)
-    return out
+    return out, True
 
 
 def _fingerprint(a: Any, b: Any, methods: Sequence[str] | None, device: str, allow_fallback: bool | None,
@@ -165,41 +171,226 @@ def compare(
         >>> report.verdict, report.behaviour["top1_agreement"]
     """
     settings = settings or BehaviourSettings()
+    _check_halves(fingerprints, behaviour)
+    chosen = resolve_prompts(prompts, settings.max_prompts) if behaviour else []
+    run = _PairRun(chosen=chosen, settings=settings, device=device, dtype=dtype, methods=methods,
+                   fingerprints=fingerprints, fingerprint_options=fingerprint_options, behaviour=behaviour,
+                   allow_fallback=allow_fallback, cache=cache)
+    with progress(show_progress) as tick:
+        return run.pair(a, b, tick=tick)
+
+
+def _check_halves(fingerprints: bool, behaviour: bool) -> None:
     if not fingerprints and not behaviour:
         raise InputError("nothing to compare: both fingerprints and behaviour are off",
                          hint="enable at least one of them")
-    chosen = resolve_prompts(prompts, settings.max_prompts) if behaviour else []
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    fp: FingerprintReport | None = None
-    beh: BehaviourResult | None = None
-    fp_error, out_a, out_b = None, None, None
-    with progress(show_progress) as tick:
-        if fingerprints:
+
+
+@dataclasses.dataclass(kw_only=True)
+class _PairRun:
+    """One comparison's settings; ``pair`` compares two models (paths, or open sources and outputs)."""
+
+    chosen: list[Prompt]
+    settings: BehaviourSettings
+    device: str
+    dtype: str
+    methods: Sequence[str] | None
+    fingerprints: bool
+    fingerprint_options: Mapping[str, Mapping[str, Any]] | None
+    behaviour: bool
+    allow_fallback: bool | None
+    cache: OutputCache | None
+
+    def outputs(self, path: Any, *, side: str, tick: Callable[[str], None]) -> tuple[ModelOutputs, bool]:
+        seed = self.settings.seed + (0 if side == "a" else 1)
+        return _cached_outputs(path, self.chosen, self.settings, seed=seed, device=self.device, dtype=self.dtype,
+                               allow_fallback=self.allow_fallback, cache=self.cache, tick=tick)
+
+    def pair(self, a: Any, b: Any, *, tick: Callable[[str], None], weights_a: Any = None, weights_b: Any = None,
+             out_a: ModelOutputs | None = None,
+             on_outputs: Callable[[str, bool], None] | None = None) -> ComparisonReport:
+        """Compare ``a`` with ``b``; ``weights_*`` (open sources) and ``out_a`` replace reading them again;
+        ``on_outputs(side, computed)`` hears whether each side's outputs were computed or cached."""
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        fp: FingerprintReport | None = None
+        beh: BehaviourResult | None = None
+        fp_error, out_b = None, None
+        if self.fingerprints:
             tick("weight fingerprints")
             t = time.perf_counter()
-            fp, fp_error = _fingerprint(a, b, methods, device, allow_fallback, settings.seed,
-                                        fingerprint_options, tick)
+            fp, fp_error = _fingerprint(weights_a if weights_a is not None else a,
+                                        weights_b if weights_b is not None else b, self.methods, self.device,
+                                        self.allow_fallback, self.settings.seed, self.fingerprint_options, tick)
             timings["fingerprint_s"] = time.perf_counter() - t
         else:
             fp_error = "not requested"
-        if behaviour:
+        if self.behaviour:
             t = time.perf_counter()
-            common = {"device": device, "dtype": dtype, "allow_fallback": allow_fallback, "cache": cache,
-                      "tick": tick}
-            out_a = _cached_outputs(a, chosen, settings, seed=settings.seed, **common)
-            out_b = _cached_outputs(b, chosen, settings, seed=settings.seed + 1, **common)
+            if out_a is None:
+                out_a, computed = self.outputs(a, side="a", tick=tick)
+                if on_outputs is not None:
+                    on_outputs("a", computed)
+            out_b, computed = self.outputs(b, side="b", tick=tick)
+            if on_outputs is not None:
+                on_outputs("b", computed)
             tick("comparing outputs")
-            beh = compare_outputs(out_a, out_b, chosen, settings)
+            beh = compare_outputs(out_a, out_b, self.chosen, self.settings)
             timings["behaviour_s"] = time.perf_counter() - t
-    verdict = decide(fp, beh, fingerprint_error=fp_error if fingerprints else None)
-    timings["total_s"] = time.perf_counter() - start
-    return ComparisonReport(
-        verdict=verdict.verdict, reasons=verdict.reasons, evidence=verdict.evidence, fingerprint=fp,
-        fingerprint_error=fp_error, behaviour=beh, models={"a": _model_info(a, out_a), "b": _model_info(b, out_b)},
-        device=_device_name(device, allow_fallback), dtype=dtype, settings=settings.to_json(), timings=timings,
-        rules=list(RULES),
-    )
+        verdict = decide(fp, beh, fingerprint_error=fp_error if self.fingerprints else None)
+        timings["total_s"] = time.perf_counter() - start
+        return ComparisonReport(
+            verdict=verdict.verdict, reasons=verdict.reasons, evidence=verdict.evidence, fingerprint=fp,
+            fingerprint_error=fp_error, behaviour=beh,
+            models={"a": _model_info(a, out_a), "b": _model_info(b, out_b)},
+            device=_device_name(self.device, self.allow_fallback), dtype=self.dtype,
+            settings=self.settings.to_json(), timings=timings, rules=list(RULES),
+        )
+
+
+def compare_many(
+    suspect: str | os.PathLike[str],
+    candidates: Sequence[str | os.PathLike[str]] | Mapping[str, str | os.PathLike[str]],
+    prompts: PromptsArg = None,
+    device: str = "auto",
+    *,
+    dtype: str = "auto",
+    methods: Sequence[str] | None = None,
+    settings: BehaviourSettings | None = None,
+    fingerprints: bool = True,
+    fingerprint_options: Mapping[str, Mapping[str, Any]] | None = None,
+    behaviour: bool = True,
+    allow_fallback: bool | None = None,
+    cache: OutputCache | None = None,
+    show_progress: bool | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    on_report: Callable[[str, ComparisonReport, float], None] | None = None,
+) -> ComparisonSet:
+    """Compare one suspect with several candidates, reading and running the suspect once.
+
+    Each pair's report equals ``compare(suspect, candidate, ...)`` with the same arguments. The suspect's
+    checkpoint stays open for the weight fingerprints of every pair and its behaviour outputs are computed
+    once; one model is resident at a time. Every path is checked before any work starts.
+
+    Args:
+        suspect: the model every candidate is compared with (side A of each report).
+        candidates: checkpoint paths, or {name: path}; names label the reports (default: the file names).
+        out_dir: write ``<suspect>-vs-<name>.json/.html`` per pair and index.json/index.html there.
+        on_report: called with (name, report, seconds) as each pair finishes.
+        Other arguments: as for ``compare``.
+
+    Returns:
+        ComparisonSet: ``reports`` by candidate name, ``failures`` (name -> one-line error), ``counters``
+        per model (loads, checkpoint opens, tensors and bytes read, outputs computed and reused).
+
+    Raises:
+        InputError, CheckpointError: bad settings, no candidates, a path that is not a readable checkpoint.
+        ModelkinError: the suspect cannot be loaded or run (a candidate's failure is recorded instead).
+
+    Example:
+        >>> found = modelkin.compare.compare_many("base.gguf", ["ft_dir", "other.gguf"], out_dir="reports")
+        >>> {name: r.verdict for name, r in found.reports.items()}
+    """
+    settings = settings or BehaviourSettings()
+    _check_halves(fingerprints, behaviour)
+    named = candidate_names(candidates)
+    for path in (suspect, *named.values()):
+        open_checkpoint(path).close()  # headers only: a bad path fails here, before anything is written
+    writer = ReportSet(out_dir, suspect_name=slug(_name(suspect))) if out_dir is not None else None
+    chosen = resolve_prompts(prompts, settings.max_prompts) if behaviour else []
+    run = _PairRun(chosen=chosen, settings=settings, device=device, dtype=dtype, methods=methods,
+                   fingerprints=fingerprints, fingerprint_options=fingerprint_options, behaviour=behaviour,
+                   allow_fallback=allow_fallback, cache=cache)
+    found = ComparisonSet(suspect=str(suspect), settings=settings.to_json())
+    found.counters["suspect"] = new_counters(suspect)
+    theirs = found.counters["candidates"] = {name: new_counters(path) for name, path in named.items()}
+    ours = found.counters["suspect"]
+    start = time.perf_counter()
+    with progress(show_progress) as tick, contextlib.ExitStack() as stack:
+        weights_a = stack.enter_context(open_checkpoint(suspect)) if fingerprints else None
+        ours["checkpoint_opens"] += fingerprints
+        out_a = None
+        for i, (name, path) in enumerate(named.items(), 1):
+            step = (lambda m, i=i, name=name: tick(f"[{i}/{len(named)}] {name}: {m}"))
+            mine = theirs[name]
+            t = time.perf_counter()
+            try:
+                if behaviour and out_a is None:  # the suspect runs once, at the first pair that needs it
+                    out_a, computed = run.outputs(suspect, side="a", tick=step)
+                    _count_outputs(ours, computed)
+                if behaviour:
+                    ours["outputs_reused"] += i > 1
+                report = _candidate_pair(run, suspect, path, weights_a, out_a, mine, step)
+            except ModelkinError as err:
+                if behaviour and out_a is None:
+                    raise  # the suspect itself failed: every pair would
+                found.failures[name] = str(err)
+                continue
+            finally:
+                gc.collect()
+            seconds = time.perf_counter() - t
+            found.reports[name] = report
+            found.seconds[name] = seconds
+            if weights_a is not None:
+                ours.update(bytes_read=weights_a.bytes_read, tensors_read=weights_a.tensors_read)
+            if writer is not None:
+                writer.add(name, report, seconds=seconds)
+            if on_report is not None:
+                on_report(name, report, seconds)
+    found.timings["total_s"] = time.perf_counter() - start
+    if writer is not None:
+        writer.finish(found)
+    return found
+
+
+def models_in(directory: str | os.PathLike[str]) -> list[Path]:
+    """The checkpoints directly inside ``directory`` (model files and model directories), sorted by name.
+
+    Raises:
+        InputError: the directory is missing, is itself one model, or holds no model.
+    """
+    from modelkin.checkpoint.detect import sniff_file
+
+    folder = Path(directory).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"--against {folder}: not a directory", hint="pass a directory of models")
+    if (folder / "config.json").is_file():
+        raise InputError(f"--against {folder} is one model (it has config.json), not a directory of models",
+                         hint="pass it as a candidate, or pass the directory that holds the models")
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        try:
+            if entry.is_file() and sniff_file(entry) is None:
+                continue
+            open_checkpoint(entry).close()
+        except ModelkinError:
+            continue
+        found.append(entry)
+    if not found:
+        raise InputError(f"--against {folder} holds no models (model directories or .safetensors, .gguf, .bin, "
+                         ".onnx files)", hint="pass the directory that holds the candidate models")
+    return found
+
+
+def _candidate_pair(run: _PairRun, suspect: Any, path: Any, weights_a: Any, out_a: ModelOutputs | None,
+                    mine: dict[str, Any], tick: Callable[[str], None]) -> ComparisonReport:
+    """One pair of compare_many, counting what the candidate costs."""
+    with contextlib.ExitStack() as stack:
+        weights_b = stack.enter_context(open_checkpoint(path)) if run.fingerprints else None
+        mine["checkpoint_opens"] += run.fingerprints
+        report = run.pair(suspect, path, tick=tick, weights_a=weights_a, weights_b=weights_b, out_a=out_a,
+                          on_outputs=lambda _side, computed: _count_outputs(mine, computed))
+        if weights_b is not None:
+            mine.update(bytes_read=weights_b.bytes_read, tensors_read=weights_b.tensors_read)
+    return report
+
+
+def _count_outputs(counters: dict[str, Any], computed: bool) -> None:
+    counters["outputs_computed" if computed else "outputs_reused"] += 1
+    counters["loads"] += computed
+    counters["checkpoint_opens"] += computed
 
 
 def _device_name(device: str, allow_fallback: bool | None) -> str:
