@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra-curves", action="store_true",
                         help="std_curve also compares q/k/v bias and attention-norm curves where present")
     parser.add_argument("--plot", metavar="F.png", help="overlay both models' std curves per projection")
+    parser.add_argument("--background", metavar="DIR", help="real unrelated models (`modelkin background add`) "
+                                                             "for the empirical null (default: the shipped one)")
     common.add_common(parser, dtype=False)
 
 
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     options = {"std_curve": {"extra": True}} if args.extra_curves else None
     report = fingerprint(args.a, args.b, methods=args.methods, device=args.device, seed=args.seed,
                          allow_fallback=args.allow_fallback, null_library=args.null_library, options=options,
+                         background=common.background_from_args(args),
                          progress=lambda name: console.print(f"[dim]running {name}…[/]"))
     if args.save_curves or args.plot:
         ca, cb, r = _curves(report)

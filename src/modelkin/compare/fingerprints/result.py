@@ -6,7 +6,8 @@ Call rule for such a method, on its own p-value: p < 0.01 -> "related"; p >= 0.0
 otherwise "inconclusive". A method with a synthetic null (surrogate curves, relabelled tokens or layers)
 is "descriptive": its score and p are shown, its call is "descriptive", and it never decides. The report's
 verdict applies Holm–Bonferroni over the deciding methods that ran: "related" when some Holm-adjusted
-p < 0.01, "unrelated" when at least one ran and every raw p >= 0.05, else "inconclusive".
+p < 0.01 or an empirical-null method lies beyond every background pair with margin (``beyond_margin``,
+fingerprints.empirical), "unrelated" when at least one ran and every raw p >= 0.05, else "inconclusive".
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ NULL_KINDS = {
 DECIDING = ("exact", "empirical")
 CALL_RULE = (f"only methods with an exact or empirical null decide; for those, related if p < {RELATED_P}, "
              f"unrelated if p >= {UNRELATED_P}, inconclusive in between; descriptive methods never decide; "
-             f"verdict: related if a deciding method's Holm-adjusted p < {RELATED_P}, unrelated if at least one "
-             f"deciding method ran and every such p >= {UNRELATED_P}")
+             f"verdict: related if a deciding method's Holm-adjusted p < {RELATED_P} or an empirical-null method "
+             f"scores beyond every background pair with margin (score > max + (max - median) in every stratum, "
+             f"N >= 99 each), unrelated if at least one deciding method ran and every such p >= {UNRELATED_P}")
 
 
 def call_for(p_value: float | None) -> str:
@@ -84,6 +86,12 @@ class MethodResult:
         """Whether this result's p-value may count toward a verdict (its null holds for real models)."""
         return self.null_kind in DECIDING
 
+    @property
+    def beyond_margin(self) -> bool:
+        """An empirical-null result beyond every background pair with margin (fingerprints.empirical)."""
+        return (self.skipped is None and self.null_kind == "empirical"
+                and bool((self.details.get("background") or {}).get("beyond_margin")))
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"score": self.score, "p_value": self.p_value, "z": self.z, "call": self.call,
                                "null": self.null, "null_kind": self.null_kind, "seconds": round(self.seconds, 3)}
@@ -120,7 +128,7 @@ class FingerprintReport:
         ran = {n: r.p_value for n, r in self.methods.items()
                if r.skipped is None and r.p_value is not None and r.deciding}
         self.p_holm = dict(zip(ran, holm_bonferroni(list(ran.values())))) if ran else {}
-        if any(p < RELATED_P for p in self.p_holm.values()):
+        if any(p < RELATED_P for p in self.p_holm.values()) or any(r.beyond_margin for r in self.methods.values()):
             self.verdict = "related"
         elif ran and all(p >= UNRELATED_P for p in ran.values()):
             self.verdict = "unrelated"
