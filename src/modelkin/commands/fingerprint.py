@@ -33,10 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _table(report, console) -> None:
     from rich.table import Table
 
+    from modelkin.compare.fingerprints.empirical import null_label, rank_text
     from modelkin.compare.fingerprints.result import CALL_RULE
 
     table = Table(title=f"fingerprints: {report.a}  vs  {report.b}", title_justify="left")
-    for col in ("method", "null", "score", "p-value", "Holm p", "z", "call", "note"):
+    for col in ("method", "null", "score", "p-value", "Holm p", "z", "call", "among real unrelated pairs / note"):
         table.add_column(col, justify="right" if col in ("score", "p-value", "Holm p", "z") else "left")
     colour = {"related": "red", "unrelated": "green", "inconclusive": "yellow", "skipped": "dim",
               "descriptive": "dim"}
@@ -45,8 +46,8 @@ def _table(report, console) -> None:
         return "" if v is None else f"{v:.4g}"
 
     for name, r in report.methods.items():
-        note = r.skipped or ""
-        table.add_row(name, r.null_kind, fmt(r.score), fmt(r.p_value), fmt(report.p_holm.get(name)), fmt(r.z),
+        note = r.skipped or rank_text(r)
+        table.add_row(name, null_label(r), fmt(r.score), fmt(r.p_value), fmt(report.p_holm.get(name)), fmt(r.z),
                       f"[{colour.get(r.call, '')}]{r.call}[/]", note)
     console.print(table)
     console.print(f"verdict: [bold]{report.verdict}[/]  (device {report.device}, seed {report.seed})")

@@ -110,7 +110,8 @@ def make_record(model: Any, *, label: str, stratum: str, device: Any = "cpu") ->
         cfg = w.config
         hidden = int(cfg.get("hidden_size") or w.info(w.layers[0], "q").shape[1])
         return Record(label=label, stratum=stratum, architecture=str(cfg.get("model_type", "")),
-                      layers=len(curves.layers), hidden_size=hidden, vocab_size=len(vocab) if vocab else None,
+                      layers=len(curves.layers), hidden_size=hidden,
+                      vocab_size=len(vocab) if vocab else (int(cfg["vocab_size"]) if cfg.get("vocab_size") else None),
                       vocab_hash=vocab_hash(vocab) if vocab else None, content_hash=content_hash(curves),
                       source=Path(str(w.source.path)).name, std_curves=curves, spectra=spectra, notes=notes)
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from modelkin.compare.fingerprints.background import Background
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 
 MIN_N = 99  # the smallest N with (1+0)/(N+1) <= 0.01: below it no stratum p can reach the 0.01 level
@@ -37,7 +36,7 @@ def _safe(score: Score, x: Any, y: Any) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def _within(bg: Background, method: str, params: tuple[Any, ...], stats: Sequence[Any],
+def _within(bg: Any, method: str, params: tuple[Any, ...], stats: Sequence[Any],
             score: Score) -> dict[tuple[int, int], float | None]:
     """Scores of every pair of usable background models (cached on the Background per method and params)."""
     key = ("within", method, params, len(stats))
@@ -72,11 +71,12 @@ def summarise(observed: float, strata: dict[str, Sequence[float]], *, name: str 
             "min_n": MIN_N, "margin_rule": MARGIN_RULE, "excluded": list(excluded)}
 
 
-def place(method: str, observed: float, stats_a: Any, stats_b: Any, bg: Background, *, score: Score,
+def place(method: str, observed: float, stats_a: Any, stats_b: Any, bg: Any, *, score: Score,
           same: Callable[[Any, Any], bool], params: tuple[Any, ...] = ()) -> dict[str, Any]:
     """Where ``observed`` (the score of A vs B) falls among the background's unrelated pairs.
 
     Args:
+        bg: a fingerprints.background.Background (records with ``stats(method)`` and ``stratum``).
         score: the method's score of two models' statistics (higher = more alike).
         same: whether two models' statistics are identical (a background model that is A or B is left out).
         params: the method options the score depends on (they key the cache of background-pair scores).
