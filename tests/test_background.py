@@ -94,13 +94,15 @@ def test_verdict_margin_rule():
     verdict = decide(fp, None)
     assert verdict.verdict == "related" and verdict.reasons[0].startswith("R3") and "R8" in verdict.reasons[0]
     assert any(r.startswith("R8") for r in RULES)
-    # beyond every pair but inside the margin: p = 1/121 alone is not significant after Holm with
-    # another test, and the margin does not hold -> not related
+    # beyond every pair (p = 1/121 < 0.01) but inside the margin: an empirical p alone never makes related
     inside = _placed_result(0.7, 120)
-    assert inside.null_kind == "empirical" and not inside.beyond_margin
+    assert inside.null_kind == "empirical" and not inside.beyond_margin and inside.p_value == 1 / 121
+    assert inside.call == "inconclusive" and _fp(inside).verdict == "inconclusive"
+    verdict = decide(_fp(inside), BehaviourResult(same_tokenizer=True, top1_agreement=0.2))
+    assert verdict.verdict == "inconclusive" and verdict.reasons[0].startswith("R4")
     exact = MethodResult(name="pcs", score=0.0, p_value=0.5, null_kind="exact").decide()
     two = FingerprintReport(a="A", b="B", device="cpu", seed=0, methods={"std_curve": inside, "pcs": exact}).finish()
-    assert two.verdict != "related" and decide(two, None).verdict != "related"
+    assert two.verdict != "related" and decide(two, None).verdict != "related" and "std_curve" not in two.p_holm
     # below every margin and with too few pairs: descriptive, never decides, whatever the score
     few = _placed_result(5.0, 20)
     assert few.null_kind == "descriptive" and few.call == "descriptive" and not few.beyond_margin
@@ -238,3 +240,24 @@ def test_std_matched_twin_is_not_related_by_the_background_null():
     assert std.null_kind == "descriptive" and std.call == "descriptive" and not std.beyond_margin
     assert placed["strata"]["seed-only"]["threshold"] > 1.0  # r <= 1 can never pass max + (max - median)
     assert report.verdict != "related" and decide(report, None).verdict != "related"
+
+
+def test_report_shows_null_kind_rank_and_strip_plot(tiny):
+    from modelkin.compare.api import fingerprint
+    from modelkin.compare.report.document import ComparisonReport
+    from modelkin.compare.report.html import render_html
+    from modelkin.compare.verdict import RULES
+
+    root, models = tiny
+    fp = fingerprint(models[0], models[2], methods="std_curve,spectral", device="cpu",
+                     options={"std_curve": {"n_surrogates": 200}, "spectral": {"n_permutations": 99}})
+    verdict = decide(fp, None)
+    report = ComparisonReport(verdict=verdict.verdict, reasons=verdict.reasons, evidence=verdict.evidence,
+                              fingerprint=fp, fingerprint_error=None, behaviour=None, models={}, device="cpu",
+                              dtype="auto", settings={}, timings={}, rules=list(RULES))
+    page = render_html(ComparisonReport.from_json(json.loads(json.dumps(report.to_json()))))
+    assert "Where each score falls among real unrelated pairs" in page and "strip plot" in page
+    assert "seed-only pairs" in page and "The shipped background holds" in page
+    assert empirical.null_label(fp["std_curve"]) == "descriptive"
+    assert empirical.rank_text(fp["std_curve"]).startswith("above ")
+    assert [e["background"] for e in verdict.evidence if e["method"] == "std_curve"][0].startswith("above ")

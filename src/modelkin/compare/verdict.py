@@ -4,17 +4,20 @@ Rules (every reason in a report names the rule it applied):
   R1  Only weight tests whose null holds for independently trained real models decide: exact
       randomisation over a symmetry of a model's own training (pcs, permtest, csu_aligned, upcycle) or an
       empirical null over real unrelated models (std_curve, spectral with a background holding N >= 99
-      unrelated pairs in every stratum; p = (1+k)/(N+1), the largest stratum p). Their p-values are adjusted
-      together with Holm-Bonferroni; a test counts when its adjusted p < 0.01. Statistics with synthetic
-      nulls (std_curve, spectral without such a background, invariants) are shown as description, placed
-      among the background's pairs, and never decide.
+      unrelated pairs in every stratum; p = (1+k)/(N+1), the largest stratum p). The exact tests' p-values
+      are adjusted together with Holm-Bonferroni; one counts when its adjusted p < 0.01. An empirical p
+      counts toward R4 and R5 as it is, and toward related only through R8: it is only as good as the
+      background's coverage, and a pair unlike every pair the background holds (a std-matched twin) reaches
+      p = 1/(N+1) without any derivation. Statistics with synthetic nulls (std_curve, spectral without such
+      a background, invariants) are shown as description, placed among the background's pairs, and never
+      decide.
   R2  Functional identity (same tokenizer only): mean next-token JS divergence <= 1e-4 bits, top-1
       agreement >= 0.99 and greedy continuations agreeing on >= 95% of tokens. Independent training
       never yields the same function, so this alone says related (a copy, possibly re-parameterised).
   R3  One or more valid weight tests significant under R1, or an empirical-null method beyond every
       background pair with margin (R8) -> related.
-  R4  A valid test with a raw p < 0.05 that Holm does not confirm is weak evidence: it blocks
-      "unrelated" and the verdict is inconclusive.
+  R4  A valid test with a raw p < 0.05 that Holm (exact tests) or R8 (empirical ones) does not confirm
+      is weak evidence: it blocks "unrelated" and the verdict is inconclusive.
   R5  Unrelated needs both halves: at least one valid weight test applied, every one with a raw
       p >= 0.05, and behaviour measured and distinguishable (the MMD test rejects equality at 0.05, or
       top-1 agreement < 0.5, or greedy text similarity < 0.5).
@@ -22,12 +25,12 @@ Rules (every reason in a report names the rule it applied):
       language models find the same texts hard, so unrelated models correlate too.
   R7  Anything else is inconclusive, with the missing or conflicting evidence named.
   R8  Margin (empirical nulls only): the score exceeds, in every stratum, the largest unrelated-pair score
-      by at least that stratum's spread from median to maximum (score > max + (max - median)). The
-      empirical p cannot go below 1/(N+1), too coarse for Holm over several tests; a gap this wide
-      stands for a far smaller tail probability: extrapolating the null's upper tail as Gaussian puts
-      the score beyond 5 SD at N = 99 (p < 1e-6), as exponential beyond 9 scale units (p < 2e-4), both
-      under 0.01/7, Holm's strictest level over the seven methods. A bounded score whose background
-      pairs already come near its bound (std-curve r of unrelated pairs near 1) can never pass.
+      by at least that stratum's spread from median to maximum (score > max + (max - median)). Being
+      above every background pair (p = 1/(N+1)) is not enough: the pair may simply be unlike anything the
+      background covers. A gap this wide is far from the null's own range: extrapolating its upper tail as
+      Gaussian puts the score beyond 5 SD at N = 99 (p < 1e-6), as exponential beyond 9 scale units
+      (p < 2e-4), both under 0.01/7, Holm's strictest level over the seven methods. A bounded score whose
+      unrelated pairs already come near its bound (std-curve r near 1) can never pass.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ class Verdict:
 def weight_evidence(fingerprint: FingerprintReport | None) -> list[dict[str, Any]]:
     """Per fingerprint method: score, raw p, null kind, Holm-adjusted p and whether it rejects independence.
 
-    Holm runs over the deciding methods only (R1); descriptive ones keep their p with a note.
+    Holm runs over the exact methods only (R1); empirical ones carry ``beyond_margin`` (R8); descriptive
+    ones keep their p with a note.
     """
     rows = []
     for name, m in (fingerprint.methods if fingerprint is not None else {}).items():
@@ -92,7 +96,7 @@ def weight_evidence(fingerprint: FingerprintReport | None) -> list[dict[str, Any
         else:
             row["note"] = m.skipped or "no p-value"
         rows.append(row)
-    tested = [r for r in rows if r["p_value"] is not None and r["decides"]]
+    tested = [r for r in rows if r["p_value"] is not None and r["null_kind"] == "exact"]
     for r, adj in zip(tested, holm_bonferroni([r["p_value"] for r in tested])):
         r["p_holm"] = adj
         r["significant"] = adj < ALPHA

@@ -67,13 +67,15 @@ def strip_png(methods: Sequence[tuple[str, float, Mapping[str, Sequence[float]]]
     for ax, (name, observed, strata) in zip(axes, rows):
         for y, (stratum, scores) in enumerate(strata.items()):
             jitter = rng.uniform(-0.25, 0.25, len(scores))
-            ax.scatter(scores, y + jitter, s=7, alpha=0.55, color=colour[stratum],
-                       label=f"{stratum} (N={len(scores)})")
+            ax.scatter(scores, y + jitter, s=7, alpha=0.55, color=colour[stratum])
         ax.axvline(observed, color="#b3261e", lw=2)
+        lo, hi = ax.get_xlim()
+        right = observed > (lo + hi) / 2  # label on the side with room
         ax.annotate(f"this pair {observed:.4g}", (observed, len(strata) - 0.5), color="#b3261e", fontsize=7,
-                    xytext=(3, 0), textcoords="offset points", va="center")
+                    xytext=(-3 if right else 3, 0), textcoords="offset points", va="center",
+                    ha="right" if right else "left")
         ax.set_yticks(range(len(strata)))
-        ax.set_yticklabels(list(strata), fontsize=7)
+        ax.set_yticklabels([f"{k} (N={len(v)})" for k, v in strata.items()], fontsize=7)
         ax.set_ylim(-0.6, len(strata) - 0.4)
         ax.set_title(f"{name}: score of this pair among unrelated pairs", fontsize=9, loc="left")
         ax.tick_params(axis="x", labelsize=7)
