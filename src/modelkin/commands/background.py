@@ -42,7 +42,8 @@ def _add(args: argparse.Namespace) -> int:
     path = bg.add(record)
     size = sum(f.stat().st_size for f in path.parent.glob(f"{path.stem}.*"))
     common.emit_json(args, {"dir": str(bg_dir), "label": label, "stratum": args.stratum, "bytes": size,
-                            "layers": record.layers, "hidden_size": record.hidden_size, "notes": record.notes})
+                            "layers": record.layers, "hidden_size": record.hidden_size,
+                            "notes": record.notes})
     console = common.console(args)
     console.print(f"added {label} ({args.stratum}, {record.layers} layers, hidden {record.hidden_size}) to "
                   f"{bg_dir}: {size / 1e3:.1f} kB" + "".join(f"; {n}" for n in record.notes))
@@ -56,9 +57,8 @@ def _list(args: argparse.Namespace) -> int:
 
     bg = background.load(args.dir)
     rows = [{"label": r.label, "stratum": r.stratum, "architecture": r.architecture, "layers": r.layers,
-             "hidden_size": r.hidden_size, "vocab_size": r.vocab_size, "methods": [m for m in background.METHODS
-                                                                                  if r.stats(m) is not None]}
-            for r in bg.records]
+             "hidden_size": r.hidden_size, "vocab_size": r.vocab_size,
+             "methods": [m for m in background.METHODS if r.stats(m) is not None]} for r in bg.records]
     strata = {s: {"models": len(rs), "pairs": len(rs) * (len(rs) - 1) // 2} for s, rs in bg.strata().items()}
     common.emit_json(args, {"dir": str(bg.path), "models": rows, "strata": strata})
     console = common.console(args)

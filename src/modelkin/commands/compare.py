@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--permutations", type=int, default=d.permutations, help="permutations per p-value")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of samples and permutations")
     parser.add_argument("--quiet", action="store_true", help="no summary on the terminal")
-    parser.add_argument("--background", metavar="DIR", help="real unrelated models (`modelkin background add`) "
-                                                             "for the empirical null (default: the shipped one)")
+    parser.add_argument("--background", metavar="DIR",
+                        help="real unrelated models (`modelkin background add`) for the empirical null "
+                             "(default: the shipped one)")
     common.add_common(parser)
 
 

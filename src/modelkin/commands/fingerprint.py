@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra-curves", action="store_true",
                         help="std_curve also compares q/k/v bias and attention-norm curves where present")
     parser.add_argument("--plot", metavar="F.png", help="overlay both models' std curves per projection")
-    parser.add_argument("--background", metavar="DIR", help="real unrelated models (`modelkin background add`) "
-                                                             "for the empirical null (default: the shipped one)")
+    parser.add_argument("--background", metavar="DIR",
+                        help="real unrelated models (`modelkin background add`) for the empirical null "
+                             "(default: the shipped one)")
     common.add_common(parser, dtype=False)
 
 

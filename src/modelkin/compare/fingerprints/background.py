@@ -27,7 +27,8 @@ FORMAT = "modelkin-background/1"
 MANIFEST = "background.json"
 METHODS = ("std_curve", "spectral")  # the methods a record carries statistics for
 SEED_ONLY = "seed-only"
-HINT = "create one with `modelkin background add MODEL --dir DIR`, or leave --background out for the shipped one"
+HINT = ("create one with `modelkin background add MODEL --dir DIR`, or leave --background out for the "
+        "shipped one")
 
 
 def default_dir() -> Path:
@@ -57,7 +58,8 @@ class Record:
         return {"std_curve": self.std_curves, "spectral": self.spectra}.get(method)
 
     def to_json(self, spectra_file: str | None) -> dict[str, Any]:
-        return {"format": FORMAT, "label": self.label, "stratum": self.stratum, "architecture": self.architecture,
+        return {"format": FORMAT, "label": self.label, "stratum": self.stratum,
+                "architecture": self.architecture,
                 "layers": self.layers, "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
                 "vocab_hash": self.vocab_hash, "content_hash": self.content_hash, "source": self.source,
                 "methods": [m for m in METHODS if self.stats(m) is not None], "notes": self.notes,
@@ -98,7 +100,7 @@ def make_record(model: Any, *, label: str, stratum: str, device: Any = "cpu") ->
     with open_weights(model, dev, label) as w:
         curves = std_curve.compute_std_curves(w)
         if len(curves.layers) < 3:
-            raise InputError(f"{label}: {len(curves.layers)} layers with q/k/v/o: a background model needs at least 3",
+            raise InputError(f"{label}: {len(curves.layers)} layers with q/k/v/o: a background model needs 3",
                              hint="add a model with attention weights in at least 3 layers")
         notes = []
         try:
@@ -111,13 +113,15 @@ def make_record(model: Any, *, label: str, stratum: str, device: Any = "cpu") ->
         hidden = int(cfg.get("hidden_size") or w.info(w.layers[0], "q").shape[1])
         return Record(label=label, stratum=stratum, architecture=str(cfg.get("model_type", "")),
                       layers=len(curves.layers), hidden_size=hidden,
-                      vocab_size=len(vocab) if vocab else (int(cfg["vocab_size"]) if cfg.get("vocab_size") else None),
+                      vocab_size=len(vocab) if vocab else (int(cfg["vocab_size"]) if cfg.get("vocab_size")
+                                                           else None),
                       vocab_hash=vocab_hash(vocab) if vocab else None, content_hash=content_hash(curves),
                       source=Path(str(w.source.path)).name, std_curves=curves, spectra=spectra, notes=notes)
 
 
 def _spectra_bytes(spectra: list[dict[str, np.ndarray]]) -> bytes:
-    arrays = {f"{kind}_{i}": np.asarray(s[kind], dtype=np.float32) for i, s in enumerate(spectra) for kind in s}
+    arrays = {f"{kind}_{i}": np.asarray(s[kind], dtype=np.float32)
+              for i, s in enumerate(spectra) for kind in s}
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()
@@ -177,7 +181,8 @@ class Background:
         """
         for other in self.records:
             if other.content_hash == record.content_hash and other.label != record.label:
-                raise InputError(f"{record.label}: the same weights are already in {self.path} as {other.label!r}",
+                raise InputError(f"{record.label}: the same weights are already in {self.path} "
+                                 f"as {other.label!r}",
                                  hint="a background holds each model once")
         stem = slug(record.label)
         if (self.path / f"{stem}.json").exists() and not replace:
@@ -202,7 +207,8 @@ def _read_record(file: Path) -> Record:
             raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
         spectra = _read_spectra(file.parent / data["spectra_file"]) if data.get("spectra_file") else None
         curves = StdCurves.from_json(data["std_curves"]) if data.get("std_curves") else None
-        return Record(label=str(data["label"]), stratum=str(data["stratum"]), architecture=data.get("architecture", ""),
+        return Record(label=str(data["label"]), stratum=str(data["stratum"]),
+                      architecture=data.get("architecture", ""),
                       layers=int(data.get("layers", 0)), hidden_size=int(data.get("hidden_size", 0)),
                       vocab_size=data.get("vocab_size"), vocab_hash=data.get("vocab_hash"),
                       content_hash=str(data.get("content_hash", "")), source=str(data.get("source", "")),
@@ -219,7 +225,8 @@ def load(path: str | Path | None = None) -> Background:
     """
     path = Path(path) if path is not None else default_dir()
     if not path.is_dir() or not is_background(path):
-        raise InputError(f"{path} is not a background directory (no {MANIFEST} of format {FORMAT})", hint=HINT)
+        raise InputError(f"{path} is not a background directory (no {MANIFEST} of format {FORMAT})",
+                         hint=HINT)
     stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(path.glob("*.json")))
     return _load(path.resolve(), stamp)
 
@@ -231,7 +238,7 @@ def _load(path: Path, stamp: tuple[Any, ...]) -> Background:
 
 
 def resolve(background: Any) -> Background | None:
-    """A Background from what the API takes: None -> the shipped one, False -> none, a path, or a Background."""
+    """A Background from what the API takes: None -> the shipped one, False -> none, a path or a Background."""
     if background is False:
         return None
     if isinstance(background, Background):

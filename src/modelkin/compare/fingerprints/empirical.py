@@ -41,7 +41,8 @@ def _within(bg: Any, method: str, params: tuple[Any, ...], stats: Sequence[Any],
     """Scores of every pair of usable background models (cached on the Background per method and params)."""
     key = ("within", method, params, len(stats))
     if key not in bg.cache:
-        bg.cache[key] = {(i, j): _safe(score, stats[i], stats[j]) for i, j in combinations(range(len(stats)), 2)}
+        pairs = combinations(range(len(stats)), 2)
+        bg.cache[key] = {(i, j): _safe(score, stats[i], stats[j]) for i, j in pairs}
     return bg.cache[key]
 
 
