@@ -150,6 +150,8 @@ def test_background_add_round_trip_and_list(tiny, capsys):
         bg.add(bgmod.make_record(models[0], label="again", stratum="seed-only"))
     bg.add(bgmod.make_record(models[0], label="tiny0", stratum="cross-family"))
     assert {r.label: r.stratum for r in bgmod.load(bg_dir).records}["tiny0"] == "cross-family"
+    bg.add(bgmod.make_record(models[2], label="tiny0", stratum="seed-only"))  # other weights, same label
+    assert len(list(bg_dir.glob("tiny0.*.npz"))) == 1 and len(bgmod.load(bg_dir).records) == 2
 
 
 def test_fingerprint_with_a_background_dir(tiny):
@@ -197,6 +199,9 @@ def test_bad_background_is_a_one_line_error(tmp_path, capsys):
     assert len(err) == 1 and "not a background directory" in err[0]
     assert main(["background", "add", "m", "--dir", str(tmp_path)]) == 2  # a non-empty non-background dir
     assert "not a background" in capsys.readouterr().err
+    two_layers = make_tiny("llama", tmp_path / "two", seed=0)  # 2 layers: too few for a record
+    assert main(["background", "add", str(two_layers), "--dir", str(tmp_path / "bg2"), "--device", "cpu"]) == 2
+    assert "needs 3" in capsys.readouterr().err
     bg = tmp_path / "broken"
     bgmod.init(bg)
     (bg / "bad.json").write_text('{"format": "modelkin-background/1"}')

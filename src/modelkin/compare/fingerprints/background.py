@@ -2,7 +2,7 @@
 need (std curves, per-layer QK/VO spectra, vocabulary hash, shape, label, stratum), one directory of files.
 
 Layout (format modelkin-background/1): ``background.json`` marks the directory; each model is
-``<slug>.json`` (metadata and std curves) plus ``<slug>.npz`` (spectra, float32; read without pickle).
+``<slug>.json`` (metadata and std curves) plus ``<slug>.<hash>.npz`` (spectra, float32; read without pickle).
 The invariant terms are not stored: they need both models' embeddings of shared tokens, so they are
 pair-specific. Writes are atomic. Every model in one stratum must be unrelated to every other one.
 """
@@ -188,11 +188,14 @@ class Background:
         if (self.path / f"{stem}.json").exists() and not replace:
             raise InputError(f"{self.path / stem}.json exists", hint="choose another --label")
         spectra_file = None
-        if record.spectra:
-            spectra_file = f"{stem}.npz"
+        if record.spectra:  # named by content: a replaced record's JSON never points at the new spectra early
+            spectra_file = f"{stem}.{record.content_hash[:12]}.npz"
             atomic_write_bytes(self.path / spectra_file, _spectra_bytes(record.spectra))
         text = json.dumps(record.to_json(spectra_file), indent=1) + "\n"
         atomic_write_text(self.path / f"{stem}.json", text)
+        for old in self.path.glob(f"{stem}.*.npz"):
+            if old.name != spectra_file:
+                old.unlink()
         self.records = [r for r in self.records if r.label != record.label] + [record]
         self.cache.clear()
         return self.path / f"{stem}.json"
