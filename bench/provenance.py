@@ -129,7 +129,8 @@ def report(rows: list[dict[str, Any]], methods: tuple[str, ...], print_: Callabl
                    " ".join(f"{row[label][c]:>12}" for c in CALLS) + extra)
     for m in [x for x in EXACT if x in methods]:
         twin_p = sorted(_values(rows, m, "p", stratum="seed-only"))
-        print_(f"{m}: seed-twin p-values (sorted): " + " ".join(f"{p:.3f}" for p in twin_p))
+        if twin_p:
+            print_(f"{m}: seed-twin p-values (sorted): " + " ".join(f"{p:.3f}" for p in twin_p))
     for m in [x for x in EXACT if x in methods]:
         misses = [f"{r['pair']} (p={_fmt_p(r['results'][m]['p'])})" for r in rows if r["label"] == "related"
                   and r["results"][m]["call"] not in ("related", "skipped")]
