@@ -42,7 +42,8 @@ def real_models(log) -> list[tuple[str, Path]]:
 
 def twins(pairs: int, train: bool, log) -> list[tuple[str, Path]]:
     """(label, path) of the seed-only twins from bench.provenance's cache (trained when absent if allowed)."""
-    from bench.provenance import Panel, cache_root
+    from bench.provenance import cache_root
+    from bench.provenance_models import Panel
 
     panel = Panel(cache_root(), steps=150, batch=8, seq=32, log=log)
     out = []
