@@ -115,15 +115,13 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
     va, vb = vocabulary(a), vocabulary(b)
     if va is None or vb is None:
         raise NotApplicable(f"{'A' if va is None else 'B'} carries no vocabulary (GGUF tokens or tokenizer.json)")
-    emb_a, emb_b = a.get(None, "embed"), b.get(None, "embed")
     shared = shared_tokens(va[0], vb[0], special_a=va[1], special_b=vb[1],
-                           rows_a=emb_a.shape[0], rows_b=emb_b.shape[0])
+                           rows_a=a.info(None, "embed").shape[0], rows_b=b.info(None, "embed").shape[0])
     if len(shared) < MIN_SHARED:
         raise NotApplicable(f"only {len(shared)} byte-identical shared tokens (need {MIN_SHARED}) to align "
                             "the residual bases")
     rng = np.random.default_rng(seed)
-    align = fit_alignment(emb_a, emb_b, shared, rng=rng)
-    del emb_a, emb_b
+    align = fit_alignment(lambda ids: a.rows("embed", ids), lambda ids: b.rows("embed", ids), shared, rng=rng)
     sim = None
     if len(layers_a) == len(layers_b):
         pairs = pick_layers(list(zip(layers_a, layers_b)), max_layers)
