@@ -184,11 +184,12 @@ def build(root: Path, *, layers: int | None = None, small: bool = False, seed: i
     """Write (or reuse) the pair under ``root``: (pangu dir, qwen dir, {"pangu": Layout, "qwen": Layout})."""
     dense_cfg, moe_cfg, tokens = configs(layers, small)
     layouts = {"qwen": dense_layout(dense_cfg, tokens[0]), "pangu": moe_layout(moe_cfg, tokens[0])}
-    key = json.dumps([dense_cfg, moe_cfg, tokens, seed, 1], sort_keys=True)
+    key = json.dumps([dense_cfg, moe_cfg, tokens, seed, 2], sort_keys=True)
     done = root / "done.json"
     if done.is_file() and done.read_text() == key:
         return root / "pangu", root / "qwen", layouts
     gen = torch.Generator().manual_seed(seed)
+    pool = _Pool(dense_cfg["hidden_size"], gen)
     shards = {}
     for tag, cfg, n_tok in (("qwen", dense_cfg, tokens[0]), ("pangu", moe_cfg, tokens[1])):
         folder = root / tag
@@ -196,18 +197,40 @@ def build(root: Path, *, layers: int | None = None, small: bool = False, seed: i
         (folder / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
         _tokenizer(folder, n_tok)
         shards[tag] = _Shards(folder, layouts[tag])
-    _fill(shards, layouts, dense_cfg, moe_cfg, gen)
+    _fill(shards, layouts, dense_cfg, moe_cfg, pool)
     done.write_text(key)
     return root / "pangu", root / "qwen", layouts
 
 
-def _fill(shards: dict, layouts: dict, dense_cfg: dict, moe_cfg: dict, gen: torch.Generator) -> None:
+class _Pool:
+    """Gaussian bf16 values drawn once; each tensor is a window at a random offset (not a multiple of the
+    row length, so no row repeats another tensor's row), times its std: GBs of data at memcpy speed."""
+
+    def __init__(self, d: int, gen: torch.Generator):
+        self.gen, self.d = gen, d
+        self.size = 1 << 28 if d >= 4096 else 1 << 20
+        self.values = torch.randn(self.size + self.size // 4, generator=gen).to(torch.bfloat16)
+
+    def __call__(self, shape: tuple[int, ...], std: float = 0.02) -> torch.Tensor:
+        numel = math.prod(shape)
+        out = torch.empty(numel, dtype=torch.bfloat16)
+        done = 0
+        while done < numel:
+            start = int(torch.randint(0, self.size - self.d, (1,), generator=self.gen))
+            take = min(numel - done, self.values.numel() - start)
+            out[done:done + take] = self.values[start:start + take]
+            done += take
+        return (out * std).reshape(shape)
+
+
+def _fill(shards: dict, layouts: dict, dense_cfg: dict, moe_cfg: dict, pool: _Pool) -> None:
     dense, moe = layouts["qwen"], layouts["pangu"]
     n, d = dense_cfg["num_hidden_layers"], dense_cfg["hidden_size"]
     e, f = moe_cfg["num_experts"], moe_cfg["moe_intermediate_size"]
+    gen = pool.gen
 
     def rand(shape, std=0.02):
-        return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
+        return pool(shape, std)
 
     lo, hi = dense.data["model.embed_tokens.weight"]
     emb = rand((hi - lo, d))
@@ -275,7 +298,7 @@ class PeakAnon:
         self._thread.join()
 
 
-def run(pangu: Path, qwen: Path, *, methods: str | None = None, echo=print) -> dict:
+def run(pangu: Path, qwen: Path, *, methods: str | None = None, options: dict | None = None, echo=print) -> dict:
     """Fingerprint the pair through open ModelWeights; per method seconds, bytes read, peak RssAnon."""
     from modelkin.checkpoint import open_checkpoint
     from modelkin.compare.api import fingerprint
@@ -292,13 +315,13 @@ def run(pangu: Path, qwen: Path, *, methods: str | None = None, echo=print) -> d
                              "bytes_b": io.get("b", {}).get("bytes_read", 0), "peak_anon": peak.take(),
                              "score": result.score, "p": result.p_value, "skipped": result.skipped}
         r = rows[result.name]
-        echo(f"  {result.name:12s} {r['seconds']:7.1f} s  read A {r['bytes_a'] / 1e9:6.2f} GB  "
-             f"B {r['bytes_b'] / 1e9:6.2f} GB  peak anon {r['peak_anon'] / 1e9:5.2f} GB  "
+        echo(f"  {result.name:12s} {r['seconds']:7.1f} s  read A {r['bytes_a'] / 1e6:9.1f} MB  "
+             f"B {r['bytes_b'] / 1e6:9.1f} MB  peak anon {r['peak_anon'] / 1e9:5.2f} GB  "
              f"score {r['score']}  p {r['p']}  {r['skipped'] or ''}")
 
     with open_checkpoint(pangu) as sa, open_checkpoint(qwen) as sb:
         wa, wb = ModelWeights(sa, cpu, "pangu-72b-layout"), ModelWeights(sb, cpu, "qwen2.5-14b-layout")
-        report = fingerprint(wa, wb, methods=methods, device="cpu",
+        report = fingerprint(wa, wb, methods=methods, device="cpu", options=options,
                              progress=lambda name: echo(f"running {name}…"), on_result=done)
         reads = {"pangu": dict(wa.reads), "qwen": dict(wb.reads)}
         stats = {"pangu": wa.stats, "qwen": wb.stats}

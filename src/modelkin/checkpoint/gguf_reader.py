@@ -281,6 +281,11 @@ class GGUFSource(TensorSource):
             tensor = tensor - 1
         return tensor
 
+    def is_mapped(self, name: str) -> bool:
+        entry = self._entries.get(name)
+        return (entry is not None and (entry.info.dtype in _PLAIN_NUMPY or entry.info.dtype == "BF16")
+                and entry.n_heads is None and not (self.arch in NORM_PLUS_ONE_ARCHS and name.endswith("norm.weight")))
+
     def _read_rows(self, name: str, unique: torch.Tensor) -> torch.Tensor | None:
         entry = self._entries[name]
         data = entry.tensor.data

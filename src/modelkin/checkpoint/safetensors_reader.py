@@ -218,6 +218,10 @@ class SafetensorsSource(TensorSource):
         except Exception as err:  # noqa: BLE001 - boundary
             raise CheckpointError(f"cannot read a slice of tensor {name!r} from {file}: {err}") from None
 
+    def is_mapped(self, name: str) -> bool:
+        entry = self._entries.get(name)
+        return entry is not None and entry.info.dtype in TORCH_DTYPES and self._read_mode in ("mmap", "safe_open")
+
     def _read_rows(self, name: str, unique: torch.Tensor) -> torch.Tensor | None:
         entry = self._entries[name]
         file, info = entry.path, entry.info

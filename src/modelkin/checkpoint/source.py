@@ -179,6 +179,11 @@ class TensorSource(ABC):
         """Read only a slice (subclass hook); None: the format cannot, read whole and narrow."""
         return None
 
+    def is_mapped(self, name: str) -> bool:
+        """Whether ``get_tensor(name)`` returns a view of the file's mapped pages (page cache, reclaimable)
+        rather than memory of its own (dequantised, converted or copied data)."""
+        return False
+
     def get_rows(self, name: str, ids: Any, device: torch.device | str | None = None) -> torch.Tensor:
         """Rows ``ids`` (dim 0, in the order given, repeats allowed) of one tensor, e.g. embeddings of some tokens.
 

@@ -105,7 +105,7 @@ _COUNTERS = ("tensors_read", "rows_read", "bytes_read", "memo_hits", "memo_misse
 def _delta(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     """Counters accrued since ``before`` (memo_bytes and memo_budget as they are now)."""
     out = {k: now[k] - before[k] for k in _COUNTERS}
-    out.update(memo_bytes=now["memo_bytes"], memo_budget=now["memo_budget"])
+    out.update({k: now[k] for k in ("memo_bytes", "memo_budget", "memo_mapped_bytes", "memo_mapped_budget")})
     return out
 
 

@@ -60,7 +60,9 @@ class ModelWeights:
         source: an open TensorSource.
         device: where tensors are computed on.
         label: a short name for reports (the path's name by default).
-        memo_bytes: the memo's budget in bytes (0: no memo).
+        memo_bytes: the memo's budget in bytes for tensors in memory of their own (0: no memo); tensors
+            that are views of mapped file pages (safetensors, unquantised GGUF) count against a second
+            budget, ``memo.mapped_budget`` (RAM / 3, or $MODELKIN_FINGERPRINT_MAPPED_BYTES).
     """
 
     def __init__(self, source: TensorSource, device: torch.device, label: str | None = None, *,
@@ -68,7 +70,7 @@ class ModelWeights:
         self.source = source
         self.device = device
         self.label = label or Path(str(source.path)).name
-        self.memo = Memo(memo_bytes)
+        self.memo = Memo(memo_bytes, 0 if memo_bytes == 0 else None)
         self.reads: dict[str, int] = {}  # checkpoint name -> times read from the checkpoint
         self._tensors_read = self._rows_read = self._bytes_read = 0
         self.index: dict[Key, str] = {}
@@ -110,7 +112,8 @@ class ModelWeights:
         memo = self.memo
         return {"tensors_read": self._tensors_read, "rows_read": self._rows_read, "bytes_read": self._bytes_read,
                 "memo_hits": memo.hits, "memo_misses": memo.misses, "memo_evictions": memo.evictions,
-                "memo_bytes": memo.held, "memo_budget": memo.budget}
+                "memo_bytes": memo.held, "memo_budget": memo.budget, "memo_mapped_bytes": memo.held_mapped,
+                "memo_mapped_budget": memo.mapped_budget}
 
     def derived(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """A value computed from this model's weights alone, memoised under ``key`` (a tuple naming it)."""
@@ -125,7 +128,8 @@ class ModelWeights:
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor by checkpoint name on the device (memoised as stored), converted to ``dtype``."""
-        found = self.memo.get(("tensor", name), lambda: self._read(name))
+        mapped = self.device.type == "cpu" and self.source.is_mapped(name)
+        found = self.memo.get(("tensor", name), lambda: self._read(name), mapped=mapped)
         return found if dtype is None else found.to(self.device, dtype)
 
     def rows(self, role: str, ids: Sequence[int] | np.ndarray | torch.Tensor,
