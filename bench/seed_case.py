@@ -167,7 +167,9 @@ class _Shards:
 
     def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
         file, offset, shape = self.where[name]
-        assert tuple(tensor.shape[1:]) == tuple(shape[1:]) and tensor.dtype == torch.bfloat16, name
+        rows = tensor.shape[0] if len(shape) > 1 else shape[0]
+        assert tuple(tensor.shape) == (rows, *shape[1:]) and tensor.dtype == torch.bfloat16, name
+        assert first_row + rows <= shape[0] and (first_row or rows == shape[0] or name.endswith("embed_tokens.weight")), name
         row = 2 * math.prod(shape[1:]) if len(shape) > 1 else 2
         with open(file, "r+b") as f:
             f.seek(offset + first_row * row)
@@ -184,7 +186,7 @@ def build(root: Path, *, layers: int | None = None, small: bool = False, seed: i
     """Write (or reuse) the pair under ``root``: (pangu dir, qwen dir, {"pangu": Layout, "qwen": Layout})."""
     dense_cfg, moe_cfg, tokens = configs(layers, small)
     layouts = {"qwen": dense_layout(dense_cfg, tokens[0]), "pangu": moe_layout(moe_cfg, tokens[0])}
-    key = json.dumps([dense_cfg, moe_cfg, tokens, seed, 2], sort_keys=True)
+    key = json.dumps([dense_cfg, moe_cfg, tokens, seed, 3], sort_keys=True)
     done = root / "done.json"
     if done.is_file() and done.read_text() == key:
         return root / "pangu", root / "qwen", layouts
@@ -257,9 +259,14 @@ def _fill(shards: dict, layouts: dict, dense_cfg: dict, moe_cfg: dict, pool: _Po
                 shards["qwen"].write(f"{p}.mlp.{r}_proj.weight", t)
         if not any(k.startswith(f"{p}.mlp.experts.") for k in moe.data):
             continue
-        order = torch.randperm(dense_cfg["intermediate_size"], generator=gen)
-        parts = [(f"{p}.mlp.experts.{j}", order[j * f:(j + 1) * f]) for j in range(e)]
-        parts.append((f"{p}.mlp.shared_expert", order[e * f:e * f + moe_cfg["shared_expert_intermediate_size"]]))
+        width, shared = dense_cfg["intermediate_size"], moe_cfg["shared_expert_intermediate_size"]
+        if e * f + shared <= width:  # a partition of the dense neurons
+            order = torch.randperm(width, generator=gen)
+            parts = [(f"{p}.mlp.experts.{j}", order[j * f:(j + 1) * f]) for j in range(e)]
+            parts.append((f"{p}.mlp.shared_expert", order[e * f:e * f + shared]))
+        else:  # more expert neurons than dense ones (72B from 14B): each expert a random subset of them
+            parts = [(f"{p}.mlp.experts.{j}", torch.randperm(width, generator=gen)[:f]) for j in range(e)]
+            parts.append((f"{p}.mlp.shared_expert", torch.randperm(width, generator=gen)[:shared]))
         for prefix, idx in parts:
             for r in ("gate", "up", "down"):
                 name = f"{prefix}.{r}_proj.weight"

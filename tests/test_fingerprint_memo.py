@@ -11,7 +11,7 @@ import torch
 
 from modelkin.checkpoint import open_checkpoint
 from modelkin.compare import fingerprint
-from modelkin.compare.fingerprints.memo import MEMO_BYTES_ENV, Memo
+from modelkin.compare.fingerprints.memo import MAPPED_BYTES_ENV, MEMO_BYTES_ENV, Memo
 from modelkin.compare.fingerprints.weights import ModelWeights
 from tests.ckpt_factory import tiny_llama_state, write_safetensors_checkpoint
 
@@ -52,19 +52,23 @@ def test_second_run_reads_nothing_and_scores_do_not_change(pair):
 def test_scores_identical_without_the_memo(pair, monkeypatch):
     with_memo = fingerprint(*pair, device="cpu", options=OPTIONS)
     monkeypatch.setenv(MEMO_BYTES_ENV, "0")
+    monkeypatch.setenv(MAPPED_BYTES_ENV, "0")
     without = fingerprint(*pair, device="cpu", options=OPTIONS)
     assert _numbers(with_memo) == _numbers(without)
-    assert without.io["a"]["memo_bytes"] == 0
+    assert without.io["a"]["memo_bytes"] == 0 and without.io["a"]["memo_mapped_bytes"] == 0
     assert without.io["a"]["bytes_read"] > with_memo.io["a"]["bytes_read"]  # re-read by every method
 
 
 def test_memo_is_bounded_and_least_recently_used_goes_first():
-    memo = Memo(budget=3 * 400)
+    memo = Memo(budget=3 * 400, mapped_budget=400)
+    memo.get("mapped", lambda: torch.zeros(100), mapped=True)  # counts against the other budget
+    assert memo.held == 0 and memo.held_mapped == 400
     for key in "abc":
         memo.get(key, lambda: torch.zeros(100))
     memo.get("a", lambda: None)  # a hit: "a" is now the most recent
     memo.get("d", lambda: torch.zeros(100))
     assert memo.held == 1200 and memo.evictions == 1 and memo.peek("b") is None and memo.peek("a") is not None
+    assert memo.peek("mapped") is not None
     big = memo.get("huge", lambda: torch.zeros(1000))  # larger than the budget: returned, not kept
     assert big.numel() == 1000 and memo.peek("huge") is None and memo.held <= memo.budget
 
