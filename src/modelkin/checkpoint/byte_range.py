@@ -61,10 +61,30 @@ class RangeReader:
             read_into(fd, offset + i * stride, out[i * block:(i + 1) * block], file)
         return out
 
+    def read_runs(self, file: pathlib.Path, runs: list[tuple[int, int]]) -> torch.Tensor:
+        """The byte ranges ``runs`` ((offset, nbytes) each) packed together in one new buffer."""
+        out = torch.empty(sum(n for _, n in runs), dtype=torch.uint8)
+        fd, done = self.fd(file), 0
+        for offset, nbytes in runs:
+            read_into(fd, offset, out[done:done + nbytes], file)
+            done += nbytes
+        return out
+
     def close(self) -> None:
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
+
+
+def row_runs(unique: torch.Tensor, offset: int, row_bytes: int) -> list[tuple[int, int]]:
+    """(offset, nbytes) of each run of consecutive rows in ``unique`` (sorted distinct row ids)."""
+    ids = unique.tolist()
+    runs, start = [], 0
+    for k in range(1, len(ids) + 1):
+        if k == len(ids) or ids[k] != ids[k - 1] + 1:
+            runs.append((offset + ids[start] * row_bytes, (k - start) * row_bytes))
+            start = k
+    return runs
 
 
 def read_into(fd: int, offset: int, out: torch.Tensor, file: pathlib.Path | str = "the file") -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelkin.checkpoint.byte_range import RangeReader
+from modelkin.checkpoint.byte_range import RangeReader, row_runs
 from modelkin.checkpoint.gguf_config import build_config
 from modelkin.checkpoint.gguf_names import fallback_name, gguf_to_hf
 from modelkin.checkpoint.limits import MAX_GGUF_ARRAY_ITEMS, check_count
@@ -281,6 +281,27 @@ class GGUFSource(TensorSource):
             tensor = tensor - 1
         return tensor
 
+    def is_mapped(self, name: str) -> bool:
+        entry = self._entries.get(name)
+        return (entry is not None and (entry.info.dtype in _PLAIN_NUMPY or entry.info.dtype == "BF16")
+                and entry.n_heads is None and not (self.arch in NORM_PLUS_ONE_ARCHS and name.endswith("norm.weight")))
+
+    def _read_rows(self, name: str, unique: torch.Tensor) -> torch.Tensor | None:
+        entry = self._entries[name]
+        data = entry.tensor.data
+        if (entry.expert is not None or entry.n_heads is not None or not isinstance(data, LazyData)
+                or len(data.shape) != 2 or len(entry.info.shape) != 2 or data.shape[0] != entry.info.shape[0]
+                or (self.arch in NORM_PLUS_ONE_ARCHS and name.endswith("norm.weight"))):
+            return None  # rows are not whole byte runs here: read the tensor whole
+        row_bytes = data.shape[1] * data.dtype.itemsize
+        try:
+            raw = self._ranges.read_runs(data.file, row_runs(unique, data.offset, row_bytes))
+            n = int(unique.numel())
+            return _convert(raw.numpy().view(data.dtype).reshape(n, data.shape[1]), entry, (n, entry.info.shape[1]))
+        except (ValueError, NotImplementedError, TypeError, OSError) as err:
+            raise CheckpointError(f"cannot read rows of {entry.tensor.name} ({entry.info.dtype}) from "
+                                  f"{self.path}: {err}") from None
+
     def config(self) -> dict[str, Any]:
         return dict(self._config)
 
@@ -312,15 +333,20 @@ def _contents(field: Any, path: pathlib.Path) -> Any:
 
 
 def _to_torch(entry: _Entry, ranges: RangeReader) -> torch.Tensor:
-    from gguf.quants import dequantize
-
     data = entry.tensor.data
     if entry.expert is not None:
         data = data[entry.expert]
     fresh = isinstance(data, LazyData)  # a private map of its own: no copy needed
     if fresh:
         data = data.read(ranges)
-    dtype, shape = entry.info.dtype, entry.info.shape
+    return _convert(data, entry, entry.info.shape, fresh=fresh)
+
+
+def _convert(data: Any, entry: _Entry, shape: tuple[int, ...], *, fresh: bool = True) -> torch.Tensor:
+    """Stored GGUF data (plain or quantised blocks) as a torch tensor of ``shape``."""
+    from gguf.quants import dequantize
+
+    dtype = entry.info.dtype
     if dtype in _PLAIN_NUMPY:
         array = data if fresh else np.array(data)
     elif dtype == "BF16":

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from modelkin.checkpoint.byte_range import RangeReader
+from modelkin.checkpoint.byte_range import RangeReader, row_runs
 from modelkin.checkpoint.hf_config import load_hf_config
 from modelkin.checkpoint.source import TORCH_DTYPES, TensorInfo, TensorSource
 from modelkin.errors import CheckpointError
@@ -217,6 +217,22 @@ class SafetensorsSource(TensorSource):
             return raw.view(dtype).reshape(shape)
         except Exception as err:  # noqa: BLE001 - boundary
             raise CheckpointError(f"cannot read a slice of tensor {name!r} from {file}: {err}") from None
+
+    def is_mapped(self, name: str) -> bool:
+        entry = self._entries.get(name)
+        return entry is not None and entry.info.dtype in TORCH_DTYPES and self._read_mode in ("mmap", "safe_open")
+
+    def _read_rows(self, name: str, unique: torch.Tensor) -> torch.Tensor | None:
+        entry = self._entries[name]
+        file, info = entry.path, entry.info
+        if info.dtype not in TORCH_DTYPES or not info.shape:
+            return None
+        row_bytes = info.nbytes // info.shape[0]
+        try:
+            raw = self._ranges.read_runs(file, row_runs(unique, entry.offset, row_bytes))
+            return raw.view(TORCH_DTYPES[info.dtype]).reshape(int(unique.numel()), *info.shape[1:])
+        except Exception as err:  # noqa: BLE001 - boundary
+            raise CheckpointError(f"cannot read rows of tensor {name!r} from {file}: {err}") from None
 
     def _mapped(self, file: pathlib.Path) -> Any:
         """safe_open's handle in "safe_open" mode (None for a file it cannot map, or in other modes)."""

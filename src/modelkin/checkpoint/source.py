@@ -182,6 +182,42 @@ class TensorSource(ABC):
         """Read only a slice (subclass hook); None: the format cannot, read whole and narrow."""
         return None
 
+    def is_mapped(self, name: str) -> bool:
+        """Whether ``get_tensor(name)`` returns a view of the file's mapped pages (page cache, reclaimable)
+        rather than memory of its own (dequantised, converted or copied data)."""
+        return False
+
+    def get_rows(self, name: str, ids: Any, device: torch.device | str | None = None) -> torch.Tensor:
+        """Rows ``ids`` (dim 0, in the order given, repeats allowed) of one tensor, e.g. embeddings of some tokens.
+
+        Formats that can read byte ranges (safetensors, GGUF) read only the distinct rows asked for and add
+        only their bytes to ``bytes_read``; the others read the whole tensor, then index it.
+
+        Raises:
+            CheckpointError: unknown name, a row out of range, or the stored data cannot be read.
+        """
+        meta = self.info(name)
+        index = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        rows = meta.shape[0] if meta.shape else 0
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows):
+            raise CheckpointError(f"cannot read rows of {name!r} {list(meta.shape)}: ids outside 0..{rows - 1}",
+                                  hint="the rows must lie inside the tensor")
+        if self.closed:
+            raise CheckpointError(f"cannot read {name!r}: {self.path} was closed")
+        unique = torch.unique(index)  # sorted
+        part = self._read_rows(name, unique) if unique.numel() else None
+        if part is None:
+            out = self._read(name)[index]
+            self.bytes_read += meta.nbytes
+        else:
+            out = part[torch.searchsorted(unique, index)]
+            self.bytes_read += meta.nbytes // rows * int(unique.numel())
+        return out if device is None else out.to(device)
+
+    def _read_rows(self, name: str, unique: torch.Tensor) -> torch.Tensor | None:
+        """Read only rows ``unique`` (sorted, distinct), in that order (subclass hook); None: read whole."""
+        return None
+
     def close(self) -> None:
         """Release open files and memory maps; names and infos stay available, data does not."""
         self.closed = True

@@ -66,6 +66,14 @@ def _curves(report):
     return StdCurves.from_json(curves["a"]), StdCurves.from_json(curves["b"]), result.details.get("r")
 
 
+def _done(console):
+    def show(result) -> None:
+        io = result.details.get("io") or {}
+        read = sum(int(side.get("bytes_read", 0)) for side in io.values())
+        console.print(f"[dim]  {result.name}: {result.seconds:.1f} s, read {read / 1e6:.1f} MB[/]")
+    return show
+
+
 def run(args: argparse.Namespace) -> int:
     from modelkin.compare.api import fingerprint
 
@@ -74,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     report = fingerprint(args.a, args.b, methods=args.methods, device=args.device, seed=args.seed,
                          allow_fallback=args.allow_fallback, null_library=args.null_library, options=options,
                          background=common.background_from_args(args),
-                         progress=lambda name: console.print(f"[dim]running {name}…[/]"))
+                         progress=lambda name: console.print(f"[dim]running {name}…[/]"), on_result=_done(console))
     if args.save_curves or args.plot:
         ca, cb, r = _curves(report)
         if args.save_curves:

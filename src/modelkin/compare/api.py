@@ -26,7 +26,7 @@ from modelkin.compare.fingerprints import method_module, resolve_methods
 from modelkin.compare.fingerprints.background import METHODS as BACKGROUND_METHODS
 from modelkin.compare.fingerprints.background import resolve as resolve_background
 from modelkin.compare.fingerprints.result import FingerprintReport, MethodResult, NotApplicable
-from modelkin.compare.fingerprints.weights import open_weights
+from modelkin.compare.fingerprints.weights import ModelWeights, open_weights
 from modelkin.compare.report.document import ComparisonReport
 from modelkin.compare.report.index import ComparisonSet, ReportSet, candidate_names, new_counters, slug
 from modelkin.compare.report.terminal import progress
@@ -37,14 +37,22 @@ from modelkin.errors import InputError, ModelkinError
 __all__ = ["ComparisonReport", "ComparisonSet", "FingerprintReport", "OutputCache", "compare", "compare_many", "fingerprint",
            "models_in", "resolve_prompts"]
 
-def fingerprint(a: str | Path | TensorSource, b: str | Path | TensorSource, methods: str | list[str] | None = None,
-                device: Any = "auto", *, seed: int = 0, allow_fallback: bool | None = None,
-                null_library: str | Path | None = None, options: Mapping[str, Mapping[str, Any]] | None = None,
-                progress: Callable[[str], None] | None = None, background: Any = None) -> FingerprintReport:
+def fingerprint(a: str | Path | TensorSource | ModelWeights, b: str | Path | TensorSource | ModelWeights,
+                methods: str | list[str] | None = None, device: Any = "auto", *, seed: int = 0,
+                allow_fallback: bool | None = None, null_library: str | Path | None = None,
+                options: Mapping[str, Mapping[str, Any]] | None = None,
+                progress: Callable[[str], None] | None = None, background: Any = None,
+                on_result: Callable[[MethodResult], None] | None = None) -> FingerprintReport:
     """Weight fingerprints of two checkpoints, each method with a score, a p-value and a call.
 
+    Each tensor is read once for all methods (a per-model memo, see ModelWeights). Pass an open
+    ModelWeights for a model compared several times to read it once in all (its memo is kept; it must
+    sit on the backend's device). ``report.io`` and each result's ``details["io"]`` give the counters
+    (ModelWeights.stats: bytes and tensors read, memo hits) in all and per method.
+
     Args:
-        a, b: checkpoint paths (HF dir, .safetensors, .gguf, .bin, .onnx) or open TensorSources.
+        a, b: checkpoint paths (HF dir, .safetensors, .gguf, .bin, .onnx), open TensorSources, or open
+            ModelWeights (``modelkin.compare.fingerprints.weights.open_weights``).
         methods: names or a comma-separated string out of std_curve, pcs, invariants, spectral,
             permtest, upcycle; None runs all. Methods that do not fit the pair are reported as skipped.
         device: "auto", "cpu", "cuda[:i]", "npu[:i]" or a Backend; tensors are computed there.
@@ -54,6 +62,7 @@ def fingerprint(a: str | Path | TensorSource, b: str | Path | TensorSource, meth
         progress: called with each method's name before it runs.
         background: directory of real unrelated models (``modelkin background add``) whose pair scores
             form the empirical null of std_curve and spectral; None: the shipped one; False: none.
+        on_result: called with each MethodResult when its method has finished.
 
     Returns:
         FingerprintReport: ``report.methods[name]`` (MethodResult), ``report.verdict``, ``to_json()``.
@@ -75,10 +84,12 @@ def fingerprint(a: str | Path | TensorSource, b: str | Path | TensorSource, meth
         options.setdefault(name, {}).setdefault("background", bg)
     results: dict[str, MethodResult] = {}
     with open_weights(a, backend.device) as wa, open_weights(b, backend.device) as wb:
+        start_io = {"a": wa.stats, "b": wb.stats}
         for name in names:
             if progress is not None:
                 progress(name)
             module = method_module(name)
+            before = (wa.stats, wb.stats)
             start = time.perf_counter()
             try:
                 result = module.run(wa, wb, seed=seed, **options.get(name, {}))
@@ -91,11 +102,30 @@ def fingerprint(a: str | Path | TensorSource, b: str | Path | TensorSource, meth
             if result.skipped is not None:
                 result.null_kind = module.NULL_KIND  # the modules set it on their results; skips get it here
             result.seconds = time.perf_counter() - start
+            result.details["io"] = {"a": _delta(wa.stats, before[0]), "b": _delta(wb.stats, before[1])}
             results[name] = result
-        labels = (str(a if not isinstance(a, TensorSource) else a.path),
-                  str(b if not isinstance(b, TensorSource) else b.path))
+            if on_result is not None:
+                on_result(result)
+        io = {"a": _delta(wa.stats, start_io["a"]), "b": _delta(wb.stats, start_io["b"])}
+        labels = (_label(a), _label(b))
     return FingerprintReport(a=labels[0], b=labels[1], device=str(backend.device), seed=seed,
-                             methods=results).finish()
+                             methods=results, io=io).finish()
+
+
+_COUNTERS = ("tensors_read", "rows_read", "bytes_read", "memo_hits", "memo_misses", "memo_evictions")
+
+
+def _delta(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """Counters accrued since ``before`` (memo_bytes and memo_budget as they are now)."""
+    out = {k: now[k] - before[k] for k in _COUNTERS}
+    out.update({k: now[k] for k in ("memo_bytes", "memo_budget", "memo_mapped_bytes", "memo_mapped_budget")})
+    return out
+
+
+def _label(model: Any) -> str:
+    if isinstance(model, ModelWeights):
+        return str(model.source.path)
+    return str(model.path if isinstance(model, TensorSource) else model)
 
 
 def _name(path: str | os.PathLike[str]) -> str:

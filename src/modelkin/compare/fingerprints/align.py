@@ -9,6 +9,7 @@ embeddings only, so tests that randomise A's MLP hidden units (csu) stay exact a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,13 +73,17 @@ def orthogonal(ea: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
+def _rows(emb: torch.Tensor | Callable[[np.ndarray], torch.Tensor], ids: np.ndarray) -> torch.Tensor:
+    return emb[torch.as_tensor(ids)] if isinstance(emb, torch.Tensor) else emb(ids)
+
+
 def _mean_row_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(x, y, dim=1).mean())
 
 
 def fit_alignment(
-    emb_a: torch.Tensor,
-    emb_b: torch.Tensor,
+    emb_a: torch.Tensor | Callable[[np.ndarray], torch.Tensor],
+    emb_b: torch.Tensor | Callable[[np.ndarray], torch.Tensor],
     shared: SharedTokens,
     *,
     rng: np.random.Generator,
@@ -88,17 +93,18 @@ def fit_alignment(
     """Fit each alignment kind on a random half of the shared tokens; keep the best on the other half.
 
     Args:
-        emb_a, emb_b: full embedding matrices [V, d] of A and B (rows indexed by token id).
+        emb_a, emb_b: full embedding matrices [V, d] of A and B (rows indexed by token id), or functions
+            returning the rows of given ids (only the rows of the tokens used are then read).
         shared: byte-identical token pairs (``modelkin.tokenizer.canonical.shared_tokens``).
         rng: the random split (and subsample when more than ``max_tokens`` are shared).
     """
     n = len(shared)
     order = rng.permutation(n)[:max_tokens]
     half = len(order) // 2
-    fit, held = order[:half], order[half:]
-    ida, idb = torch.as_tensor(shared.ids_a), torch.as_tensor(shared.ids_b)
-    ea = emb_a[ida].double()
-    eb = emb_b[idb].double()
+    # rows of the used tokens only, in ``order``: row k is shared token order[k]
+    fit, held = np.arange(half), np.arange(half, len(order))
+    ea = _rows(emb_a, np.asarray(shared.ids_a)[order]).double()
+    eb = _rows(emb_b, np.asarray(shared.ids_b)[order]).double()
     ea_c, eb_c = ea - ea[fit].mean(0), eb - eb[fit].mean(0)
     makers = {SIGNED_PERMUTATION: signed_permutation, ORTHOGONAL: orthogonal}
     scores: dict[str, float] = {}

@@ -50,12 +50,17 @@ def _unit_rows(w: ModelWeights, layer: int, align: ResidualAlignment | None) -> 
     return torch.cat(parts, dim=1) / math.sqrt(2.0)
 
 
-def _gram_cka(fa: torch.Tensor, fb: torch.Tensor) -> float:
-    """Linear CKA of the residual-side Gram matrices (invariant to either model's unit order)."""
-    ka, kb = fa.T @ fa, fb.T @ fb
-    ka = ka - ka.mean(0, keepdim=True) - ka.mean(1, keepdim=True) + ka.mean()
-    kb = kb - kb.mean(0, keepdim=True) - kb.mean(1, keepdim=True) + kb.mean()
-    den = float(ka.norm() * kb.norm())
+def centred_gram(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(double-centred residual-side Gram matrix fᵀf, its Frobenius norm): computed once per layer."""
+    k = f.T @ f
+    k = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+    return k, k.norm()
+
+
+def _cka(ga: tuple[torch.Tensor, torch.Tensor], gb: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Linear CKA of two layers' Gram matrices (invariant to either model's unit order)."""
+    (ka, na), (kb, nb) = ga, gb
+    den = float(na * nb)
     return float((ka * kb).sum()) / den if den > 0 else 0.0
 
 
@@ -115,15 +120,13 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
     va, vb = vocabulary(a), vocabulary(b)
     if va is None or vb is None:
         raise NotApplicable(f"{'A' if va is None else 'B'} carries no vocabulary (GGUF tokens or tokenizer.json)")
-    emb_a, emb_b = a.get(None, "embed"), b.get(None, "embed")
     shared = shared_tokens(va[0], vb[0], special_a=va[1], special_b=vb[1],
-                           rows_a=emb_a.shape[0], rows_b=emb_b.shape[0])
+                           rows_a=a.info(None, "embed").shape[0], rows_b=b.info(None, "embed").shape[0])
     if len(shared) < MIN_SHARED:
         raise NotApplicable(f"only {len(shared)} byte-identical shared tokens (need {MIN_SHARED}) to align "
                             "the residual bases")
     rng = np.random.default_rng(seed)
-    align = fit_alignment(emb_a, emb_b, shared, rng=rng)
-    del emb_a, emb_b
+    align = fit_alignment(lambda ids: a.rows("embed", ids), lambda ids: b.rows("embed", ids), shared, rng=rng)
     sim = None
     if len(layers_a) == len(layers_b):
         pairs = pick_layers(list(zip(layers_a, layers_b)), max_layers)
@@ -132,7 +135,10 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
     else:  # depth alignment on Gram matrices, which no relabelling of either model's units changes
         feats_a = {i: _unit_rows(a, i, None) for i in layers_a}
         feats_b = {j: _unit_rows(b, j, align) for j in layers_b}
-        sim = np.array([[_gram_cka(feats_a[i], feats_b[j]) for j in layers_b] for i in layers_a])
+        grams_a = {i: centred_gram(feats_a[i]) for i in layers_a}
+        grams_b = {j: centred_gram(feats_b[j]) for j in layers_b}
+        sim = np.array([[_cka(grams_a[i], grams_b[j]) for j in layers_b] for i in layers_a])
+        del grams_a, grams_b
         pairs = pick_layers([(layers_a[i], layers_b[j]) for i, j in monotone_map(sim)], max_layers)
     per_layer = {}
     for la_, lb_ in pairs:

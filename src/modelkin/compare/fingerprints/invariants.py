@@ -60,8 +60,7 @@ def w_rows(w: ModelWeights) -> int:
 
 def embedding(w: ModelWeights, rows: list[int]) -> torch.Tensor:
     """Rows of the input embedding (lm_head for checkpoints that only store it)."""
-    full = w.source.get_tensor(w.name(None, _embedding_role(w)))  # stored dtype: index before converting
-    return full[torch.as_tensor(rows)].to(w.device, torch.float32)
+    return w.rows(_embedding_role(w), rows)
 
 
 def _mlp_term(w: ModelWeights, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -104,12 +103,16 @@ def standardise_rows(t: torch.Tensor) -> torch.Tensor:
 
 def _token_null(ta: torch.Tensor, tb: torch.Tensor, n: int, seed: int) -> np.ndarray:
     """Σ <A terms, B terms with tokens relabelled by π> for n random π (rows and columns jointly)."""
-    flat_a = ta.reshape(-1)
+    flat_a, flat_b = ta.reshape(-1), tb.reshape(tb.shape[0], -1)
+    size = tb.shape[1]
     gen = torch.Generator().manual_seed(seed)
     out = np.empty(n)
     for i in range(n):
-        perm = torch.randperm(tb.shape[1], generator=gen).to(tb.device)
-        out[i] = float(torch.dot(flat_a, tb[:, perm][:, :, perm].reshape(-1)))
+        perm = torch.randperm(size, generator=gen).to(tb.device)
+        # one gather of (perm[i], perm[j]) per element: the same values, in the same order, as
+        # tb[:, perm][:, :, perm], without the intermediate copy
+        flat = (perm[:, None] * size + perm[None, :]).reshape(-1)
+        out[i] = float(torch.dot(flat_a, flat_b[:, flat].reshape(-1)))
     return out
 
 

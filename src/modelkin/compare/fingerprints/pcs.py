@@ -76,7 +76,7 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_flips: int = 9999,
     g = None
     per_tensor = []
     for name in same:
-        ta, tb = a.source.get_tensor(name).to(dev, torch.float32), b.source.get_tensor(name).to(dev, torch.float32)
+        ta, tb = a.tensor(name, torch.float32).to(dev), b.tensor(name, torch.float32).to(dev)
         product = ta * tb
         # float32 sums are cascaded (pairwise) in torch: relative error ~1e-7, ample for a cosine
         d, na, nb = float(product.sum()), float(ta.square().sum()), float(tb.square().sum())

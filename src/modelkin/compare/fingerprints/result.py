@@ -125,6 +125,7 @@ class FingerprintReport:
     methods: dict[str, MethodResult]
     p_holm: dict[str, float] = field(default_factory=dict)
     verdict: str = "inconclusive"
+    io: dict[str, dict[str, int]] = field(default_factory=dict)  # per model: ModelWeights.stats accrued
 
     def __getitem__(self, name: str) -> MethodResult:
         return self.methods[name]
@@ -149,8 +150,11 @@ class FingerprintReport:
             methods[name] = result.to_json()
             if name in self.p_holm:
                 methods[name]["p_holm"] = self.p_holm[name]
-        return {"a": self.a, "b": self.b, "device": self.device, "seed": self.seed, "verdict": self.verdict,
-                "call_rule": CALL_RULE, "methods": methods}
+        out = {"a": self.a, "b": self.b, "device": self.device, "seed": self.seed, "verdict": self.verdict,
+               "call_rule": CALL_RULE, "methods": methods}
+        if self.io:
+            out["io"] = self.io
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FingerprintReport:
@@ -160,7 +164,7 @@ class FingerprintReport:
                    seed=data.get("seed", 0),
                    methods={n: MethodResult.from_json(n, m) for n, m in methods.items()},
                    p_holm={n: m["p_holm"] for n, m in methods.items() if m.get("p_holm") is not None},
-                   verdict=data.get("verdict", "inconclusive"))
+                   verdict=data.get("verdict", "inconclusive"), io=dict(data.get("io") or {}))
 
 
 class NotApplicable(Exception):

@@ -31,7 +31,11 @@ RANK_TOL = 1e-5  # singular values below RANK_TOL * max do not count towards the
 
 
 def layer_spectra(w: ModelWeights) -> list[dict[str, np.ndarray]]:
-    """Per layer {"qk": singular values, "vo": singular values}, descending (float64 numpy)."""
+    """Per layer {"qk": singular values, "vo": singular values}, descending (float64 numpy); memoised."""
+    return w.derived("layer_spectra", lambda: _layer_spectra(w))
+
+
+def _layer_spectra(w: ModelWeights) -> list[dict[str, np.ndarray]]:
     out = []
     for layer in w.layers:
         if not all(w.has(layer, r) for r in ATTENTION_ROLES):

@@ -89,6 +89,10 @@ def compute_std_curves(weights: ModelWeights, *, extra: bool = False) -> StdCurv
     With ``extra``, q/k/v biases and the attention norm (input_layernorm) weights get curves too
     where the checkpoint has them (HonestAGI README's "Update").
     """
+    return weights.derived(("std_curves", extra), lambda: _std_curves(weights, extra))
+
+
+def _std_curves(weights: ModelWeights, extra: bool) -> StdCurves:
     dtype = acc_dtype(weights.device)
     roles = ATTENTION_ROLES + (EXTRA_ROLES if extra else ())
     layers = [i for i in weights.layers if all(weights.has(i, r) for r in ATTENTION_ROLES)]

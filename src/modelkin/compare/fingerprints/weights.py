@@ -1,20 +1,24 @@
 """Per-layer weight access for the fingerprints: canonical names -> (layer, role, expert), tensors on a device.
 
-Methods ask for ``weights.get(layer, "q")`` and read nothing else; every read goes through the
-checkpoint's TensorSource, so ``source.bytes_read`` shows what a method touched.
+Methods ask for ``weights.get(layer, "q")`` (or ``weights.rows("embed", ids)``) and read nothing else. Every
+read goes through the checkpoint's TensorSource once: a per-model memo (memo.py) serves repeats and values
+derived from tensors, and ``weights.stats`` counts what was read and what the memo served.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from modelkin.checkpoint import TensorSource, open_checkpoint
+from modelkin.compare.fingerprints.memo import Memo
 from modelkin.errors import CheckpointError
 from modelkin.inspect.roles import UNKNOWN, classify
 
@@ -47,16 +51,28 @@ class Geometry:
 class ModelWeights:
     """One checkpoint seen as layers and roles; reads tensors lazily onto ``device``.
 
+    Every tensor is read from the checkpoint once while the memo holds it (LRU, ``memo_bytes``; default
+    1 GiB capped at RAM / 8, or $MODELKIN_FINGERPRINT_MEMO_BYTES): methods share reads and derived
+    values, and a ModelWeights kept open across comparisons reads its model once. Returned tensors may be
+    the memo's own: callers must not modify them in place.
+
     Args:
         source: an open TensorSource.
         device: where tensors are computed on.
         label: a short name for reports (the path's name by default).
+        memo_bytes: the memo's budget in bytes for tensors in memory of their own (0: no memo); tensors
+            that are views of mapped file pages (safetensors, unquantised GGUF) count against a second
+            budget, ``memo.mapped_budget`` (RAM / 3, or $MODELKIN_FINGERPRINT_MAPPED_BYTES).
     """
 
-    def __init__(self, source: TensorSource, device: torch.device, label: str | None = None):
+    def __init__(self, source: TensorSource, device: torch.device, label: str | None = None, *,
+                 memo_bytes: int | None = None):
         self.source = source
         self.device = device
         self.label = label or Path(str(source.path)).name
+        self.memo = Memo(memo_bytes, 0 if memo_bytes == 0 else None)
+        self.reads: dict[str, int] = {}  # checkpoint name -> times read from the checkpoint
+        self._tensors_read = self._rows_read = self._bytes_read = 0
         self.index: dict[Key, str] = {}
         for name in source.keys():
             key = parse_name(name)
@@ -89,16 +105,71 @@ class ModelWeights:
     def info(self, layer: int | None, role: str, expert: int | None = None):
         return self.source.info(self.name(layer, role, expert))
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """What this model cost: tensors / row sets read from the checkpoint, bytes read, memo hits, misses,
+        evictions, bytes held and budget."""
+        memo = self.memo
+        return {"tensors_read": self._tensors_read, "rows_read": self._rows_read, "bytes_read": self._bytes_read,
+                "memo_hits": memo.hits, "memo_misses": memo.misses, "memo_evictions": memo.evictions,
+                "memo_bytes": memo.held, "memo_budget": memo.budget, "memo_mapped_bytes": memo.held_mapped,
+                "memo_mapped_budget": memo.mapped_budget}
+
+    def derived(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """A value computed from this model's weights alone, memoised under ``key`` (a tuple naming it)."""
+        return self.memo.get(("derived", *(key if isinstance(key, tuple) else (key,))), make)
+
     def get(self, layer: int | None, role: str, expert: int | None = None,
             dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One tensor on the device in ``dtype``; q/k/v split out of a fused qkv_proj when needed."""
         if role in ATTENTION_ROLES[:3] and (layer, role, None) not in self.index and self.has(layer, role):
             return self._split_qkv(layer, role).to(self.device, dtype)
-        tensor = self.source.get_tensor(self.name(layer, role, expert))
-        return tensor.to(self.device, dtype)
+        return self.tensor(self.name(layer, role, expert), dtype)
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor by checkpoint name on the device (memoised as stored), converted to ``dtype``."""
+        mapped = self.device.type == "cpu" and self.source.is_mapped(name)
+        found = self.memo.get(("tensor", name), lambda: self._read(name), mapped=mapped)
+        return found if dtype is None else found.to(self.device, dtype)
+
+    def rows(self, role: str, ids: Sequence[int] | np.ndarray | torch.Tensor,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``ids`` (in that order) of a global tensor such as the embedding, [len(ids), ...] in ``dtype``.
+
+        Served from the whole tensor when the memo holds it or when most rows are wanted; otherwise only
+        those rows are read (formats that can read byte ranges read nothing else).
+        """
+        name = self.name(None, role)
+        index = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        whole = self.memo.peek(("tensor", name))
+        if whole is None and 2 * int(index.unique().numel()) >= self.source.info(name).shape[0]:
+            whole = self.tensor(name)
+        if whole is not None:
+            return whole[index.to(whole.device)].to(self.device, dtype)
+        digest = hashlib.blake2b(index.numpy().tobytes(), digest_size=16).hexdigest()
+        found = self.memo.get(("rows", name, digest), lambda: self._read_rows(name, index))
+        return found.to(self.device, dtype)
+
+    def _read(self, name: str) -> torch.Tensor:
+        before = self.source.bytes_read
+        tensor = self.source.get_tensor(name).to(self.device)
+        self._tensors_read += 1
+        self._count(name, before)
+        return tensor
+
+    def _read_rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        before = self.source.bytes_read
+        tensor = self.source.get_rows(name, index).to(self.device)
+        self._rows_read += 1
+        self._count(name, before)
+        return tensor
+
+    def _count(self, name: str, before: int) -> None:
+        self._bytes_read += self.source.bytes_read - before
+        self.reads[name] = self.reads.get(name, 0) + 1
 
     def _split_qkv(self, layer: int, role: str) -> torch.Tensor:
-        fused = self.source.get_tensor(self.index[(layer, "qkv", None)])
+        fused = self.tensor(self.index[(layer, "qkv", None)])
         g = self.geometry()
         sizes = [g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim, g.num_kv_heads * g.head_dim]
         if sum(sizes) != fused.shape[0]:
@@ -126,6 +197,9 @@ class ModelWeights:
 
     def geometry(self) -> Geometry:
         """Hidden size, head counts and head_dim from the config, checked against q/k shapes."""
+        return self.derived("geometry", self._geometry)
+
+    def _geometry(self) -> Geometry:
         cfg = self.config
         layer = self.layers[0] if self.layers else 0
         hidden = int(cfg.get("hidden_size") or self.info(layer, "q").shape[1])
@@ -139,14 +213,18 @@ class ModelWeights:
 
 
 @contextlib.contextmanager
-def open_weights(model: str | Path | TensorSource, device: torch.device,
-                 label: str | None = None) -> Iterator[ModelWeights]:
-    """ModelWeights over a path (opened and closed here) or an already open TensorSource (left open)."""
+def open_weights(model: str | Path | TensorSource | ModelWeights, device: torch.device,
+                 label: str | None = None, *, memo_bytes: int | None = None) -> Iterator[ModelWeights]:
+    """ModelWeights over a path (opened and closed here), an open TensorSource (left open), or an open
+    ModelWeights (used as it is, memo included, and left open)."""
+    if isinstance(model, ModelWeights):
+        yield model
+        return
     if isinstance(model, TensorSource):
-        yield ModelWeights(model, device, label)
+        yield ModelWeights(model, device, label, memo_bytes=memo_bytes)
         return
     with open_checkpoint(model) as source:
-        yield ModelWeights(source, device, label or Path(model).name)
+        yield ModelWeights(source, device, label or Path(model).name, memo_bytes=memo_bytes)
 
 
 def pick_layers(layers: list[int], limit: int | None) -> list[int]:
@@ -170,6 +248,10 @@ def vocabulary(weights: ModelWeights) -> tuple[list[str], set[int]] | None:
 
     Special ids: GGUF unknown/control/unused token types, or tokenizer.json added tokens marked special.
     """
+    return weights.derived("vocabulary", lambda: _read_vocabulary(weights))
+
+
+def _read_vocabulary(weights: ModelWeights) -> tuple[list[str], set[int]] | None:
     source = weights.source
     if source.format == "gguf":
         meta = source.metadata()
