@@ -247,24 +247,28 @@ class _PairRun:
         return _cached_outputs(path, self.chosen, self.settings, seed=seed, device=self.device, dtype=self.dtype,
                                allow_fallback=self.allow_fallback, cache=self.cache, tick=tick)
 
-    def pair(self, a: Any, b: Any, *, tick: Callable[[str], None], weights_a: Any = None, weights_b: Any = None,
-             out_a: ModelOutputs | None = None,
+    def fingerprint(self, a: Any, b: Any, *, tick: Callable[[str], None]
+                    ) -> tuple[FingerprintReport | None, str | None, float]:
+        """(report or None, error or None, seconds) of the weight fingerprints of ``a`` and ``b``."""
+        tick("weight fingerprints")
+        t = time.perf_counter()
+        fp, fp_error = _fingerprint(a, b, self.methods, self.device, self.allow_fallback, self.settings.seed,
+                                    self.fingerprint_options, tick, self.background)
+        return fp, fp_error, time.perf_counter() - t
+
+    def pair(self, a: Any, b: Any, *, tick: Callable[[str], None], out_a: ModelOutputs | None = None,
+             fingerprinted: tuple[Any, str | None, float] | None = None,
              on_outputs: Callable[[str, bool], None] | None = None) -> ComparisonReport:
-        """Compare ``a`` with ``b``; ``weights_*`` (open sources) and ``out_a`` replace reading them again;
-        ``on_outputs(side, computed)`` hears whether each side's outputs were computed or cached."""
+        """Compare ``a`` with ``b``; ``out_a`` and ``fingerprinted`` (a ``fingerprint`` result) replace
+        computing them again; ``on_outputs(side, computed)`` hears whether each side's outputs were
+        computed or served from the cache."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
         fp: FingerprintReport | None = None
         beh: BehaviourResult | None = None
         fp_error, out_b = None, None
         if self.fingerprints:
-            tick("weight fingerprints")
-            t = time.perf_counter()
-            fp, fp_error = _fingerprint(weights_a if weights_a is not None else a,
-                                        weights_b if weights_b is not None else b, self.methods, self.device,
-                                        self.allow_fallback, self.settings.seed, self.fingerprint_options, tick,
-                                        self.background)
-            timings["fingerprint_s"] = time.perf_counter() - t
+            fp, fp_error, timings["fingerprint_s"] = fingerprinted or self.fingerprint(a, b, tick=tick)
         else:
             fp_error = "not requested"
         if self.behaviour:
@@ -280,7 +284,7 @@ class _PairRun:
             beh = compare_outputs(out_a, out_b, self.chosen, self.settings)
             timings["behaviour_s"] = time.perf_counter() - t
         verdict = decide(fp, beh, fingerprint_error=fp_error if self.fingerprints else None)
-        timings["total_s"] = time.perf_counter() - start
+        timings["total_s"] = time.perf_counter() - start + (fingerprinted[2] if fingerprinted else 0.0)
         return ComparisonReport(
             verdict=verdict.verdict, reasons=verdict.reasons, evidence=verdict.evidence, fingerprint=fp,
             fingerprint_error=fp_error, behaviour=beh,
@@ -349,9 +353,10 @@ def compare_many(
     theirs = found.counters["candidates"] = {name: new_counters(path) for name, path in named.items()}
     ours = found.counters["suspect"]
     start = time.perf_counter()
-    with progress(show_progress) as tick, contextlib.ExitStack() as stack:
-        weights_a = stack.enter_context(open_checkpoint(suspect)) if fingerprints else None
-        ours["checkpoint_opens"] += fingerprints
+    with progress(show_progress) as tick:
+        # weights first, the suspect's ModelWeights (and its memo) open across pairs and closed before any
+        # model runs, so that one model is resident at a time
+        prints = _fingerprint_all(run, suspect, named, ours, theirs, tick) if fingerprints else {}
         out_a = None
         for i, (name, path) in enumerate(named.items(), 1):
             step = (lambda m, i=i, name=name: tick(f"[{i}/{len(named)}] {name}: {m}"))
@@ -363,7 +368,8 @@ def compare_many(
                     _count_outputs(ours, computed)
                 if behaviour:
                     ours["outputs_reused"] += i > 1
-                report = _candidate_pair(run, suspect, path, weights_a, out_a, mine, step)
+                report = run.pair(suspect, path, tick=step, out_a=out_a, fingerprinted=prints.get(name),
+                                  on_outputs=lambda _side, computed, mine=mine: _count_outputs(mine, computed))
             except ModelkinError as err:
                 if behaviour and out_a is None:
                     raise  # the suspect itself failed: every pair would
@@ -371,11 +377,9 @@ def compare_many(
                 continue
             finally:
                 gc.collect()
-            seconds = time.perf_counter() - t
+            seconds = time.perf_counter() - t + (prints[name][2] if name in prints else 0.0)
             found.reports[name] = report
             found.seconds[name] = seconds
-            if weights_a is not None:
-                ours.update(bytes_read=weights_a.bytes_read, tensors_read=weights_a.tensors_read)
             if writer is not None:
                 writer.add(name, report, seconds=seconds)
             if on_report is not None:
@@ -417,17 +421,33 @@ def models_in(directory: str | os.PathLike[str]) -> list[Path]:
     return found
 
 
-def _candidate_pair(run: _PairRun, suspect: Any, path: Any, weights_a: Any, out_a: ModelOutputs | None,
-                    mine: dict[str, Any], tick: Callable[[str], None]) -> ComparisonReport:
-    """One pair of compare_many, counting what the candidate costs."""
-    with contextlib.ExitStack() as stack:
-        weights_b = stack.enter_context(open_checkpoint(path)) if run.fingerprints else None
-        mine["checkpoint_opens"] += run.fingerprints
-        report = run.pair(suspect, path, tick=tick, weights_a=weights_a, weights_b=weights_b, out_a=out_a,
-                          on_outputs=lambda _side, computed: _count_outputs(mine, computed))
-        if weights_b is not None:
-            mine.update(bytes_read=weights_b.bytes_read, tensors_read=weights_b.tensors_read)
-    return report
+def _fingerprint_all(run: _PairRun, suspect: Any, named: Mapping[str, Any], ours: dict[str, Any],
+                     theirs: dict[str, dict[str, Any]], tick: Callable[[str], None]
+                     ) -> dict[str, tuple[Any, str | None, float]]:
+    """Every pair's weight fingerprints, the suspect's checkpoint opened once (its memo serves every pair)."""
+    device = get_backend(run.device, allow_fallback=run.allow_fallback).device
+    prints = {}
+    with open_weights(suspect, device) as weights_a:
+        ours["checkpoint_opens"] += 1
+        for i, (name, path) in enumerate(named.items(), 1):
+            step = (lambda m, i=i, name=name: tick(f"[{i}/{len(named)}] {name}: {m}"))
+            try:
+                with open_weights(path, device) as weights_b:
+                    theirs[name]["checkpoint_opens"] += 1
+                    prints[name] = run.fingerprint(weights_a, weights_b, tick=step)
+                    _count_reads(theirs[name], weights_b)
+            except ModelkinError as err:  # the pair's report says why, as compare() would
+                prints[name] = (None, str(err), 0.0)
+            _count_reads(ours, weights_a)
+            gc.collect()
+    return prints
+
+
+def _count_reads(counters: dict[str, Any], weights: Any) -> None:
+    stats = getattr(weights, "stats", None) or {}
+    counters.update(tensors_read=stats.get("tensors_read", weights.source.tensors_read),
+                    bytes_read=stats.get("bytes_read", weights.source.bytes_read),
+                    **{k: v for k, v in stats.items() if k in ("memo_hits", "memo_misses")})
 
 
 def _count_outputs(counters: dict[str, Any], computed: bool) -> None:
