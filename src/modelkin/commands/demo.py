@@ -122,7 +122,7 @@ def _print_table(rows: list[dict[str, Any]], console: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from modelkin.compare.api import compare_many
+    from modelkin.compare.api import compare_many, trim_heap
     from modelkin.compare.report.index import ReportSet
     from modelkin.compare.report.terminal import print_summary, progress
     from modelkin.compare.settings import BehaviourSettings
@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         folder = out / "models" if args.keep_models else Path(tmp)
         with progress() as tick:
             built = build_variants(source, folder, seed=args.seed, tick=tick)
+        trim_heap()  # the fine-tune's optimiser state is freed: give it back before the comparisons
         built_s = time.perf_counter() - start
         console.print(f"built {len(built)} models to compare with {source.name} in {built_s:.0f} s")
         if "gemma-3-270m" not in built:

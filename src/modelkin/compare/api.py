@@ -4,11 +4,12 @@ fingerprints + behaviour -> verdict -> ComparisonReport (which the JSON, termina
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import dataclasses
 import gc
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -152,9 +153,21 @@ def _cached_outputs(path: Any, prompts: list[Prompt], settings: BehaviourSetting
         return hit, False
     out = collect_outputs(path, prompts, settings, device=device, dtype=dtype, allow_fallback=allow_fallback,
                           seed=seed, tick=lambda m: tick(f"{_name(path)}: {m}"))
+    trim_heap()  # the model is gone: its memory is not the next one's peak
     if cache is not None:
         cache.put(key, out)
     return out, True
+
+
+def trim_heap() -> None:
+    """Hand freed memory back to the OS: glibc keeps much of a freed model in its heap (still RssAnon),
+    where the next model's tensors do not fit, so each model would add to the peak of the next."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def _fingerprint(a: Any, b: Any, methods: Sequence[str] | None, device: str, allow_fallback: bool | None,
@@ -254,6 +267,7 @@ class _PairRun:
         t = time.perf_counter()
         fp, fp_error = _fingerprint(a, b, self.methods, self.device, self.allow_fallback, self.settings.seed,
                                     self.fingerprint_options, tick, self.background)
+        trim_heap()  # the fingerprint memos are gone
         return fp, fp_error, time.perf_counter() - t
 
     def pair(self, a: Any, b: Any, *, tick: Callable[[str], None], out_a: ModelOutputs | None = None,
@@ -439,7 +453,8 @@ def _fingerprint_all(run: _PairRun, suspect: Any, named: Mapping[str, Any], ours
             except ModelkinError as err:  # the pair's report says why, as compare() would
                 prints[name] = (None, str(err), 0.0)
             _count_reads(ours, weights_a)
-            gc.collect()
+            trim_heap()
+    trim_heap()
     return prints
 
 
