@@ -251,12 +251,15 @@ class Model:
         rows: Sequence[Continuation],
         *,
         on_logits: Any = None,
-        logits_budget: int = 1 << 25,
-        cache_budget: int = 1 << 28,
+        logits_budget: int = 1 << 24,
+        cache_budget: int = 3 << 25,
+        sample_dtype: torch.dtype | None = None,
     ) -> list[list[int]]:
         """One prefill per prompt (token ids), its float32 logits [n, V] handed to ``on_logits(i, logits)``,
         then every ``Continuation`` decoded from its prompt's cache in batches; generated ids per row
         (an ending EOS included). MoE models record the routing of the prompt tokens only.
+        ``sample_dtype`` other than the model's: sampled rows decode with a copy of the weights in
+        that dtype, made for this call (greedy rows and the prefill keep the model's dtype).
 
         Raises:
             InputError: an empty prompt, ids outside the vocabulary, or too long for the context.
@@ -269,10 +272,13 @@ class Model:
         tele = self.routing_telemetry
         if tele is not None:
             tele.reset()
+        sample_model = None
+        if sample_dtype is not None and sample_dtype != self.dtype and any(r.uniforms is not None for r in rows):
+            sample_model = _module_copy(self.module, sample_dtype)
         return prefill_decode(
             self.module, prompts, rows, eos_ids=self.eos_token_ids, pad_id=self.pad_token_id,
             on_logits=on_logits, logits_budget=logits_budget, cache_budget=cache_budget,
-            record=(lambda: tele.recording(self.module)) if tele is not None else None,
+            record=(lambda: tele.recording(self.module)) if tele is not None else None, sample_model=sample_model,
         )
 
     # -- scoring --------------------------------------------------------------------------------
@@ -307,6 +313,18 @@ class Model:
                 hint="add tokenizer.json / tokenizer.model beside the weights, or pass token ids",
             )
         return self.tokenizer
+
+
+def _module_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module`` with its floating-point parameters in ``dtype``, row-major (batched matmuls' best
+    layout), buffers copied as they are, tied weights still tied; no full-precision intermediate."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for param in module.parameters():
+        if param.is_floating_point():
+            memo[id(param)] = nn.Parameter(param.detach().to(dtype).contiguous(), requires_grad=False)
+    return copy.deepcopy(module, memo)
 
 
 def _sampling_params(**kw: Any) -> SamplingParams:

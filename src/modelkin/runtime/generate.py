@@ -234,9 +234,10 @@ def prefill_decode(
     eos_ids: set[int],
     pad_id: int = 0,
     on_logits: Callable[[int, torch.Tensor], None] | None = None,
-    logits_budget: int = 1 << 25,
-    cache_budget: int = 1 << 28,
+    logits_budget: int = 1 << 24,
+    cache_budget: int = 3 << 25,
     record: Callable[[], Any] | None = None,
+    sample_model: nn.Module | None = None,
 ) -> list[list[int]]:
     """Prefill every prompt once, then decode every row from its prompt's cache; ids per row.
 
@@ -244,7 +245,9 @@ def prefill_decode(
     float32 logits at its real positions [n, V] go to ``on_logits(index, logits)``, and ``record()``
     (a context manager, e.g. MoE routing telemetry) is active around the prefills only. Rows then
     decode in batches whose caches hold at most ``cache_budget`` bytes, finished rows dropping out;
-    a row stops after an id in ``eos_ids`` (kept) or ``max_new_tokens``.
+    a row stops after an id in ``eos_ids`` (kept) or ``max_new_tokens``. Sampled rows decode with
+    ``sample_model`` when given (e.g. a bfloat16 copy; their cache rows are cast to its dtype), in
+    batches of their own; greedy rows and the prefill always use ``model``.
     """
     device = model.model.embed_tokens.weight.device
     vocab = int(model.args.vocab_size)
@@ -267,7 +270,8 @@ def prefill_decode(
                 by_prompt[i] = len(prefills)
                 prefills.append((cache, b, logits_BLV[b, -1].float().clone()))
             del logits_BLV
-        return _decode_all(model, prompts, rows, prefills, by_prompt, eos_ids=eos_ids, cache_budget=cache_budget)
+        return _decode_all(model, prompts, rows, prefills, by_prompt, eos_ids=eos_ids, cache_budget=cache_budget,
+                           sample_model=sample_model)
 
 
 def _decode_all(
@@ -279,17 +283,23 @@ def _decode_all(
     *,
     eos_ids: set[int],
     cache_budget: int,
+    sample_model: nn.Module | None,
 ) -> list[list[int]]:
     """prefill_decode's second half: rows packed by prompt length into batches under ``cache_budget``."""
     out: list[list[int]] = [[] for _ in rows]
     if not rows:
         return out
     keys = prefills[0][0].keys
-    slot_bytes = sum(2 * k[0, :, 0].numel() * k.element_size() for k in keys)
-    row_order = sorted(range(len(rows)), key=lambda r: (len(prompts[rows[r].prompt]), rows[r].prompt))
-    size = lambda batch: len(batch) * max(  # noqa: E731
-        len(prompts[rows[r].prompt]) + rows[r].max_new_tokens for r in batch) * slot_bytes
+    slot_floats = sum(2 * k[0, :, 0].numel() for k in keys)
+    split = sample_model is not None and sample_model is not model
+    own = lambda r: split and rows[r].uniforms is not None  # noqa: E731  (decodes with sample_model)
+    itemsize = lambda r: (sample_model if own(r) else model).model.embed_tokens.weight.element_size()  # noqa: E731
+    row_order = sorted(range(len(rows)), key=lambda r: (own(r), len(prompts[rows[r].prompt]), rows[r].prompt))
+    size = lambda batch: (len(batch) * slot_floats * itemsize(batch[0]) * max(  # noqa: E731
+        len(prompts[rows[r].prompt]) + rows[r].max_new_tokens for r in batch) if len({own(r) for r in batch}) == 1
+        else cache_budget + 1)
     for batch in _packs(row_order, size, cache_budget):
+        runner = sample_model if own(batch[0]) else model
         picked = [rows[r] for r in batch]
         sources: list[tuple[KVCache, int, int]] = []
         last = None
@@ -301,9 +311,10 @@ def _decode_all(
                 cache, b, _ = prefills[by_prompt[c.prompt]]
                 sources.append((cache, b, 1))
             last = c.prompt
-        cache = gather_rows(sources, extra=max(c.max_new_tokens for c in picked))
+        dtype = runner.model.embed_tokens.weight.dtype
+        cache = gather_rows(sources, extra=max(c.max_new_tokens for c in picked), dtype=dtype)
         first_BV = torch.stack([prefills[by_prompt[c.prompt]][2] for c in picked])
-        for r, ids in zip(batch, decode_rows(model, cache, first_BV, picked, eos_ids=eos_ids)):
+        for r, ids in zip(batch, decode_rows(runner, cache, first_BV, picked, eos_ids=eos_ids)):
             out[r] = ids
         del cache
     return out

@@ -123,15 +123,14 @@ class KVCache:
         return int(self.valid_BS[row, : self.length].sum())
 
     def select(self, rows_B: torch.Tensor) -> KVCache:
-        """A cache holding only ``rows_B`` (indices into this batch), e.g. to drop finished rows."""
-        out = KVCache.__new__(KVCache)
-        out.keys = [k.index_select(0, rows_B) for k in self.keys]
-        out.values = [v.index_select(0, rows_B) for v in self.values]
-        out.valid_BS = self.valid_BS.index_select(0, rows_B)
-        out.next_pos_B = self.next_pos_B.index_select(0, rows_B)
-        out.max_len, out.window, out.length = self.max_len, self.window, self.length
-        out.has_padding = self.has_padding
-        return out
+        """Keep only ``rows_B`` (indices into this batch), e.g. to drop finished rows; in place, one
+        layer at a time, so the transient copy is one layer's. Returns self."""
+        for layer in range(len(self.keys)):
+            self.keys[layer] = self.keys[layer].index_select(0, rows_B)
+            self.values[layer] = self.values[layer].index_select(0, rows_B)
+        self.valid_BS = self.valid_BS.index_select(0, rows_B)
+        self.next_pos_B = self.next_pos_B.index_select(0, rows_B)
+        return self
 
 
 def gather_rows(

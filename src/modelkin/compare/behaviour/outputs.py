@@ -122,7 +122,7 @@ def run_outputs(model: Any, prompts: Sequence[Prompt], settings: BehaviourSettin
     tick("prefill and continuations")
     scores = _Scores(prompts, ids, settings.top_k)
     rows, greedy_rows, sample_rows = _continuations(ids, settings, seed)
-    out = model.prefill_decode(ids, rows, on_logits=scores.add)
+    out = model.prefill_decode(ids, rows, on_logits=scores.add, **_sample_options(model, settings))
     timings["logits_s"] = scores.done_at - t
     timings["decode_s"] = time.perf_counter() - scores.done_at
     routing = tele.to_json() if tele is not None else None
@@ -189,6 +189,13 @@ def _continuations(ids: list[list[int]], settings: BehaviourSettings,
         rows.append(Continuation(prompt=r // settings.mmd_samples, max_new_tokens=settings.mmd_tokens,
                                  temperature=settings.temperature, uniforms=u[r]))
     return rows, greedy_rows, list(range(len(greedy_rows), len(rows)))
+
+
+def _sample_options(model: Any, settings: BehaviourSettings) -> dict[str, Any]:
+    """prefill_decode's dtype for sampled rows (see BehaviourSettings.sample_dtype)."""
+    import torch
+
+    return {"sample_dtype": torch.bfloat16 if settings.sample_dtype == "bfloat16" else model.dtype}
 
 
 def _text(tok: Any, tokens: list[int], eos_ids: set[int]) -> str:
