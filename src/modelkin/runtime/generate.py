@@ -328,14 +328,14 @@ def decode_rows(
     batch once a quarter of it has finished."""
     tokens: list[list[int]] = [[] for _ in rows]
     live = list(range(len(rows)))  # rows[live[b]] is cache row b
+    done = [False] * len(rows)  # by batch position
     step = 0
     while True:
         ids_B = _pick(logits_BV, [rows[r] for r in live], step)
-        ids = ids_B.tolist()
-        done = []
-        for b, r in enumerate(live):
-            tokens[r].append(ids[b])
-            done.append(ids[b] in eos_ids or len(tokens[r]) >= rows[r].max_new_tokens)
+        for b, (r, token) in enumerate(zip(live, ids_B.tolist())):
+            if not done[b]:
+                tokens[r].append(token)
+                done[b] = token in eos_ids or len(tokens[r]) >= rows[r].max_new_tokens
         step += 1
         if all(done):
             return tokens
@@ -343,7 +343,7 @@ def decode_rows(
             keep = [b for b, d in enumerate(done) if not d]
             index = torch.tensor(keep, device=ids_B.device)
             cache, ids_B = cache.select(index), ids_B[index]
-            live = [live[b] for b in keep]
+            live, done = [live[b] for b in keep], [False] * len(keep)
         logits_BV = decode_step(model, ids_B, cache)  # finished rows still in the batch run on, ignored
 
 
