@@ -99,8 +99,8 @@ def main() -> None:
                 line.append(f"{name} {label} p={p:.3f}")
         log(f"seed {seed}: " + "; ".join(line) + f"  ({ta + ta2 + tb:.1f} s sampling)")
     log(f"loadavg {os.getloadavg()}")
-    print(f"\nrejection rate at 0.05 over {args.seeds} seeds (SmolLM2 vs its {args.steps}-step lr {args.lr:g} "
-          f"fine-tune; vs itself with another seed)")
+    print(f"\nrejection rate at 0.05 over {args.seeds} seeds (SmolLM2 vs its {args.steps}-step "
+          f"lr {args.lr:g} fine-tune; vs itself with another seed)")
     summary: dict[str, Any] = {}
     for name in budgets:
         rates = {label: sum(p < 0.05 for p in ps) / len(ps) for label, ps in rejects[name].items()}

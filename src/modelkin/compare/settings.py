@@ -62,7 +62,8 @@ class BehaviourSettings:
             raise InputError(f"max_prompts must be at least 1, got {self.max_prompts}",
                              hint="pass --max-prompts 1 or more")
         if self.sample_dtype not in SAMPLE_DTYPES:
-            raise InputError(f"unknown sample dtype {self.sample_dtype!r}", hint=f"choose from {', '.join(SAMPLE_DTYPES)}")
+            raise InputError(f"unknown sample dtype {self.sample_dtype!r}",
+                             hint=f"choose from {', '.join(SAMPLE_DTYPES)}")
         if not self.temperature > 0:
             raise InputError(f"the sampling temperature must be > 0, got {self.temperature}")
         unknown = sorted(set(self.metrics) - set(METRICS))

@@ -246,20 +246,10 @@ class Model:
         return self.generate_batch([prompt_or_ids], chat=chat, **sampling)[0]
 
     def prefill_decode(
-        self,
-        prompts: Sequence[Sequence[int]],
-        rows: Sequence[Continuation],
-        *,
-        on_logits: Any = None,
-        logits_budget: int = 1 << 24,
-        cache_budget: int = 3 << 25,
-        sample_dtype: torch.dtype | None = None,
+        self, prompts: Sequence[Sequence[int]], rows: Sequence[Continuation], **options: Any
     ) -> list[list[int]]:
-        """One prefill per prompt (token ids), its float32 logits [n, V] handed to ``on_logits(i, logits)``,
-        then every ``Continuation`` decoded from its prompt's cache in batches; generated ids per row
-        (an ending EOS included). MoE models record the routing of the prompt tokens only.
-        ``sample_dtype`` other than the model's: sampled rows decode with a copy of the weights in
-        that dtype, made for this call (greedy rows and the prefill keep the model's dtype).
+        """``generate.prefill_decode`` on this model (its EOS ids and pad id; ``options``: on_logits,
+        budgets, sample_dtype): ids per row. MoE models record the routing of the prompt tokens only.
 
         Raises:
             InputError: an empty prompt, ids outside the vocabulary, or too long for the context.
@@ -267,19 +257,15 @@ class Model:
         if any(not p for p in prompts):
             raise InputError("a prompt holds zero tokens", hint="pass a non-empty prompt")
         self._check_ids(prompts)
-        rows = [dataclasses.replace(r, max_new_tokens=max(1, min(r.max_new_tokens, self.context_length
-                                                                  - len(prompts[r.prompt])))) for r in rows]
+        room = [self.context_length - len(p) for p in prompts]
+        rows = [dataclasses.replace(r, max_new_tokens=max(1, min(r.max_new_tokens, room[r.prompt])))
+                for r in rows]
         tele = self.routing_telemetry
         if tele is not None:
             tele.reset()
-        sample_model = None
-        if sample_dtype is not None and sample_dtype != self.dtype and any(r.uniforms is not None for r in rows):
-            sample_model = _module_copy(self.module, sample_dtype)
-        return prefill_decode(
-            self.module, prompts, rows, eos_ids=self.eos_token_ids, pad_id=self.pad_token_id,
-            on_logits=on_logits, logits_budget=logits_budget, cache_budget=cache_budget,
-            record=(lambda: tele.recording(self.module)) if tele is not None else None, sample_model=sample_model,
-        )
+            options["record"] = lambda: tele.recording(self.module)
+        return prefill_decode(self.module, prompts, rows, eos_ids=self.eos_token_ids,
+                              pad_id=self.pad_token_id, **options)
 
     # -- scoring --------------------------------------------------------------------------------
     def score(self, text: str) -> ScoreResult:
@@ -313,18 +299,6 @@ class Model:
                 hint="add tokenizer.json / tokenizer.model beside the weights, or pass token ids",
             )
         return self.tokenizer
-
-
-def _module_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``module`` with its floating-point parameters in ``dtype``, row-major (batched matmuls' best
-    layout), buffers copied as they are, tied weights still tied; no full-precision intermediate."""
-    import copy
-
-    memo: dict[int, Any] = {}
-    for param in module.parameters():
-        if param.is_floating_point():
-            memo[id(param)] = nn.Parameter(param.detach().to(dtype).contiguous(), requires_grad=False)
-    return copy.deepcopy(module, memo)
 
 
 def _sampling_params(**kw: Any) -> SamplingParams:

@@ -5,6 +5,7 @@ prefill_decode, many continuations per prompt from one shared prefill (token ids
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -237,7 +238,7 @@ def prefill_decode(
     logits_budget: int = 1 << 24,
     cache_budget: int = 3 << 25,
     record: Callable[[], Any] | None = None,
-    sample_model: nn.Module | None = None,
+    sample_dtype: torch.dtype | None = None,
 ) -> list[list[int]]:
     """Prefill every prompt once, then decode every row from its prompt's cache; ids per row.
 
@@ -245,9 +246,9 @@ def prefill_decode(
     float32 logits at its real positions [n, V] go to ``on_logits(index, logits)``, and ``record()``
     (a context manager, e.g. MoE routing telemetry) is active around the prefills only. Rows then
     decode in batches whose caches hold at most ``cache_budget`` bytes, finished rows dropping out;
-    a row stops after an id in ``eos_ids`` (kept) or ``max_new_tokens``. Sampled rows decode with
-    ``sample_model`` when given (e.g. a bfloat16 copy; their cache rows are cast to its dtype), in
-    batches of their own; greedy rows and the prefill always use ``model``.
+    a row stops after an id in ``eos_ids`` (kept) or ``max_new_tokens``. With a ``sample_dtype``
+    other than the model's, sampled rows decode in batches of their own with a copy of the weights
+    in that dtype made for this call (cache rows cast); greedy rows and the prefill use ``model``.
     """
     device = model.model.embed_tokens.weight.device
     vocab = int(model.args.vocab_size)
@@ -262,7 +263,8 @@ def prefill_decode(
             mask = None if bool(mask_BL.all()) else mask_BL.to(device)
             with record() if record is not None else contextlib.nullcontext():
                 positions_BL, mask_BLS = cache.reserve(ids_BL.shape[1], mask)
-                logits_BLV = model(ids_BL.to(device), positions_BL=positions_BL, mask_BLS=mask_BLS, cache=cache)
+                logits_BLV = model(ids_BL.to(device), positions_BL=positions_BL, mask_BLS=mask_BLS,
+                                   cache=cache)
             for b, i in enumerate(batch):
                 n = len(prompts[i])
                 if on_logits is not None:
@@ -270,8 +272,12 @@ def prefill_decode(
                 by_prompt[i] = len(prefills)
                 prefills.append((cache, b, logits_BLV[b, -1].float().clone()))
             del logits_BLV
-        return _decode_all(model, prompts, rows, prefills, by_prompt, eos_ids=eos_ids, cache_budget=cache_budget,
-                           sample_model=sample_model)
+        sample_model = None
+        weight = model.model.embed_tokens.weight
+        if sample_dtype not in (None, weight.dtype) and any(r.uniforms is not None for r in rows):
+            sample_model = module_copy(model, sample_dtype)
+        return _decode_all(model, prompts, rows, prefills, by_prompt, eos_ids=eos_ids,
+                           cache_budget=cache_budget, sample_model=sample_model)
 
 
 def _decode_all(
@@ -285,21 +291,26 @@ def _decode_all(
     cache_budget: int,
     sample_model: nn.Module | None,
 ) -> list[list[int]]:
-    """prefill_decode's second half: rows packed by prompt length into batches under ``cache_budget``."""
+    """prefill_decode's second half: rows packed by prompt length into batches of caches under
+    ``cache_budget`` bytes."""
     out: list[list[int]] = [[] for _ in rows]
     if not rows:
         return out
-    keys = prefills[0][0].keys
-    slot_floats = sum(2 * k[0, :, 0].numel() for k in keys)
-    split = sample_model is not None and sample_model is not model
-    own = lambda r: split and rows[r].uniforms is not None  # noqa: E731  (decodes with sample_model)
-    itemsize = lambda r: (sample_model if own(r) else model).model.embed_tokens.weight.element_size()  # noqa: E731
-    row_order = sorted(range(len(rows)), key=lambda r: (own(r), len(prompts[rows[r].prompt]), rows[r].prompt))
-    size = lambda batch: (len(batch) * slot_floats * itemsize(batch[0]) * max(  # noqa: E731
-        len(prompts[rows[r].prompt]) + rows[r].max_new_tokens for r in batch) if len({own(r) for r in batch}) == 1
-        else cache_budget + 1)
+    slot_floats = sum(2 * k[0, :, 0].numel() for k in prefills[0][0].keys)  # keys + values, all layers
+
+    def runner(r: int) -> nn.Module:  # sampled rows decode with sample_model when there is one
+        return sample_model if sample_model is not None and rows[r].uniforms is not None else model
+
+    def size(batch: list[int]) -> int:  # cache bytes; one runner per batch
+        if len({id(runner(r)) for r in batch}) > 1:
+            return cache_budget + 1
+        slots = max(len(prompts[rows[r].prompt]) + rows[r].max_new_tokens for r in batch)
+        return len(batch) * slots * slot_floats * runner(batch[0]).model.embed_tokens.weight.element_size()
+
+    row_order = sorted(range(len(rows)), key=lambda r: (runner(r) is not model, len(prompts[rows[r].prompt]),
+                                                        rows[r].prompt))
     for batch in _packs(row_order, size, cache_budget):
-        runner = sample_model if own(batch[0]) else model
+        decoder = runner(batch[0])
         picked = [rows[r] for r in batch]
         sources: list[tuple[KVCache, int, int]] = []
         last = None
@@ -311,17 +322,22 @@ def _decode_all(
                 cache, b, _ = prefills[by_prompt[c.prompt]]
                 sources.append((cache, b, 1))
             last = c.prompt
-        dtype = runner.model.embed_tokens.weight.dtype
+        dtype = decoder.model.embed_tokens.weight.dtype
         cache = gather_rows(sources, extra=max(c.max_new_tokens for c in picked), dtype=dtype)
         first_BV = torch.stack([prefills[by_prompt[c.prompt]][2] for c in picked])
-        for r, ids in zip(batch, decode_rows(runner, cache, first_BV, picked, eos_ids=eos_ids)):
+        for r, ids in zip(batch, decode_rows(decoder, cache, first_BV, picked, eos_ids=eos_ids)):
             out[r] = ids
         del cache
     return out
 
 
 def decode_rows(
-    model: nn.Module, cache: KVCache, logits_BV: torch.Tensor, rows: Sequence[Continuation], *, eos_ids: set[int]
+    model: nn.Module,
+    cache: KVCache,
+    logits_BV: torch.Tensor,
+    rows: Sequence[Continuation],
+    *,
+    eos_ids: set[int],
 ) -> list[list[int]]:
     """Batched decoding of ``rows`` (cache row b is rows[b]) from their next-token logits; per-row
     temperature (None uniforms: greedy), length and EOS. Rows that finish are dropped from the
@@ -359,6 +375,16 @@ def _pick(logits_BV: torch.Tensor, rows: Sequence[Continuation], step: int) -> t
         u = torch.stack([rows[b].uniforms[step] for b in sampled]).to(logits_BV.device)
         ids_B[index] = inverse_cdf(logits_BV.index_select(0, index) / temps[:, None], u)
     return ids_B
+
+
+def module_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module`` with its floating-point parameters in ``dtype``, row-major (batched matmuls' best
+    layout), buffers copied as they are, tied weights still tied; no full-precision intermediate."""
+    memo: dict[int, Any] = {}
+    for param in module.parameters():
+        if param.is_floating_point():
+            memo[id(param)] = nn.Parameter(param.detach().to(dtype).contiguous(), requires_grad=False)
+    return copy.deepcopy(module, memo)
 
 
 def _packs(order: Sequence[int], cost: Callable[[list[int]], int], budget: int) -> Iterator[list[int]]:

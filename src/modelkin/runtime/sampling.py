@@ -94,11 +94,12 @@ def inverse_cdf(logits_BV: torch.Tensor, u_B: torch.Tensor, block: int = 256) ->
     mass_BN = p_BNb.sum(dim=-1)
     cum_BN = mass_BN.cumsum(dim=-1)
     total_B1 = cum_BN[:, -1:]
-    target_B1 = torch.minimum(u_B.to(total_B1)[:, None] * total_B1, torch.nextafter(total_B1, torch.zeros_like(total_B1)))
+    below = lambda x: torch.nextafter(x, torch.zeros_like(x))  # noqa: E731  (keeps u * total < total)
+    target_B1 = torch.minimum(u_B.to(total_B1)[:, None] * total_B1, below(total_B1))
     n_B1 = torch.searchsorted(cum_BN, target_B1, right=True).clamp_(max=N - 1)
     rest_B1 = (target_B1 - (cum_BN.gather(-1, n_B1) - mass_BN.gather(-1, n_B1))).clamp_(min=0)
     within_Bb = p_BNb[torch.arange(B, device=p_BNb.device), n_B1[:, 0]].cumsum(dim=-1)
     last_B1 = within_Bb[:, -1:]
-    rest_B1 = torch.minimum(rest_B1, torch.nextafter(last_B1, torch.zeros_like(last_B1)))
+    rest_B1 = torch.minimum(rest_B1, below(last_B1))
     j_B1 = torch.searchsorted(within_Bb, rest_B1, right=True).clamp_(max=block - 1)
     return (n_B1 * block + j_B1)[:, 0]

@@ -180,7 +180,7 @@ def _continuations(ids: list[list[int]], settings: BehaviourSettings,
 
     rows = []
     if settings.wants("greedy"):
-        rows += [Continuation(prompt=i, max_new_tokens=settings.greedy_tokens, uniforms=None) for i in range(len(ids))]
+        rows += [Continuation(prompt=i, max_new_tokens=settings.greedy_tokens) for i in range(len(ids))]
     greedy_rows = list(range(len(rows)))
     chosen = min(settings.mmd_prompts, len(ids)) if settings.wants("mmd") else 0
     count = chosen * settings.mmd_samples
