@@ -381,10 +381,11 @@ def module_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``module`` with its floating-point parameters in ``dtype``, row-major (batched matmuls' best
     layout), buffers copied as they are, tied weights still tied; no full-precision intermediate."""
     memo: dict[int, Any] = {}
-    for param in module.parameters():
-        if param.is_floating_point():
-            memo[id(param)] = nn.Parameter(param.detach().to(dtype).contiguous(), requires_grad=False)
-    return copy.deepcopy(module, memo)
+    with torch.inference_mode(False):  # ordinary tensors: MoE weight packing reads their versions
+        for param in module.parameters():
+            if param.is_floating_point():
+                memo[id(param)] = nn.Parameter(param.detach().to(dtype).contiguous(), requires_grad=False)
+        return copy.deepcopy(module, memo)
 
 
 def _packs(order: Sequence[int], cost: Callable[[list[int]], int], budget: int) -> Iterator[list[int]]:
