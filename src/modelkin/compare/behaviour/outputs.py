@@ -1,8 +1,9 @@
 """Run one model over a prompt set and keep what behavioural metrics need, compactly, on the CPU.
 
-Per prompt: the next-token log-softmax at every prompt position (float16), the top-k ids (from float32),
-bits per byte of the prompt text, a greedy continuation, sampled continuations for the two-sample test,
-and MoE routing telemetry. Models are run one at a time, so two models never need to fit together.
+Per prompt, from one prefill (Model.prefill_decode): the next-token log-softmax at every prompt position
+(float16), the top-k ids (from float32), bits per byte of the prompt text, MoE routing of the prompt
+tokens; then a greedy continuation and sampled ones for the two-sample test, decoded together from that
+prefill. Models are run one at a time, so two models never need to fit together.
 """
 
 from __future__ import annotations
