@@ -141,7 +141,8 @@ class AnonPeak:
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from modelkin.compare.api import compare, compare_many
+    from modelkin.compare.api import compare
+    from modelkin.compare.many import compare_many
     from modelkin.compare.settings import BehaviourSettings
 
     torch.set_num_threads(case.get("threads") or torch.get_num_threads())

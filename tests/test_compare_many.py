@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from modelkin.compare.api import compare, compare_many, models_in
+from modelkin.compare.api import compare
+from modelkin.compare.many import compare_many, models_in
 from modelkin.compare.settings import BehaviourSettings
 from modelkin.errors import CheckpointError, InputError
 from modelkin.synth.tiny import make_tiny

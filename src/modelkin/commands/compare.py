@@ -97,7 +97,7 @@ def _run_many(args: argparse.Namespace) -> int:
     """The suspect (first MODEL) against every other MODEL and every model in --against."""
     from pathlib import Path
 
-    from modelkin.compare.api import compare_many, models_in
+    from modelkin.compare.many import compare_many, models_in
     from modelkin.compare.report.terminal import print_summary
     from modelkin.errors import InputError, ModelkinError
 

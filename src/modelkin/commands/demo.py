@@ -122,7 +122,8 @@ def _print_table(rows: list[dict[str, Any]], console: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from modelkin.compare.api import compare_many, trim_heap
+    from modelkin.compare.api import trim_heap
+    from modelkin.compare.many import compare_many
     from modelkin.compare.report.index import ReportSet
     from modelkin.compare.report.terminal import print_summary, progress
     from modelkin.compare.settings import BehaviourSettings
