@@ -151,7 +151,7 @@ def _cached_outputs(path: Any, prompts: list[Prompt], settings: BehaviourSetting
         return hit, False
     out = collect_outputs(path, prompts, settings, device=device, dtype=dtype, allow_fallback=allow_fallback,
                           seed=seed, tick=lambda m: tick(f"{_name(path)}: {m}"))
-    trim_heap()  # the model is gone: its memory is not the next one's peak
+    trim_heap()  # the model is gone
     if cache is not None:
         cache.put(key, out)
     return out, True
@@ -159,7 +159,7 @@ def _cached_outputs(path: Any, prompts: list[Prompt], settings: BehaviourSetting
 
 def trim_heap() -> None:
     """Hand freed memory back to the OS: glibc keeps much of a freed model in its heap (still RssAnon),
-    where the next model's tensors do not fit, so each model would add to the peak of the next."""
+    so between models the process would look as if the last one were still resident."""
     gc.collect()
     if sys.platform.startswith("linux"):
         try:
