@@ -20,6 +20,7 @@ COMMANDS = (
     ("inspect", "inspect", "per-tensor weight statistics computed on the device"),
     ("fingerprint", "fingerprint", "weight fingerprints of two models, each with a p-value"),
     ("compare", "compare", "fingerprints and behaviour of two models in one report"),
+    ("background", "background", "a background of real unrelated models: add one, list them"),
     ("upcycle", "upcycle", "build a Pangu-layout MoGE checkpoint from a dense checkpoint"),
     ("export-onnx", "export_onnx", "export prefill and decode graphs for onnxruntime"),
     ("make-tiny", "make_tiny", "write a small random checkpoint of a supported architecture"),

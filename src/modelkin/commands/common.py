@@ -64,3 +64,13 @@ def emit_json(args: argparse.Namespace, obj: Any) -> None:
         except OSError as err:
             raise InputError(f"cannot write JSON to {target}: {err.strerror}",
                              hint="choose a writable path") from err
+
+
+def background_from_args(args: argparse.Namespace):
+    """The --background directory loaded (InputError, one line, when it is not one); None: the shipped one."""
+    path = getattr(args, "background", None)
+    if path is None:
+        return None
+    from modelkin.compare.fingerprints.background import load
+
+    return load(path)

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--permutations", type=int, default=d.permutations, help="permutations per p-value")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of samples and permutations")
     parser.add_argument("--quiet", action="store_true", help="no summary on the terminal")
+    parser.add_argument("--background", metavar="DIR",
+                        help="real unrelated models (`modelkin background add`) for the empirical null "
+                             "(default: the shipped one)")
     common.add_common(parser)
 
 
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
         settings=settings_from_args(args), fingerprints=not args.no_fingerprint,
         behaviour=not args.no_behaviour, allow_fallback=args.allow_fallback,
+        background=common.background_from_args(args),
     )
     if args.html:
         report.save_html(args.html)

@@ -25,16 +25,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra-curves", action="store_true",
                         help="std_curve also compares q/k/v bias and attention-norm curves where present")
     parser.add_argument("--plot", metavar="F.png", help="overlay both models' std curves per projection")
+    parser.add_argument("--background", metavar="DIR",
+                        help="real unrelated models (`modelkin background add`) for the empirical null "
+                             "(default: the shipped one)")
     common.add_common(parser, dtype=False)
 
 
 def _table(report, console) -> None:
     from rich.table import Table
 
+    from modelkin.compare.fingerprints.empirical import null_label, rank_text
     from modelkin.compare.fingerprints.result import CALL_RULE
 
     table = Table(title=f"fingerprints: {report.a}  vs  {report.b}", title_justify="left")
-    for col in ("method", "null", "score", "p-value", "Holm p", "z", "call", "note"):
+    for col in ("method", "null", "score", "p-value", "Holm p", "z", "call", "among real unrelated pairs / note"):
         table.add_column(col, justify="right" if col in ("score", "p-value", "Holm p", "z") else "left")
     colour = {"related": "red", "unrelated": "green", "inconclusive": "yellow", "skipped": "dim",
               "descriptive": "dim"}
@@ -43,8 +47,8 @@ def _table(report, console) -> None:
         return "" if v is None else f"{v:.4g}"
 
     for name, r in report.methods.items():
-        note = r.skipped or ""
-        table.add_row(name, r.null_kind, fmt(r.score), fmt(r.p_value), fmt(report.p_holm.get(name)), fmt(r.z),
+        note = r.skipped or rank_text(r)
+        table.add_row(name, null_label(r), fmt(r.score), fmt(r.p_value), fmt(report.p_holm.get(name)), fmt(r.z),
                       f"[{colour.get(r.call, '')}]{r.call}[/]", note)
     console.print(table)
     console.print(f"verdict: [bold]{report.verdict}[/]  (device {report.device}, seed {report.seed})")
@@ -69,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     options = {"std_curve": {"extra": True}} if args.extra_curves else None
     report = fingerprint(args.a, args.b, methods=args.methods, device=args.device, seed=args.seed,
                          allow_fallback=args.allow_fallback, null_library=args.null_library, options=options,
+                         background=common.background_from_args(args),
                          progress=lambda name: console.print(f"[dim]running {name}…[/]"))
     if args.save_curves or args.plot:
         ca, cb, r = _curves(report)

@@ -20,6 +20,8 @@ from modelkin.compare.behaviour.outputs import ModelOutputs, OutputCache, collec
 from modelkin.compare.behaviour.prompts import Prompt, PromptsArg, resolve_prompts
 from modelkin.compare.behaviour.result import BehaviourResult
 from modelkin.compare.fingerprints import method_module, resolve_methods
+from modelkin.compare.fingerprints.background import METHODS as BACKGROUND_METHODS
+from modelkin.compare.fingerprints.background import resolve as resolve_background
 from modelkin.compare.fingerprints.result import FingerprintReport, MethodResult, NotApplicable
 from modelkin.compare.fingerprints.weights import open_weights
 from modelkin.compare.report.document import ComparisonReport
@@ -33,7 +35,7 @@ __all__ = ["ComparisonReport", "FingerprintReport", "OutputCache", "compare", "f
 def fingerprint(a: str | Path | TensorSource, b: str | Path | TensorSource, methods: str | list[str] | None = None,
                 device: Any = "auto", *, seed: int = 0, allow_fallback: bool | None = None,
                 null_library: str | Path | None = None, options: Mapping[str, Mapping[str, Any]] | None = None,
-                progress: Callable[[str], None] | None = None) -> FingerprintReport:
+                progress: Callable[[str], None] | None = None, background: Any = None) -> FingerprintReport:
     """Weight fingerprints of two checkpoints, each method with a score, a p-value and a call.
 
     Args:
@@ -45,6 +47,8 @@ def fingerprint(a: str | Path | TensorSource, b: str | Path | TensorSource, meth
         null_library: std-curve library (file or directory of JSON) of unrelated models for a z-score.
         options: per-method keyword options, e.g. {"permtest": {"n_permutations": 499}}.
         progress: called with each method's name before it runs.
+        background: directory of real unrelated models (``modelkin background add``) whose pair scores
+            form the empirical null of std_curve and spectral; None: the shipped one; False: none.
 
     Returns:
         FingerprintReport: ``report.methods[name]`` (MethodResult), ``report.verdict``, ``to_json()``.
@@ -61,6 +65,9 @@ def fingerprint(a: str | Path | TensorSource, b: str | Path | TensorSource, meth
     options = {k: dict(v) for k, v in (options or {}).items()}
     if null_library is not None:
         options.setdefault("std_curve", {}).setdefault("null_library", null_library)
+    bg = resolve_background(background)
+    for name in (n for n in BACKGROUND_METHODS if bg is not None and n in names):
+        options.setdefault(name, {}).setdefault("background", bg)
     results: dict[str, MethodResult] = {}
     with open_weights(a, backend.device) as wa, open_weights(b, backend.device) as wb:
         for name in names:
@@ -76,7 +83,8 @@ def fingerprint(a: str | Path | TensorSource, b: str | Path | TensorSource, meth
                 reason = f"not computable: {str(err).splitlines()[0]}"
                 result = MethodResult.skip(name, reason, module.NULL)
             backend.synchronize()
-            result.null_kind = module.NULL_KIND  # the modules set it on their results; skips get it here
+            if result.skipped is not None:
+                result.null_kind = module.NULL_KIND  # the modules set it on their results; skips get it here
             result.seconds = time.perf_counter() - start
             results[name] = result
         labels = (str(a if not isinstance(a, TensorSource) else a.path),
@@ -115,10 +123,10 @@ def _cached_outputs(path: Any, prompts: list[Prompt], settings: BehaviourSetting
 
 def _fingerprint(a: Any, b: Any, methods: Sequence[str] | None, device: str, allow_fallback: bool | None,
                  seed: int, options: Mapping[str, Mapping[str, Any]] | None,
-                 tick: Callable[[str], None]) -> tuple[FingerprintReport | None, str | None]:
+                 tick: Callable[[str], None], background: Any = None) -> tuple[FingerprintReport | None, str | None]:
     try:
         report = fingerprint(a, b, methods=list(methods) if methods else None, device=device, seed=seed,
-                             allow_fallback=allow_fallback, options=options,
+                             allow_fallback=allow_fallback, options=options, background=background,
                              progress=lambda name: tick(f"weight fingerprint: {name}"))
     except ModelkinError as err:
         return None, str(err)
@@ -140,6 +148,7 @@ def compare(
     allow_fallback: bool | None = None,
     cache: OutputCache | None = None,
     show_progress: bool | None = None,
+    background: Any = None,
 ) -> ComparisonReport:
     """Compare two models' weights and behaviour on one device and return the report.
 
@@ -155,6 +164,7 @@ def compare(
         settings: behaviour budget and metrics (BehaviourSettings()).
         fingerprints / behaviour: run either half.
         fingerprint_options: per-method options for ``fingerprint`` (e.g. fewer permutations).
+        background: as for ``fingerprint`` (None: the shipped background; False: none).
 
     Raises:
         InputError: bad prompts or settings, or a named same-tokenizer metric with differing vocabularies.
@@ -179,7 +189,7 @@ def compare(
             tick("weight fingerprints")
             t = time.perf_counter()
             fp, fp_error = _fingerprint(a, b, methods, device, allow_fallback, settings.seed,
-                                        fingerprint_options, tick)
+                                        fingerprint_options, tick, background)
             timings["fingerprint_s"] = time.perf_counter() - t
         else:
             fp_error = "not requested"

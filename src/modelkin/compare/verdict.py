@@ -3,21 +3,34 @@
 Rules (every reason in a report names the rule it applied):
   R1  Only weight tests whose null holds for independently trained real models decide: exact
       randomisation over a symmetry of a model's own training (pcs, permtest, csu_aligned, upcycle) or an
-      empirical null over real unrelated models. Their p-values are adjusted together with
-      Holm-Bonferroni; a test counts when its adjusted p < 0.01. Statistics with synthetic nulls
-      (std_curve, invariants, spectral) are shown as description and never decide.
+      empirical null over real unrelated models (std_curve, spectral with a background holding N >= 99
+      unrelated pairs in every stratum; p = (1+k)/(N+1), the largest stratum p). The exact tests' p-values
+      are adjusted together with Holm-Bonferroni; one counts when its adjusted p < 0.01. An empirical p
+      counts toward R4 and R5 as it is, and toward related only through R8: it is only as good as the
+      background's coverage, and a pair unlike every pair the background holds (a std-matched twin) reaches
+      p = 1/(N+1) without any derivation. Statistics with synthetic nulls (std_curve, spectral without such
+      a background, invariants) are shown as description, placed among the background's pairs, and never
+      decide.
   R2  Functional identity (same tokenizer only): mean next-token JS divergence <= 1e-4 bits, top-1
       agreement >= 0.99 and greedy continuations agreeing on >= 95% of tokens. Independent training
       never yields the same function, so this alone says related (a copy, possibly re-parameterised).
-  R3  One or more valid weight tests significant under R1 -> related.
-  R4  A valid test with a raw p < 0.05 that Holm does not confirm is weak evidence: it blocks
-      "unrelated" and the verdict is inconclusive.
+  R3  One or more valid weight tests significant under R1, or an empirical-null method beyond every
+      background pair with margin (R8) -> related.
+  R4  A valid test with a raw p < 0.05 that Holm (exact tests) or R8 (empirical ones) does not confirm
+      is weak evidence: it blocks "unrelated" and the verdict is inconclusive.
   R5  Unrelated needs both halves: at least one valid weight test applied, every one with a raw
       p >= 0.05, and behaviour measured and distinguishable (the MMD test rejects equality at 0.05, or
       top-1 agreement < 0.5, or greedy text similarity < 0.5).
   R6  A correlation of bits per byte across texts is reported as context and never decides: all
       language models find the same texts hard, so unrelated models correlate too.
   R7  Anything else is inconclusive, with the missing or conflicting evidence named.
+  R8  Margin (empirical nulls only): the score exceeds, in every stratum, the largest unrelated-pair score
+      by at least that stratum's spread from median to maximum (score > max + (max - median)). Being
+      above every background pair (p = 1/(N+1)) is not enough: the pair may simply be unlike anything the
+      background covers. A gap this wide is far from the null's own range: extrapolating its upper tail as
+      Gaussian puts the score beyond 5 SD at N = 99 (p < 1e-6), as exponential beyond 9 scale units
+      (p < 2e-4), both under 0.01/7, Holm's strictest level over the seven methods. A bounded score whose
+      unrelated pairs already come near its bound (std-curve r near 1) can never pass.
 """
 
 from __future__ import annotations
@@ -66,13 +79,16 @@ class Verdict:
 def weight_evidence(fingerprint: FingerprintReport | None) -> list[dict[str, Any]]:
     """Per fingerprint method: score, raw p, null kind, Holm-adjusted p and whether it rejects independence.
 
-    Holm runs over the deciding methods only (R1); descriptive ones keep their p with a note.
+    Holm runs over the exact methods only (R1); empirical ones carry ``beyond_margin`` (R8); descriptive
+    ones keep their p with a note.
     """
     rows = []
     for name, m in (fingerprint.methods if fingerprint is not None else {}).items():
         p = m.p_value
         row = {"method": name, "score": m.score, "p_value": None, "p_holm": None, "significant": False,
-               "null_kind": m.null_kind, "decides": m.deciding}
+               "null_kind": m.null_kind, "decides": m.deciding, "beyond_margin": m.beyond_margin}
+        if (m.details.get("background") or {}).get("rank") and m.skipped is None:
+            row["background"] = m.details["background"]["rank"]
         if isinstance(p, (int, float)) and math.isfinite(p):
             row["p_value"] = float(p)
             if not m.deciding:
@@ -80,7 +96,7 @@ def weight_evidence(fingerprint: FingerprintReport | None) -> list[dict[str, Any
         else:
             row["note"] = m.skipped or "no p-value"
         rows.append(row)
-    tested = [r for r in rows if r["p_value"] is not None and r["decides"]]
+    tested = [r for r in rows if r["p_value"] is not None and r["null_kind"] == "exact"]
     for r, adj in zip(tested, holm_bonferroni([r["p_value"] for r in tested])):
         r["p_holm"] = adj
         r["significant"] = adj < ALPHA
@@ -119,7 +135,7 @@ def decide(fingerprint: FingerprintReport | None, behaviour: BehaviourResult | N
     """Apply R1-R7 to a fingerprint report and a behaviour result (either may be None)."""
     evidence = weight_evidence(fingerprint)
     tested = [e for e in evidence if e["p_value"] is not None and e["decides"]]
-    significant = [e for e in tested if e["significant"]]
+    significant = [e for e in tested if e["significant"] or e["beyond_margin"]]
     reasons = [_weights_summary(tested, significant, fingerprint_error)]
     if behaviour:
         reasons.append(_behaviour_summary(behaviour))
@@ -134,8 +150,11 @@ def decide(fingerprint: FingerprintReport | None, behaviour: BehaviourResult | N
                           "same greedy continuations)")
         return Verdict(verdict="related", reasons=reasons, evidence=evidence)
     if significant:
-        reasons.insert(0, f"R3: {len(significant)} valid weight test(s) reject independence after Holm-Bonferroni "
-                          f"({', '.join(e['method'] for e in significant)})")
+        holm = [e["method"] for e in significant if e["significant"]]
+        margin = [e["method"] for e in significant if e["beyond_margin"]]
+        parts = ([f"after Holm-Bonferroni ({', '.join(holm)})"] if holm else []) + (
+            [f"beyond every background pair with margin, R8 ({', '.join(margin)})"] if margin else [])
+        reasons.insert(0, f"R3: {len(significant)} valid weight test(s) reject independence " + "; ".join(parts))
         return Verdict(verdict="related", reasons=reasons, evidence=evidence)
     return _unrelated_or_not(tested, behaviour, reasons, evidence)
 

@@ -1,5 +1,6 @@
-"""Relatives of a dense Llama/Qwen2 model made by weight surgery: depth and width pruning, a residual rotation
-with folded norm gains, a permutation of MLP hidden units, and a std-matched (unrelated) twin.
+"""Relatives of a dense Llama/Qwen2 model made by weight surgery: depth pruning, width pruning (MLP units,
+attention heads), a residual rotation with folded norm gains, a permutation of MLP hidden units, a
+vocabulary extension, and a std-matched (unrelated) twin.
 
 Each function maps (config, float32 tensors by HF name) to a new (config, tensors); write the result with
 ``modelkin.synth.variants.write_hf_checkpoint``. Fine-tuned relatives are made by ``synth.train.finetune``.
@@ -45,6 +46,47 @@ def prune_mlp(config: dict[str, Any], tensors: Tensors, keep_fraction: float = 0
         out[pre + "up_proj.weight"] = tensors[pre + "up_proj.weight"][keep].contiguous()
         out[pre + "down_proj.weight"] = tensors[pre + "down_proj.weight"][:, keep].contiguous()
     return {**config, "intermediate_size": k}, out
+
+
+def prune_heads(config: dict[str, Any], tensors: Tensors, keep_fraction: float = 0.5
+                ) -> tuple[dict[str, Any], Tensors]:
+    """Width pruning of attention: keep each layer's query heads of largest |q rows|·|o columns|.
+
+    With grouped KV heads the same number of query heads is kept in every group (k/v untouched), so the
+    config stays valid; with one query head per KV head, whole heads (q, k, v rows and o columns) go.
+    ``head_dim`` is written to the config, since heads × head_dim no longer equals hidden_size.
+    """
+    import torch
+
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    hd = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    group = heads // kv
+    per_group = max(1, int(round(keep_fraction * group))) if group > 1 else group
+    keep_kv = kv if group > 1 else max(1, int(round(keep_fraction * kv)))
+    out = dict(tensors)
+
+    def rows(idx: Any) -> Any:  # row indices of the heads ``idx``
+        return (idx[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+
+    for i in range(int(config["num_hidden_layers"])):
+        pre = f"model.layers.{i}.self_attn."
+        q, o = tensors[pre + "q_proj.weight"], tensors[pre + "o_proj.weight"]
+        score = q.reshape(heads, -1).norm(dim=1) * o.reshape(o.shape[0], heads, hd).norm(dim=(0, 2))
+        if group > 1:
+            best = torch.topk(score.reshape(kv, group), per_group, dim=1).indices
+            q_heads = torch.sort((best + torch.arange(kv)[:, None] * group).reshape(-1)).values
+            kv_heads = torch.arange(kv)
+        else:
+            q_heads = kv_heads = torch.sort(torch.topk(score, keep_kv).indices).values
+        q_rows, kv_rows = rows(q_heads), rows(kv_heads)
+        for name, idx in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            for kind in ("weight", "bias"):
+                if pre + f"{name}.{kind}" in tensors:
+                    out[pre + f"{name}.{kind}"] = tensors[pre + f"{name}.{kind}"][idx].contiguous()
+        out[pre + "o_proj.weight"] = o[:, q_rows].contiguous()
+    new_heads = keep_kv * per_group
+    return {**config, "num_attention_heads": new_heads, "num_key_value_heads": keep_kv, "head_dim": hd}, out
 
 
 def permute_mlp(config: dict[str, Any], tensors: Tensors, seed: int = 0) -> tuple[dict[str, Any], Tensors]:

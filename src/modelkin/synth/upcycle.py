@@ -242,7 +242,8 @@ def upcycle(dense: str | Path, outdir: str | Path, *, experts: int, groups: int,
             put("model.embed_tokens.weight", embed)
             put("model.norm.weight", src.get_tensor("model.norm.weight"))
             has_head = "lm_head.weight" in set(src.keys())
-            put("lm_head.weight", src.get_tensor("lm_head.weight") if has_head else embed)  # Pangu is untied
+            # Pangu is untied; a copy, since safetensors refuses two names on one storage
+            put("lm_head.weight", src.get_tensor("lm_head.weight") if has_head else embed.clone())
             writer.close()
             (tmp / "config.json").write_text(json.dumps(pangu_config(cfg, spec, out_dtype), indent=2) + "\n")
             summary = {"source": str(dense), "experts": experts, "groups": groups,

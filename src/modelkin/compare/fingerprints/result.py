@@ -2,11 +2,15 @@
 
 Only a p-value whose null holds for independently trained *real* models may decide (NULL_KINDS): an exact
 randomisation over a symmetry of a model's own training, or an empirical null over real unrelated models.
-Call rule for such a method, on its own p-value: p < 0.01 -> "related"; p >= 0.05 -> "unrelated";
-otherwise "inconclusive". A method with a synthetic null (surrogate curves, relabelled tokens or layers)
-is "descriptive": its score and p are shown, its call is "descriptive", and it never decides. The report's
-verdict applies Holm–Bonferroni over the deciding methods that ran: "related" when some Holm-adjusted
-p < 0.01, "unrelated" when at least one ran and every raw p >= 0.05, else "inconclusive".
+Call rule for an exact method, on its own p-value: p < 0.01 -> "related"; p >= 0.05 -> "unrelated";
+otherwise "inconclusive". An empirical method is "related" only beyond every background pair with margin
+(``beyond_margin``, fingerprints.empirical: its p is only as good as the background's coverage, and a pair
+unlike any the background holds, such as a std-matched twin, reaches p = 1/(N+1) without derivation);
+otherwise its p calls it as above. A method with a synthetic null (surrogate curves, relabelled tokens or
+layers) is "descriptive": its score and p are shown, its call is "descriptive", and it never decides. The
+report's verdict: "related" when an exact method's Holm-adjusted p (Holm over the exact methods that ran)
+is < 0.01 or an empirical method is beyond its margin; "unrelated" when at least one deciding method ran
+and every raw p >= 0.05; else "inconclusive".
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ NULL_KINDS = {
                    "share): shown as description, never decides",
 }
 DECIDING = ("exact", "empirical")
-CALL_RULE = (f"only methods with an exact or empirical null decide; for those, related if p < {RELATED_P}, "
-             f"unrelated if p >= {UNRELATED_P}, inconclusive in between; descriptive methods never decide; "
-             f"verdict: related if a deciding method's Holm-adjusted p < {RELATED_P}, unrelated if at least one "
-             f"deciding method ran and every such p >= {UNRELATED_P}")
+CALL_RULE = (f"only methods with an exact or empirical null decide; for those, related if p < {RELATED_P} "
+             f"(exact) or beyond every background pair with margin (empirical: score > max + (max - median) in "
+             f"every stratum, N >= 99 each), unrelated if p >= {UNRELATED_P}, inconclusive otherwise; descriptive "
+             f"methods never decide; verdict: related if an exact method's Holm-adjusted p < {RELATED_P} or an "
+             f"empirical method is beyond its margin, unrelated if at least one deciding method ran and every "
+             f"such p >= {UNRELATED_P}")
 
 
 def call_for(p_value: float | None) -> str:
@@ -77,12 +83,20 @@ class MethodResult:
         """Set ``call`` from ``p_value`` (skipped results keep theirs; descriptive ones never decide)."""
         if self.skipped is None:
             self.call = call_for(self.p_value) if self.deciding else "descriptive"
+            if self.call == "related" and self.null_kind == "empirical" and not self.beyond_margin:
+                self.call = "inconclusive"
         return self
 
     @property
     def deciding(self) -> bool:
         """Whether this result's p-value may count toward a verdict (its null holds for real models)."""
         return self.null_kind in DECIDING
+
+    @property
+    def beyond_margin(self) -> bool:
+        """An empirical-null result beyond every background pair with margin (fingerprints.empirical)."""
+        return (self.skipped is None and self.null_kind == "empirical"
+                and bool((self.details.get("background") or {}).get("beyond_margin")))
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"score": self.score, "p_value": self.p_value, "z": self.z, "call": self.call,
@@ -116,11 +130,12 @@ class FingerprintReport:
         return self.methods[name]
 
     def finish(self) -> FingerprintReport:
-        """Holm-adjusted p-values over the deciding methods that ran, and the verdict from them."""
+        """Holm-adjusted p-values over the exact methods that ran, and the verdict (module docstring)."""
         ran = {n: r.p_value for n, r in self.methods.items()
                if r.skipped is None and r.p_value is not None and r.deciding}
-        self.p_holm = dict(zip(ran, holm_bonferroni(list(ran.values())))) if ran else {}
-        if any(p < RELATED_P for p in self.p_holm.values()):
+        exact = {n: p for n, p in ran.items() if self.methods[n].null_kind == "exact"}
+        self.p_holm = dict(zip(exact, holm_bonferroni(list(exact.values())))) if exact else {}
+        if any(p < RELATED_P for p in self.p_holm.values()) or any(r.beyond_margin for r in self.methods.values()):
             self.verdict = "related"
         elif ran and all(p >= UNRELATED_P for p in ran.values()):
             self.verdict = "unrelated"

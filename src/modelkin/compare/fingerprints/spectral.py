@@ -12,6 +12,7 @@ available to us; the defaults (gap 0.02, τ 0.02, k 300) are ours, set between t
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -103,9 +104,31 @@ def align_path(d: np.ndarray, gap: float) -> list[tuple[int, int]]:
     return path[::-1]
 
 
+def score_spectra(spec_a: list[dict[str, np.ndarray]], spec_b: list[dict[str, np.ndarray]], *, gap: float = 0.02,
+                  tau: float = 0.02, steepness: float = 300.0) -> float:
+    """The score of two models' layer spectra (used for background pairs, which have no weights)."""
+    if len(spec_a) < 2 or len(spec_b) < 2:
+        raise NotApplicable("spectral needs at least 2 layers with q/k/v/o weights in both models")
+    d = distance_matrix(spec_a, spec_b)
+    d = d.T if d.shape[0] > d.shape[1] else d
+    mse = float(np.mean([d[i, j] for i, j in align_path(d, gap)]))
+    return 1.0 / (1.0 + math.exp(min(700.0, steepness * (mse - tau))))
+
+
+def same_spectra(x: list[dict[str, np.ndarray]], y: list[dict[str, np.ndarray]]) -> bool:
+    """Whether two models' spectra are identical up to float32 storage (the same attention weights)."""
+    return len(x) == len(y) and all(
+        sx[k].shape == sy[k].shape and np.allclose(sx[k], sy[k], rtol=1e-4, atol=0) for sx, sy in zip(x, y)
+        for k in ("qk", "vo"))
+
+
 def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_permutations: int = 999, gap: float = 0.02,
-        tau: float = 0.02, steepness: float = 300.0) -> MethodResult:
-    """Spectral similarity of a pair with depth alignment and a layer-order permutation p-value."""
+        tau: float = 0.02, steepness: float = 300.0, background: Any = None) -> MethodResult:
+    """Spectral similarity of a pair with depth alignment and a layer-order permutation p-value.
+
+    ``background`` (a fingerprints.background.Background) places the score among real unrelated pairs;
+    with N >= 99 in every stratum its empirical p replaces the layer-order p (fingerprints.empirical).
+    """
     spec_a, spec_b = layer_spectra(a), layer_spectra(b)
     if len(spec_a) < 2 or len(spec_b) < 2:
         raise NotApplicable("spectral needs at least 2 layers with q/k/v/o weights in both models")
@@ -128,5 +151,14 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_permutations: int 
         "n_permutations": n_permutations, "null_mean_cost": float(null.mean()),
         "params": {"gap": gap, "tau": tau, "steepness": steepness},
     }
-    return MethodResult(name=NAME, null_kind=NULL_KIND, score=score, p_value=sig.permutation_p(observed, null, greater=False),
-                        z=sig.zscore(-observed, -null), null=NULL, details=details).decide()
+    result = MethodResult(name=NAME, null_kind=NULL_KIND, score=score,
+                          p_value=sig.permutation_p(observed, null, greater=False),
+                          z=sig.zscore(-observed, -null), null=NULL, details=details).decide()
+    if background is None:
+        return result
+    from modelkin.compare.fingerprints import empirical
+
+    params = (gap, tau, steepness)
+    placed = empirical.place(NAME, score, spec_a, spec_b, background, same=same_spectra, params=params,
+                             score=lambda x, y: score_spectra(x, y, gap=gap, tau=tau, steepness=steepness))
+    return empirical.apply(result, placed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -203,9 +204,28 @@ def compare_curves(a: StdCurves, b: StdCurves, *, n_surrogates: int = 2000, seed
                         null=NULL, details=details).decide()
 
 
+def mean_r(a: StdCurves, b: StdCurves) -> float:
+    """The published statistic: mean over q/k/v/o of Pearson r of the normalised curves."""
+    r = correlate(a, b)
+    if not r:
+        raise ValueError("no attention projection in common")
+    return float(np.mean(list(r.values())))
+
+
 def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_surrogates: int = 2000, extra: bool = False,
-        null_library: str | Path | list[StdCurves] | None = None) -> MethodResult:
-    """The std-curve fingerprint of a pair (reads only attention tensors)."""
+        null_library: str | Path | list[StdCurves] | None = None, background: Any = None) -> MethodResult:
+    """The std-curve fingerprint of a pair (reads only attention tensors).
+
+    ``background`` (a fingerprints.background.Background) places the score among real unrelated pairs;
+    with N >= 99 in every stratum its empirical p replaces the surrogate p (fingerprints.empirical).
+    """
     library = load_library(null_library) if isinstance(null_library, (str, Path)) else null_library
     ca, cb = compute_std_curves(a, extra=extra), compute_std_curves(b, extra=extra)
-    return compare_curves(ca, cb, n_surrogates=n_surrogates, seed=seed, library=library)
+    result = compare_curves(ca, cb, n_surrogates=n_surrogates, seed=seed, library=library)
+    if background is None or result.skipped is not None:
+        return result
+    from modelkin.compare.fingerprints import empirical
+
+    placed = empirical.place(NAME, result.score, ca, cb, background, score=mean_r,
+                             same=lambda x, y: _same(x, y) or _same(y, x))
+    return empirical.apply(result, placed)

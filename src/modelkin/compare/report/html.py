@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from modelkin.compare.behaviour.result import BehaviourResult
-from modelkin.compare.report.plots import bpb_scatter_png, per_prompt_png, routing_png, std_curves_png
+from modelkin.compare.fingerprints.empirical import MIN_N, null_label, rank_text
+from modelkin.compare.report.plots import bpb_scatter_png, per_prompt_png, routing_png, std_curves_png, strip_png
 from modelkin.compare.report.rows import behaviour_rows, fmt
 
 VERDICT_COLOURS = {"related": "#b3261e", "unrelated": "#1e7d32", "inconclusive": "#8a6d00"}
@@ -62,15 +63,40 @@ def _fingerprint_section(report: Any, labels: tuple[str, str]) -> str:
     rows = []
     for name, m in fp.methods.items():
         e = holm.get(name, {})
-        rows.append([_td(name), _td(m.null_kind), _td(m.score, True), _td(m.p_value, True), _td(e.get("p_holm"), True),
-                     _td(m.z, True), f'<td class="call-{esc(m.call)}">{esc(m.call)}</td>',
-                     f'<td class="muted">{esc(m.skipped or m.null)}</td>'])
-    table = _table(["method", "null", "score", "p-value", "Holm p", "z", "call", "null hypothesis / note"], rows)
+        rows.append([_td(name), _td(null_label(m)), _td(m.score, True), _td(m.p_value, True),
+                     _td(e.get("p_holm"), True), _td(m.z, True), f'<td class="call-{esc(m.call)}">{esc(m.call)}</td>',
+                     _td(rank_text(m)), f'<td class="muted">{esc(m.skipped or m.null)}</td>'])
+    header = ["method", "null", "score", "p-value", "Holm p", "z", "call", "among real unrelated pairs",
+              "null hypothesis / note"]
+    table = _table(header, rows)
     std = fp.methods.get("std_curve")
     curves = std.details.get("curves") if std is not None else None
     png = std_curves_png(curves["a"]["curves"], curves["b"]["curves"], labels) if curves else None
     plot = _img(png, "std curves per projection")
-    return f"<h2>Weight fingerprints</h2>{table}<h3>Per-layer std curves (HonestAGI)</h3>{plot}"
+    return (f"<h2>Weight fingerprints</h2>{table}{_background_section(fp)}"
+            f"<h3>Per-layer std curves (HonestAGI)</h3>{plot}")
+
+
+def _background_section(fp: Any) -> str:
+    """Strip plots: each method's score among the background's unrelated pairs, with what the strata are."""
+    placed = [(name, m.score, (m.details.get("background") or {}).get("strata") or {})
+              for name, m in fp.methods.items() if m.skipped is None and m.details.get("background")]
+    if not placed:
+        return ""
+    png = strip_png([(n, s, {k: v.get("scores", []) for k, v in strata.items()}) for n, s, strata in placed])
+    bg = next(iter(fp.methods[n].details["background"] for n, _, _ in placed))
+    note = (f"Background {esc(bg.get('background'))}: each dot is the score of a pair of real, independently "
+            "trained models (strata: every pair inside one stratum of the background, and A and B each against "
+            f"every background model that is neither of them). The null decides only with N ≥ {MIN_N} pairs in "
+            "every stratum (p = (1+k)/(N+1), the largest stratum p); otherwise it is shown here and the method "
+            "stays descriptive. A stratum only speaks for the models it holds: pairs of small models say little "
+            "about how alike two large models from different organisations may be.")
+    if bg.get("background") == "shipped":
+        note += (" The shipped background holds SmolLM2-135M and Gemma-3-270M (cross-family) and 40 small "
+                 "Llamas (4 layers, width 128, 150 training steps) trained from scratch with distinct seeds "
+                 "(seed-only).")
+    return (f"<h3>Where each score falls among real unrelated pairs</h3><p class='muted'>{note}</p>"
+            f"{_img(png, 'strip plot of background pair scores')}")
 
 
 def _behaviour_section(b: BehaviourResult | None, labels: tuple[str, str]) -> str:

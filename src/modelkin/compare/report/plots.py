@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from modelkin.compare.behaviour.result import BehaviourResult
 from modelkin.compare.behaviour.routing import routing_layers
 from modelkin.inspect.plot import ATTENTION_CURVES, draw_curves, figure_png, relative_depth, zscore
@@ -38,6 +40,48 @@ def std_curves_png(curves_a: Mapping[str, Sequence[float]], curves_b: Mapping[st
         draw_curves(ax, series, title=heading, xlabel="depth (fraction of layers)", ylabel="", legend=i == 0)
     if title:
         fig.suptitle(title, fontsize=11)
+    return figure_png(fig)
+
+
+STRATUM_COLOURS = ("#2a9d4a", "#8e44ad", "#7f8c8d", "#b8860b", "#17becf", "#1f5fa8")
+
+
+def strip_png(methods: Sequence[tuple[str, float, Mapping[str, Sequence[float]]]], *,
+              title: str = "") -> bytes | None:
+    """Per method, one lane per stratum of background (unrelated-pair) scores as dots, and the observed
+    score of this pair as a red line: where the score falls among real unrelated pairs.
+
+    ``methods``: (name, observed score, {stratum: scores}); methods without background scores are left out.
+    """
+    from matplotlib.figure import Figure
+
+    rows = [(n, obs, {k: list(v) for k, v in strata.items() if len(v)}) for n, obs, strata in methods
+            if obs is not None and any(len(v) for v in strata.values())]
+    if not rows:
+        return None
+    lanes = sorted({k for _, _, strata in rows for k in strata})
+    colour = {k: STRATUM_COLOURS[i % len(STRATUM_COLOURS)] for i, k in enumerate(lanes)}
+    fig = Figure(figsize=(10, 0.5 + 1.1 * len(rows) * max(1, len(lanes)) ** 0.5), layout="constrained")
+    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+    rng = np.random.default_rng(0)  # jitter only: the same picture every time
+    for ax, (name, observed, strata) in zip(axes, rows):
+        for y, (stratum, scores) in enumerate(strata.items()):
+            jitter = rng.uniform(-0.25, 0.25, len(scores))
+            ax.scatter(scores, y + jitter, s=7, alpha=0.55, color=colour[stratum])
+        ax.axvline(observed, color="#b3261e", lw=2)
+        lo, hi = ax.get_xlim()
+        right = observed > (lo + hi) / 2  # label on the side with room
+        ax.annotate(f"this pair {observed:.4g}", (observed, len(strata) - 0.5), color="#b3261e", fontsize=7,
+                    xytext=(-3 if right else 3, 0), textcoords="offset points", va="center",
+                    ha="right" if right else "left")
+        ax.set_yticks(range(len(strata)))
+        ax.set_yticklabels([f"{k} (N={len(v)})" for k, v in strata.items()], fontsize=7)
+        ax.set_ylim(-0.6, len(strata) - 0.4)
+        ax.set_title(f"{name}: score of this pair among unrelated pairs", fontsize=9, loc="left")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return figure_png(fig)
 
 

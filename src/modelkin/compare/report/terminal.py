@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from modelkin.compare.fingerprints.empirical import null_label, rank_text
 from modelkin.compare.report.document import ComparisonReport
 from modelkin.compare.report.rows import behaviour_rows, fmt
 
@@ -25,12 +26,12 @@ def print_summary(report: ComparisonReport, console: Any) -> None:
     fp = report.fingerprint
     if fp:
         table = Table(title="weight fingerprints", title_justify="left")
-        for col in ("method", "null", "score", "p-value", "Holm p", "call"):
-            table.add_column(col, justify="right" if col not in ("method", "call") else "left")
+        for col in ("method", "null", "score", "p-value", "Holm p", "call", "among real unrelated pairs"):
+            table.add_column(col, justify="right" if col in ("score", "p-value", "Holm p") else "left")
         holm = {e["method"]: e.get("p_holm") for e in report.evidence}
         for name, m in fp.methods.items():
-            table.add_row(name, m.null_kind, fmt(m.score), fmt(m.p_value), fmt(holm.get(name)),
-                          m.call + (f" ({m.skipped})" if m.skipped else ""))
+            table.add_row(name, null_label(m), fmt(m.score), fmt(m.p_value), fmt(holm.get(name)),
+                          m.call + (f" ({m.skipped})" if m.skipped else ""), rank_text(m))
         console.print(table, soft_wrap=False)
     elif report.fingerprint_error:
         console.print(f"weight fingerprints: not available ({report.fingerprint_error})")
