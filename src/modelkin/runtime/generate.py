@@ -381,6 +381,9 @@ def module_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``module`` with its floating-point parameters in ``dtype``, row-major (batched matmuls' best
     layout), buffers copied as they are, tied weights still tied; no full-precision intermediate."""
     memo: dict[int, Any] = {}
+    for m in module.modules():  # copies derived from the weights (MoE prepacked experts): rebuilt
+        if getattr(m, "packed", None) is not None:
+            memo[id(m.packed)] = None
     with torch.inference_mode(False):  # ordinary tensors: MoE weight packing reads their versions
         for param in module.parameters():
             if param.is_floating_point():
