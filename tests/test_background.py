@@ -75,6 +75,29 @@ def test_place_uses_within_stratum_pairs_and_both_models_against_the_background(
         assert got["scores"] == pytest.approx(scores, abs=1e-6)
 
 
+def test_within_background_scores_are_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELKIN_CACHE_DIR", str(tmp_path / "cache"))
+    from modelkin.compare.fingerprints.std_curve import _same, mean_r
+
+    a, b = _curves("A", [1, 2, 3, 4, 5]), _curves("B", [1, 2, 3, 5, 4])
+    xs = [[5, 4, 3, 2, 1], [1, 3, 2, 4, 5], [2, 2, 3, 1, 5]]
+    records = [_record(f"x{i}", "seed-only", v) for i, v in enumerate(xs)]
+    stamp = (("x.json", 1, 2),)
+    first = empirical.place("std_curve", 0.5, a, b, bgmod.Background(path=tmp_path, records=records, stamp=stamp),
+                            score=mean_r, same=_same)
+    files = list((tmp_path / "cache" / "background").glob("*.json"))
+    assert len(files) == 1 and len(json.loads(files[0].read_text())) == 3  # the 3 within-stratum pairs
+
+    def fail(x, y):  # a fresh Background with the same files reads them instead of scoring again
+        if x in [r.std_curves for r in records] and y in [r.std_curves for r in records]:
+            raise AssertionError("within-background pair scored again")
+        return mean_r(x, y)
+
+    again = empirical.place("std_curve", 0.5, a, b, bgmod.Background(path=tmp_path, records=records, stamp=stamp),
+                            score=fail, same=_same)
+    assert again == first
+
+
 def _fp(result: MethodResult) -> FingerprintReport:
     return FingerprintReport(a="A", b="B", device="cpu", seed=0, methods={result.name: result}).finish()
 

@@ -162,6 +162,7 @@ class Background:
     path: Path
     records: list[Record]
     cache: dict[Any, Any] = field(default_factory=dict)
+    stamp: tuple[Any, ...] = ()  # (name, mtime_ns, size) of every file: keys the on-disk score cache
 
     @property
     def name(self) -> str:
@@ -198,6 +199,7 @@ class Background:
                 old.unlink()
         self.records = [r for r in self.records if r.label != record.label] + [record]
         self.cache.clear()
+        self.stamp = ()  # changed files: no on-disk scores until loaded again
         return self.path / f"{stem}.json"
 
 
@@ -237,7 +239,8 @@ def load(path: str | Path | None = None) -> Background:
 @functools.lru_cache(maxsize=4)
 def _load(path: Path, stamp: tuple[Any, ...]) -> Background:
     files = [path / name for name, _, _ in stamp if name != MANIFEST]
-    return Background(path=path, records=[_read_record(f) for f in files])
+    npz = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(path.glob("*.npz")))
+    return Background(path=path, records=[_read_record(f) for f in files], stamp=stamp + npz)
 
 
 def resolve(background: Any) -> Background | None:

@@ -8,14 +8,20 @@ background model that is neither of them (identity by the method's own statistic
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from itertools import combinations
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
+from modelkin.inspect.cache import cache_root
+from modelkin.utils import atomic_write_text
 
+SCORES_VERSION = 1  # bump when a method's score of two records changes
 MIN_N = 99  # the smallest N with (1+0)/(N+1) <= 0.01: below it no stratum p can reach the 0.01 level
 VERSUS = "A,B vs background"
 NULL = ("H0: the pair is no more alike than real, independently trained models are: empirical null over the "
@@ -38,12 +44,47 @@ def _safe(score: Score, x: Any, y: Any) -> float | None:
 
 def _within(bg: Any, method: str, params: tuple[Any, ...], stats: Sequence[Any],
             score: Score) -> dict[tuple[int, int], float | None]:
-    """Scores of every pair of usable background models (cached on the Background per method and params)."""
+    """Scores of every pair of usable background models, cached on the Background and on disk (they depend
+    only on the background's files, the method and its params: computing the 780 seed-only pairs costs
+    about a second per method, reading them back milliseconds)."""
     key = ("within", method, params, len(stats))
     if key not in bg.cache:
-        pairs = combinations(range(len(stats)), 2)
-        bg.cache[key] = {(i, j): _safe(score, stats[i], stats[j]) for i, j in pairs}
+        file = _score_file(bg, method, params, len(stats))
+        table = _read_scores(file, len(stats)) if file is not None else None
+        if table is None:
+            pairs = combinations(range(len(stats)), 2)
+            table = {(i, j): _safe(score, stats[i], stats[j]) for i, j in pairs}
+            if file is not None:
+                _write_scores(file, table)
+        bg.cache[key] = table
     return bg.cache[key]
+
+
+def _score_file(bg: Any, method: str, params: tuple[Any, ...], n: int) -> Path | None:
+    """Where the within-background scores live: $MODELKIN_CACHE_DIR/background (default ~/.cache/modelkin),
+    named by a hash of the background's files (name, size, mtime), the method, its params and the count."""
+    stamp = getattr(bg, "stamp", None)
+    if not stamp:
+        return None
+    material = json.dumps({"v": SCORES_VERSION, "path": str(bg.path), "stamp": [list(s) for s in stamp],
+                           "method": method, "params": repr(params), "n": n}, sort_keys=True)
+    return cache_root() / "background" / f"{hashlib.sha256(material.encode()).hexdigest()[:32]}.json"
+
+
+def _read_scores(file: Path, n: int) -> dict[tuple[int, int], float | None] | None:
+    try:
+        rows = json.loads(file.read_text(encoding="utf-8"))
+        table = {(int(i), int(j)): (None if v is None else float(v)) for i, j, v in rows}
+    except (OSError, ValueError, TypeError):
+        return None
+    return table if len(table) == n * (n - 1) // 2 else None
+
+
+def _write_scores(file: Path, table: dict[tuple[int, int], float | None]) -> None:
+    try:
+        atomic_write_text(file, json.dumps([[i, j, v] for (i, j), v in table.items()]))
+    except OSError:  # a read-only home: the scores are recomputed next time
+        pass
 
 
 def stratum_summary(observed: float, scores: Sequence[float]) -> dict[str, Any]:
