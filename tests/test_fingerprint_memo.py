@@ -26,7 +26,8 @@ def pair(tmp_path_factory):
     sd, cfg = tiny_llama_state(layers=4, hidden=16, heads=4, kv_heads=2, inter=24, vocab=64, seed=0)
     g = torch.Generator().manual_seed(5)
     derived = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()}
-    return (write_safetensors_checkpoint(root / "a", sd, cfg), write_safetensors_checkpoint(root / "b", derived, cfg))
+    return (write_safetensors_checkpoint(root / "a", sd, cfg),
+            write_safetensors_checkpoint(root / "b", derived, cfg))
 
 
 def _numbers(report):

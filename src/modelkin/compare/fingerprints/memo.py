@@ -61,7 +61,9 @@ class Memo:
     def __init__(self, budget: int | None = None, mapped_budget: int | None = None):
         self.budget = default_budget() if budget is None else int(budget)
         self.mapped_budget = default_mapped_budget() if mapped_budget is None else int(mapped_budget)
-        self._items: dict[bool, OrderedDict[Hashable, tuple[Any, int]]] = {False: OrderedDict(), True: OrderedDict()}
+        # kept by kind: False = memory of their own, True = views of mapped file pages
+        self._items: dict[bool, OrderedDict[Hashable, tuple[Any, int]]] = {False: OrderedDict(),
+                                                                           True: OrderedDict()}
         self._held = {False: 0, True: 0}
         self.hits = self.misses = self.evictions = 0
 
