@@ -46,6 +46,10 @@ def test_second_run_reads_nothing_and_scores_do_not_change(pair):
         assert second.io["a"]["bytes_read"] == 0 and second.io["b"]["bytes_read"] == 0
         assert second.io["a"]["tensors_read"] == 0 and wa.stats["bytes_read"] == read
         assert all(r.details["io"]["a"]["bytes_read"] == 0 for r in second.methods.values())
+        wa.drop_tensors()  # derived values stay: std_curve and spectral read nothing again
+        third = fingerprint(wa, wb, methods="std_curve,spectral", device="cpu", options=OPTIONS)
+        assert wa.stats["memo_bytes"] + wa.stats["memo_mapped_bytes"] < 10_000
+        assert third.io["a"]["bytes_read"] == 0 and third.io["b"]["bytes_read"] == 0
     assert _numbers(first) == _numbers(second)
     assert first.to_json()["io"]["b"]["bytes_read"] > 0
 

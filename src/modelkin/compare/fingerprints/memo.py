@@ -110,6 +110,12 @@ class Memo:
             self._held[mapped] -= freed
             self.evictions += 1
 
+    def drop(self, *kinds: str) -> None:
+        """Forget the entries whose key is a tuple starting with one of ``kinds`` (e.g. "tensor")."""
+        for mapped, items in self._items.items():
+            for key in [k for k in items if isinstance(k, tuple) and k and k[0] in kinds]:
+                self._held[mapped] -= items.pop(key)[1]
+
     def clear(self) -> None:
         for items in self._items.values():
             items.clear()

@@ -116,6 +116,11 @@ class ModelWeights:
                 "memo_bytes": memo.held, "memo_budget": memo.budget, "memo_mapped_bytes": memo.held_mapped,
                 "memo_mapped_budget": memo.mapped_budget}
 
+    def drop_tensors(self) -> None:
+        """Free the memoised tensors and row sets, keeping derived values (spectra, std curves, vocabulary):
+        what a model kept open across comparisons should hold while another model runs."""
+        self.memo.drop("tensor", "rows")
+
     def derived(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """A value computed from this model's weights alone, memoised under ``key`` (a tuple naming it)."""
         return self.memo.get(("derived", *(key if isinstance(key, tuple) else (key,))), make)
