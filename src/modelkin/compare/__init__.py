@@ -13,8 +13,9 @@ import types
 
 from modelkin.compare.api import compare, fingerprint
 from modelkin.compare.fingerprints.result import FingerprintReport, MethodResult
+from modelkin.compare.many import compare_many
 
-__all__ = ["FingerprintReport", "MethodResult", "compare", "fingerprint"]
+__all__ = ["FingerprintReport", "MethodResult", "compare", "compare_many", "fingerprint"]
 
 
 class _CallablePackage(types.ModuleType):

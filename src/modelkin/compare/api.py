@@ -4,8 +4,12 @@ fingerprints + behaviour -> verdict -> ComparisonReport (which the JSON, termina
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import gc
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -138,17 +142,30 @@ def _model_info(path: str | os.PathLike[str], outputs: ModelOutputs | None) -> d
 
 def _cached_outputs(path: Any, prompts: list[Prompt], settings: BehaviourSettings, *, seed: int,
                     device: str, dtype: str, allow_fallback: bool | None, cache: OutputCache | None,
-                    tick: Callable[[str], None]) -> ModelOutputs:
+                    tick: Callable[[str], None]) -> tuple[ModelOutputs, bool]:
+    """The model's outputs and whether they were computed here (False: served from ``cache``)."""
     digest = hashlib.sha256("\x00".join(p.prompt for p in prompts).encode()).hexdigest()
     key = (model_identity(path), settings.collect_key(), digest, seed, device, dtype)
     hit = cache.get(key) if cache is not None else None
     if hit is not None:
-        return hit
+        return hit, False
     out = collect_outputs(path, prompts, settings, device=device, dtype=dtype, allow_fallback=allow_fallback,
                           seed=seed, tick=lambda m: tick(f"{_name(path)}: {m}"))
+    trim_heap()  # the model is gone
     if cache is not None:
         cache.put(key, out)
-    return out
+    return out, True
+
+
+def trim_heap() -> None:
+    """Hand freed memory back to the OS: glibc keeps much of a freed model in its heap (still RssAnon),
+    so between models the process would look as if the last one were still resident."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def _fingerprint(a: Any, b: Any, methods: Sequence[str] | None, device: str, allow_fallback: bool | None,
@@ -205,41 +222,88 @@ def compare(
         >>> report.verdict, report.behaviour["top1_agreement"]
     """
     settings = settings or BehaviourSettings()
+    _check_halves(fingerprints, behaviour)
+    chosen = resolve_prompts(prompts, settings.max_prompts) if behaviour else []
+    run = PairRun(chosen=chosen, settings=settings, device=device, dtype=dtype, methods=methods,
+                   fingerprints=fingerprints, fingerprint_options=fingerprint_options, behaviour=behaviour,
+                   allow_fallback=allow_fallback, cache=cache, background=background)
+    with progress(show_progress) as tick:
+        return run.pair(a, b, tick=tick)
+
+
+def _check_halves(fingerprints: bool, behaviour: bool) -> None:
     if not fingerprints and not behaviour:
         raise InputError("nothing to compare: both fingerprints and behaviour are off",
                          hint="enable at least one of them")
-    chosen = resolve_prompts(prompts, settings.max_prompts) if behaviour else []
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    fp: FingerprintReport | None = None
-    beh: BehaviourResult | None = None
-    fp_error, out_a, out_b = None, None, None
-    with progress(show_progress) as tick:
-        if fingerprints:
-            tick("weight fingerprints")
-            t = time.perf_counter()
-            fp, fp_error = _fingerprint(a, b, methods, device, allow_fallback, settings.seed,
-                                        fingerprint_options, tick, background)
-            timings["fingerprint_s"] = time.perf_counter() - t
+
+
+@dataclasses.dataclass(kw_only=True)
+class PairRun:
+    """One comparison's settings; ``pair`` compares two models (compare() and compare_many() use it)."""
+
+    chosen: list[Prompt]
+    settings: BehaviourSettings
+    device: str
+    dtype: str
+    methods: Sequence[str] | None
+    fingerprints: bool
+    fingerprint_options: Mapping[str, Mapping[str, Any]] | None
+    behaviour: bool
+    allow_fallback: bool | None
+    cache: OutputCache | None
+    background: Any = None
+
+    def outputs(self, path: Any, *, side: str, tick: Callable[[str], None]) -> tuple[ModelOutputs, bool]:
+        seed = self.settings.seed + (0 if side == "a" else 1)
+        return _cached_outputs(path, self.chosen, self.settings, seed=seed, device=self.device, dtype=self.dtype,
+                               allow_fallback=self.allow_fallback, cache=self.cache, tick=tick)
+
+    def fingerprint(self, a: Any, b: Any, *, tick: Callable[[str], None]
+                    ) -> tuple[FingerprintReport | None, str | None, float]:
+        """(report or None, error or None, seconds) of the weight fingerprints of ``a`` and ``b``."""
+        tick("weight fingerprints")
+        t = time.perf_counter()
+        fp, fp_error = _fingerprint(a, b, self.methods, self.device, self.allow_fallback, self.settings.seed,
+                                    self.fingerprint_options, tick, self.background)
+        trim_heap()  # the fingerprint memos are gone
+        return fp, fp_error, time.perf_counter() - t
+
+    def pair(self, a: Any, b: Any, *, tick: Callable[[str], None], out_a: ModelOutputs | None = None,
+             fingerprinted: tuple[Any, str | None, float] | None = None,
+             on_outputs: Callable[[str, bool], None] | None = None) -> ComparisonReport:
+        """Compare ``a`` with ``b``; ``out_a`` and ``fingerprinted`` (a ``fingerprint`` result) replace
+        computing them again; ``on_outputs(side, computed)`` hears whether each side's outputs were
+        computed or served from the cache."""
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        fp: FingerprintReport | None = None
+        beh: BehaviourResult | None = None
+        fp_error, out_b = None, None
+        if self.fingerprints:
+            fp, fp_error, timings["fingerprint_s"] = fingerprinted or self.fingerprint(a, b, tick=tick)
         else:
             fp_error = "not requested"
-        if behaviour:
+        if self.behaviour:
             t = time.perf_counter()
-            common = {"device": device, "dtype": dtype, "allow_fallback": allow_fallback, "cache": cache,
-                      "tick": tick}
-            out_a = _cached_outputs(a, chosen, settings, seed=settings.seed, **common)
-            out_b = _cached_outputs(b, chosen, settings, seed=settings.seed + 1, **common)
+            if out_a is None:
+                out_a, computed = self.outputs(a, side="a", tick=tick)
+                if on_outputs is not None:
+                    on_outputs("a", computed)
+            out_b, computed = self.outputs(b, side="b", tick=tick)
+            if on_outputs is not None:
+                on_outputs("b", computed)
             tick("comparing outputs")
-            beh = compare_outputs(out_a, out_b, chosen, settings)
+            beh = compare_outputs(out_a, out_b, self.chosen, self.settings)
             timings["behaviour_s"] = time.perf_counter() - t
-    verdict = decide(fp, beh, fingerprint_error=fp_error if fingerprints else None)
-    timings["total_s"] = time.perf_counter() - start
-    return ComparisonReport(
-        verdict=verdict.verdict, reasons=verdict.reasons, evidence=verdict.evidence, fingerprint=fp,
-        fingerprint_error=fp_error, behaviour=beh, models={"a": _model_info(a, out_a), "b": _model_info(b, out_b)},
-        device=_device_name(device, allow_fallback), dtype=dtype, settings=settings.to_json(), timings=timings,
-        rules=list(RULES),
-    )
+        verdict = decide(fp, beh, fingerprint_error=fp_error if self.fingerprints else None)
+        timings["total_s"] = time.perf_counter() - start + (fingerprinted[2] if fingerprinted else 0.0)
+        return ComparisonReport(
+            verdict=verdict.verdict, reasons=verdict.reasons, evidence=verdict.evidence, fingerprint=fp,
+            fingerprint_error=fp_error, behaviour=beh,
+            models={"a": _model_info(a, out_a), "b": _model_info(b, out_b)},
+            device=_device_name(self.device, self.allow_fallback), dtype=self.dtype,
+            settings=self.settings.to_json(), timings=timings, rules=list(RULES),
+        )
 
 
 def _device_name(device: str, allow_fallback: bool | None) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 
 from modelkin.errors import InputError, TokenizerError
 from modelkin.runtime.config import SamplingParams
-from modelkin.runtime.generate import GenerationResponse, stream_generate
+from modelkin.runtime.generate import Continuation, GenerationResponse, prefill_decode, stream_generate
 from modelkin.runtime.kv_cache import attention_mask, positions_from_mask
 from modelkin.runtime.moe import telemetry as moe_telemetry
 
@@ -244,6 +244,28 @@ class Model:
             "stop": stop,
         }
         return self.generate_batch([prompt_or_ids], chat=chat, **sampling)[0]
+
+    def prefill_decode(
+        self, prompts: Sequence[Sequence[int]], rows: Sequence[Continuation], **options: Any
+    ) -> list[list[int]]:
+        """``generate.prefill_decode`` on this model (its EOS ids and pad id; ``options``: on_logits,
+        budgets, sample_dtype): ids per row. MoE models record the routing of the prompt tokens only.
+
+        Raises:
+            InputError: an empty prompt, ids outside the vocabulary, or too long for the context.
+        """
+        if any(not p for p in prompts):
+            raise InputError("a prompt holds zero tokens", hint="pass a non-empty prompt")
+        self._check_ids(prompts)
+        room = [self.context_length - len(p) for p in prompts]
+        rows = [dataclasses.replace(r, max_new_tokens=max(1, min(r.max_new_tokens, room[r.prompt])))
+                for r in rows]
+        tele = self.routing_telemetry
+        if tele is not None:
+            tele.reset()
+            options["record"] = lambda: tele.recording(self.module)
+        return prefill_decode(self.module, prompts, rows, eos_ids=self.eos_token_ids,
+                              pad_id=self.pad_token_id, **options)
 
     # -- scoring --------------------------------------------------------------------------------
     def score(self, text: str) -> ScoreResult:

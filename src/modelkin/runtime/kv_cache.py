@@ -118,6 +118,51 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    def real_length(self, row: int) -> int:
+        """Real tokens of ``row`` (they end at ``length``: rows are left-padded)."""
+        return int(self.valid_BS[row, : self.length].sum())
+
+    def select(self, rows_B: torch.Tensor) -> KVCache:
+        """Keep only ``rows_B`` (indices into this batch), e.g. to drop finished rows; in place, one
+        layer at a time, so the transient copy is one layer's. Returns self."""
+        for layer in range(len(self.keys)):
+            self.keys[layer] = self.keys[layer].index_select(0, rows_B)
+            self.values[layer] = self.values[layer].index_select(0, rows_B)
+        self.valid_BS = self.valid_BS.index_select(0, rows_B)
+        self.next_pos_B = self.next_pos_B.index_select(0, rows_B)
+        return self
+
+
+def gather_rows(
+    sources: list[tuple[KVCache, int, int]], *, extra: int, dtype: torch.dtype | None = None
+) -> KVCache:
+    """A new left-padded cache from ``(cache, row, copies)`` triples: each source row's real slots,
+    repeated ``copies`` times, right-aligned, with room for ``extra`` more tokens.
+
+    Continuations of one prompt (a greedy one and many samples) so share the prompt's prefill.
+    """
+    first = sources[0][0]
+    lengths = [cache.real_length(row) for cache, row, _ in sources]
+    width = max(lengths)
+    batch = sum(copies for _, _, copies in sources)
+    k0 = first.keys[0]
+    out = KVCache(
+        num_layers=len(first.keys), batch_size=batch, num_kv_heads=k0.shape[1], head_dim=k0.shape[3],
+        max_len=width + extra, dtype=dtype or k0.dtype, device=k0.device, window=first.window,
+    )
+    dst = 0
+    for (cache, row, copies), n in zip(sources, lengths):
+        src = slice(cache.length - n, cache.length)
+        for layer in range(len(first.keys)):
+            out.keys[layer][dst : dst + copies, :, width - n : width] = cache.keys[layer][row, :, src]
+            out.values[layer][dst : dst + copies, :, width - n : width] = cache.values[layer][row, :, src]
+        out.valid_BS[dst : dst + copies, width - n : width] = True
+        out.next_pos_B[dst : dst + copies] = cache.next_pos_B[row]
+        dst += copies
+    out.length = width
+    out.has_padding = min(lengths) < width
+    return out
+
 
 def make_kv_cache(
     model: nn.Module,

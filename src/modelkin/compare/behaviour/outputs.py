@@ -1,8 +1,9 @@
 """Run one model over a prompt set and keep what behavioural metrics need, compactly, on the CPU.
 
-Per prompt: the next-token log-softmax at every prompt position (float16), the top-k ids (from float32),
-bits per byte of the prompt text, a greedy continuation, sampled continuations for the two-sample test,
-and MoE routing telemetry. Models are run one at a time, so two models never need to fit together.
+Per prompt, from one prefill (Model.prefill_decode): the next-token log-softmax at every prompt position
+(float16), the top-k ids (from float32), bits per byte of the prompt text, MoE routing of the prompt
+tokens; then a greedy continuation and sampled ones for the two-sample test, decoded together from that
+prefill. Models are run one at a time, so two models never need to fit together.
 """
 
 from __future__ import annotations
@@ -119,19 +120,19 @@ def run_outputs(model: Any, prompts: Sequence[Prompt], settings: BehaviourSettin
             raise InputError(f"prompt {p.id!r} encodes to zero tokens for {model.path}", hint="remove it")
     tele = _telemetry(model)
     t = time.perf_counter()
-    tick("next-token distributions")
-    logprobs, topk, bpb = _logits_pass(model, prompts, ids, settings.top_k, tele)
+    tick("prefill and continuations")
+    scores = _Scores(prompts, ids, settings.top_k)
+    rows, greedy_rows, sample_rows = _continuations(ids, settings, seed)
+    out = model.prefill_decode(ids, rows, on_logits=scores.add, **_sample_options(model, settings))
+    timings["logits_s"] = scores.done_at - t
+    timings["decode_s"] = time.perf_counter() - scores.done_at
     routing = tele.to_json() if tele is not None else None
-    timings["logits_s"] = time.perf_counter() - t
-    greedy_ids, greedy_text = [], []
-    if settings.wants("greedy"):
-        t = time.perf_counter()
-        tick("greedy continuations")
-        results = model.generate_batch(ids, max_new_tokens=settings.greedy_tokens, temperature=0.0)
-        greedy_ids = [list(r.tokens) for r in results]
-        greedy_text = [r.text for r in results]
-        timings["greedy_s"] = time.perf_counter() - t
-    sample_ids, sample_text = _samples(model, ids, settings, seed, tick, timings)
+    logprobs, topk, bpb = scores.logprobs, scores.topk, scores.bpb
+    greedy_ids = [out[r] for r in greedy_rows]
+    greedy_text = [_text(tok, row, model.eos_token_ids) for row in greedy_ids]
+    n = settings.mmd_samples
+    sample_ids = [[out[r] for r in sample_rows[j * n:(j + 1) * n]] for j in range(len(sample_rows) // n)]
+    sample_text = [[_text(tok, row, model.eos_token_ids) for row in rows_j] for rows_j in sample_ids]
     pieces, special = vocabulary(tok)
     return ModelOutputs(
         path=str(model.path), model_type=str(getattr(model.config, "model_type", "?")),
@@ -142,73 +143,65 @@ def run_outputs(model: Any, prompts: Sequence[Prompt], settings: BehaviourSettin
     )
 
 
-def _logits_pass(model: Any, prompts: Sequence[Prompt], ids: list[list[int]], k: int, tele: Any | None,
-                 budget: int = 1 << 26) -> tuple[list[Any], list[Any], list[float | None]]:
-    """Batches of prompts under ``budget`` logits elements; log-softmax on the device, kept as float16.
+class _Scores:
+    """Token-level records of each prompt from its float32 logits: log-softmax (kept as float16),
+    top-k ids and bits per byte."""
 
-    With ``tele`` (an MoE's RoutingTelemetry) the routing of every real prompt token is recorded.
+    def __init__(self, prompts: Sequence[Prompt], ids: list[list[int]], k: int):
+        self.prompts, self.ids, self.k = prompts, ids, k
+        self.logprobs: list[Any] = [None] * len(ids)
+        self.topk: list[Any] = [None] * len(ids)
+        self.bpb: list[float | None] = [None] * len(ids)
+        self.done_at = time.perf_counter()
+
+    def add(self, i: int, logits_LV: Any) -> None:
+        import torch
+
+        from modelkin.runtime.api import score_logprobs
+
+        lp = logits_LV.float().log_softmax(dim=-1)
+        self.topk[i] = lp.topk(min(self.k, lp.shape[-1]), dim=-1).indices.to(torch.int32).cpu()
+        if len(self.ids[i]) >= 2:
+            self.bpb[i] = score_logprobs(lp, self.ids[i], self.prompts[i].prompt).bits_per_byte
+        self.logprobs[i] = lp.to(torch.float16).cpu()
+        self.done_at = time.perf_counter()
+
+
+def _continuations(ids: list[list[int]], settings: BehaviourSettings,
+                   seed: int) -> tuple[list[Any], list[int], list[int]]:
+    """The rows to decode: a greedy one per prompt, then ``mmd_samples`` sampled ones for each of the
+    first ``mmd_prompts`` prompts; returns (rows, greedy row indices, sample row indices).
+
+    A sampled row's tokens are drawn with its own uniforms, taken from a ``seed`` generator in
+    row order, so they do not depend on how rows are batched.
     """
-    import contextlib
-
-    if tele is not None:
-        tele.reset()
-    recording = tele.recording(model.module) if tele is not None else contextlib.nullcontext()
-    with recording:
-        return _logits_batches(model, prompts, ids, k, tele, budget)
-
-
-def _logits_batches(model: Any, prompts: Sequence[Prompt], ids: list[list[int]], k: int, tele: Any | None,
-                    budget: int) -> tuple[list[Any], list[Any], list[float | None]]:
     import torch
 
-    from modelkin.runtime.api import score_logprobs
+    from modelkin.runtime.generate import Continuation
 
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    logprobs: list[Any] = [None] * len(ids)
-    topk: list[Any] = [None] * len(ids)
-    bpb: list[float | None] = [None] * len(ids)
-    start = 0
-    while start < len(order):
-        vocab = int(model.config.vocab_size)
-        width = len(ids[order[start]])
-        stop = start + 1
-        while stop < len(order) and (stop - start + 1) * max(width, len(ids[order[stop]])) * vocab <= budget:
-            width = max(width, len(ids[order[stop]]))
-            stop += 1
-        batch = order[start:stop]
-        if tele is not None:  # count real tokens only, not the right padding of the batch
-            tele.token_mask = torch.tensor([[j < len(ids[i]) for j in range(width)] for i in batch],
-                                           device=model.device)
-        logits = model.logits([ids[i] for i in batch])
-        for row, i in enumerate(batch):
-            n = len(ids[i])
-            lp = logits[row, :n].float().log_softmax(dim=-1)
-            topk[i] = lp.topk(min(k, lp.shape[-1]), dim=-1).indices.to(torch.int32).cpu()
-            if n >= 2:
-                bpb[i] = score_logprobs(lp, ids[i], prompts[i].prompt).bits_per_byte
-            logprobs[i] = lp.to(torch.float16).cpu()
-        del logits
-        start = stop
-    if tele is not None:
-        tele.token_mask = None
-    return logprobs, topk, bpb
+    rows = []
+    if settings.wants("greedy"):
+        rows += [Continuation(prompt=i, max_new_tokens=settings.greedy_tokens) for i in range(len(ids))]
+    greedy_rows = list(range(len(rows)))
+    chosen = min(settings.mmd_prompts, len(ids)) if settings.wants("mmd") else 0
+    count = chosen * settings.mmd_samples
+    u = torch.rand(count, settings.mmd_tokens, generator=torch.Generator().manual_seed(seed))
+    for r in range(count):
+        rows.append(Continuation(prompt=r // settings.mmd_samples, max_new_tokens=settings.mmd_tokens,
+                                 temperature=settings.temperature, uniforms=u[r]))
+    return rows, greedy_rows, list(range(len(greedy_rows), len(rows)))
 
 
-def _samples(model: Any, ids: list[list[int]], settings: BehaviourSettings, seed: int, tick: Tick,
-             timings: dict[str, float]) -> tuple[list[list[list[int]]], list[list[str]]]:
-    if not settings.wants("mmd") or settings.mmd_prompts == 0:
-        return [], []
-    t = time.perf_counter()
-    tick("sampled continuations")
-    chosen = ids[: settings.mmd_prompts]
-    batch = [row for row in chosen for _ in range(settings.mmd_samples)]
-    results = model.generate_batch(batch, max_new_tokens=settings.mmd_tokens,
-                                   temperature=settings.temperature, seed=seed)
-    n = settings.mmd_samples
-    sample_ids = [[list(r.tokens) for r in results[j * n:(j + 1) * n]] for j in range(len(chosen))]
-    sample_text = [[r.text for r in results[j * n:(j + 1) * n]] for j in range(len(chosen))]
-    timings["samples_s"] = time.perf_counter() - t
-    return sample_ids, sample_text
+def _sample_options(model: Any, settings: BehaviourSettings) -> dict[str, Any]:
+    """prefill_decode's dtype for sampled rows (see BehaviourSettings.sample_dtype)."""
+    import torch
+
+    return {"sample_dtype": torch.bfloat16 if settings.sample_dtype == "bfloat16" else model.dtype}
+
+
+def _text(tok: Any, tokens: list[int], eos_ids: set[int]) -> str:
+    """The text of generated ``tokens`` (an ending EOS id excluded), decoded once."""
+    return tok.decode(tokens[:-1] if tokens and tokens[-1] in eos_ids else tokens)
 
 
 def _telemetry(model: Any) -> Any | None:

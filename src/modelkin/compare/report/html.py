@@ -169,8 +169,10 @@ def render_html(report: Any) -> str:
     )
 
 
-def render_index(entries: Sequence[Mapping[str, Any]], title: str, intro: str = "") -> str:
-    """An index page linking several reports: entries hold name, href, verdict and headline numbers."""
+def render_index(entries: Sequence[Mapping[str, Any]], title: str, intro: str = "", *,
+                 counters: Mapping[str, Any] | None = None, failures: Mapping[str, str] | None = None) -> str:
+    """An index page linking several reports: entries hold name, href, verdict and headline numbers;
+    ``counters`` (compare_many's) show what each model cost, ``failures`` the pairs that could not run."""
     rows = []
     for e in entries:
         colour = VERDICT_COLOURS.get(e.get("verdict", ""), "#555")
@@ -180,11 +182,27 @@ def render_index(entries: Sequence[Mapping[str, Any]], title: str, intro: str = 
         rows.append([f"<td><a href='{esc(e['href'])}'>{esc(e['name'])}</a></td>", f"<td>{badge}</td>",
                      f"<td>{mark}</td>",
                      *(_td(e.get(k), True) for k in ("js_divergence", "top1_agreement", "greedy_text_similarity",
-                                                     "bpb_correlation", "mmd_p_value", "weights_significant")),
-                     _td(e.get("note"))])
+                                                     "bpb_correlation", "mmd_p_value", "weights_significant",
+                                                     "seconds")),
+                     _td(e.get("about", e.get("note")))])
     header = ["comparison", "verdict", "expected", "JS (bits)", "top-1", "greedy sim.", "bpb r", "MMD p",
-              "valid weight tests sig.", "about"]
+              "valid weight tests sig.", "s", "about"]
     intro_html = f"<p>{esc(intro)}</p>" if intro else ""
+    failed = "".join(f"<li><b>{esc(n)}</b>: {esc(why)}</li>" for n, why in (failures or {}).items())
+    failed_html = f"<h2>Not compared</h2><ul>{failed}</ul>" if failed else ""
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><link rel='icon' href='data:,'>"
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body><h1>{esc(title)}</h1>{intro_html}"
-            f"{_table(header, rows)}</body></html>\n")
+            f"{_table(header, rows)}{failed_html}{_counters_table(counters)}</body></html>\n")
+
+
+def _counters_table(counters: Mapping[str, Any] | None) -> str:
+    if not counters or "suspect" not in counters:
+        return ""
+    models = [("suspect", counters["suspect"])] + list((counters.get("candidates") or {}).items())
+    keys = ("loads", "checkpoint_opens", "tensors_read", "bytes_read", "outputs_computed", "outputs_reused")
+    rows = [[_td(name), _td(c.get("path"))] + [_td(c.get(k), True) for k in keys] for name, c in models]
+    header = ["model", "path", "loads", "checkpoint opens", "tensors read", "bytes read", "outputs computed",
+              "outputs reused"]
+    return ("<h2>What each model cost</h2><p class='muted'>loads: runs of the model for behaviour; tensors and "
+            "bytes read: by the weight fingerprints; outputs reused: pairs served from the suspect's outputs "
+            f"computed once.</p>{_table(header, rows)}")

@@ -1,0 +1,315 @@
+"""Seconds per pair (load / fingerprint / behaviour) and peak anonymous memory of `compare`: one suspect
+against three candidates, before (one compare() per pair at the old behaviour budget) and after
+(compare_many at the default budget), each case in its own process; SmolLM2-135M pairs and a random
+>= 1B-parameter bf16 Llama pair.
+
+Models are built once and cached under $MODELKIN_CACHE_DIR/compare (else ~/.cache/modelkin-bench/compare).
+
+Usage (from the repository root): python -m bench.compare [--repeats N] [--cases smol,big] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+# the behaviour budget before issue 17 (prompts x samples 4x smaller than today's default)
+OLD_BUDGET = {"max_prompts": 24, "greedy_tokens": 32, "mmd_prompts": 4, "mmd_samples": 8, "mmd_tokens": 16,
+              "permutations": 2000}
+# a 1.2B model in fp32 on 2 CPU cores: a small budget, the same before and after
+BIG_BUDGET = {"max_prompts": 4, "greedy_tokens": 8, "mmd_prompts": 1, "mmd_samples": 4, "mmd_tokens": 8,
+              "permutations": 500}
+BIG_CONFIG = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+              "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": False,
+              "max_position_embeddings": 2048, "torch_dtype": "bfloat16"}
+
+
+def cache_root() -> Path:
+    base = os.environ.get("MODELKIN_CACHE_DIR")
+    return Path(base) / "compare" if base else Path.home() / ".cache" / "modelkin-bench" / "compare"
+
+
+# ---- models -------------------------------------------------------------------------------------------
+
+def smol_models(root: Path, log: Any) -> tuple[Path, dict[str, Path]]:
+    """SmolLM2-135M (GGUF) and three relatives: a fine-tune, a permuted copy, the std-matched twin."""
+    from modelkin.synth import derive, train, variants
+
+    source = train.smollm2_gguf()
+    out = {name: root / name for name in ("fine-tuned", "permuted-copy", "std-matched-twin")}
+    if not (out["fine-tuned"] / "config.json").is_file():
+        log("fine-tuning SmolLM2 (12 AdamW steps, once)")
+        tokens = train.stdlib_tokens(train.write_tokenizer(root / "tokenizer", source), max_tokens=60_000)
+        train.finetune(source, out["fine-tuned"], steps=12, lr=5e-5, seed=0, tokens=tokens, batch=4, seq=64)
+    if not all((out[n] / "config.json").is_file() for n in ("permuted-copy", "std-matched-twin")):
+        log("writing the permuted copy and the std-matched twin (once)")
+        config, tensors = variants.read_dense(source)
+        variants.write_hf_checkpoint(out["permuted-copy"], config, variants.permute_dense(config, tensors, seed=1),
+                                     tokenizer_from=source)
+        variants.write_hf_checkpoint(out["std-matched-twin"], *derive.std_matched(config, tensors, seed=3),
+                                     tokenizer_from=source)
+    return source, out
+
+
+def big_models(root: Path, log: Any) -> tuple[Path, dict[str, Path]]:
+    """A random Llama of ~1.2B parameters in bf16 and a derived copy (its weights plus 1 % noise)."""
+    a, b = root / "llama-1b-a", root / "llama-1b-b"
+    for path, noise in ((a, 0.0), (b, 0.01)):
+        if not (path / "config.json").is_file():
+            log(f"writing {path.name} (bf16 safetensors, once)")
+            _write_big(path, noise=noise)
+    return a, {"llama-1b-derived": b}
+
+
+def _write_big(path: Path, *, noise: float) -> None:
+    """Stream a random bf16 Llama checkpoint to disk one tensor at a time (no full state dict in memory)."""
+    import torch
+
+    from modelkin.runtime.models import get_architecture
+    from modelkin.synth import train
+    from modelkin.synth.tiny import tiny_config
+    from modelkin.utils import atomic_path
+
+    config = tiny_config("llama", BIG_CONFIG)
+    module = get_architecture(config)
+    args = module.ModelArgs.from_hf_config(config)
+    with torch.device("meta"):
+        model = module.Model(args)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        tmp.mkdir(parents=True)
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape in shapes.items():
+            n = 2 * int(torch.tensor(shape).prod())
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        blob = json.dumps(header).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(tmp / "model.safetensors", "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            for i, (name, shape) in enumerate(shapes.items()):
+                g = torch.Generator().manual_seed(i)
+                t = (torch.ones(shape) if name.endswith("norm.weight")
+                     else torch.randn(shape, generator=g) / shape[-1] ** 0.5)
+                if noise:
+                    t = t + noise * t.std() * torch.randn(shape, generator=torch.Generator().manual_seed(10_000 + i))
+                f.write(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        train.write_tokenizer(tmp / "tok")
+        for f in (tmp / "tok").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "tok").rmdir()
+
+
+# ---- one case, in a child process ---------------------------------------------------------------------
+
+class AnonPeak:
+    """Samples this process's RssAnon every 10 ms (mapped file pages are page cache and do not count)."""
+
+    def __init__(self) -> None:
+        self.peak = self.now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now(field: str = "RssAnon") -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self.now())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.now())
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from modelkin.compare.api import compare
+    from modelkin.compare.many import compare_many
+    from modelkin.compare.settings import BehaviourSettings
+
+    torch.set_num_threads(case.get("threads") or torch.get_num_threads())
+    base = AnonPeak.now()
+    sampler = AnonPeak()
+    budget = {"old": OLD_BUDGET, "big": BIG_BUDGET, "default": {}}[case["budget"]]
+    settings = BehaviourSettings(**budget)
+    common = {"device": case["device"], "dtype": case["dtype"], "settings": settings, "show_progress": False}
+    start = time.perf_counter()
+    pairs: list[dict[str, Any]] = []
+    counters = None
+    if case["mode"] == "single":
+        for name, path in case["candidates"].items():
+            t = time.perf_counter()
+            report = compare(case["suspect"], path, **common)
+            pairs.append(_split(name, report, time.perf_counter() - t, suspect_loaded=True))
+    else:
+        found = compare_many(case["suspect"], case["candidates"], **common)
+        counters = found.counters
+        for i, (name, report) in enumerate(found.reports.items()):
+            pairs.append(_split(name, report, found.seconds[name], suspect_loaded=i == 0))
+    wall = time.perf_counter() - start
+    peak = sampler.stop()
+    return {"case": case["name"], "wall_s": wall, "pairs": pairs, "peak_anon": peak, "base_anon": base,
+            "vm_hwm": AnonPeak.now("VmHWM"), "counters": counters,
+            "settings": settings.to_json(), "weights_bytes": _weights_bytes(case)}
+
+
+def _split(name: str, report: Any, seconds: float, *, suspect_loaded: bool) -> dict[str, Any]:
+    models, t = report.models, report.timings
+    load = (models["a"].get("timings", {}).get("load_s", 0.0) if suspect_loaded else 0.0) \
+        + models["b"].get("timings", {}).get("load_s", 0.0)
+    return {"name": name, "verdict": report.verdict, "seconds": seconds, "load_s": load,
+            "fingerprint_s": t.get("fingerprint_s", 0.0), "behaviour_s": t.get("behaviour_s", 0.0) - load}
+
+
+def _weights_bytes(case: dict[str, Any]) -> int:
+    """The largest model's weights at the compute dtype (float32 on CPU unless the case names one)."""
+    from modelkin.checkpoint import open_checkpoint
+
+    size = {"auto": 4, "float32": 4, "bfloat16": 2, "float16": 2}[case["dtype"]]
+    best = 0
+    for path in (case["suspect"], *case["candidates"].values()):
+        with open_checkpoint(path) as src:
+            best = max(best, sum(int(src.info(k).numel) for k in src.keys()) * size)
+    return best
+
+
+def mmd_power(suspect: str, relative: str, budget: dict[str, Any], seeds: int) -> dict[str, Any]:
+    """How often the MMD two-sample test rejects at 0.05 on a light fine-tune, over ``seeds`` seeds."""
+    from modelkin.compare.api import compare
+    from modelkin.compare.settings import BehaviourSettings
+
+    p_values = []
+    for seed in range(seeds):
+        settings = BehaviourSettings(**{**budget, "seed": seed, "metrics": ("mmd",)})
+        report = compare(suspect, relative, device="cpu", settings=settings, fingerprints=False, show_progress=False)
+        p_values.append((report.behaviour.mmd or {}).get("p_value"))
+    done = [p for p in p_values if p is not None]
+    return {"seeds": seeds, "rejects": sum(p < 0.05 for p in done), "p_values": p_values,
+            "power": sum(p < 0.05 for p in done) / max(1, len(done))}
+
+
+# ---- the parent: cases, repeats, table --------------------------------------------------------------
+
+def cases(which: list[str], log: Any) -> list[dict[str, Any]]:
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    if "smol" in which:
+        suspect, cands = smol_models(root, log)
+        cands = {k: str(v) for k, v in cands.items()}
+        for mode, budget in (("single", "old"), ("many", "old"), ("many", "default")):
+            out.append({"name": f"smol {mode} {budget}-budget", "suspect": str(suspect), "candidates": cands,
+                        "mode": mode, "budget": budget, "device": "cpu", "dtype": "auto"})
+    if "big" in which:
+        suspect, cands = big_models(root, log)
+        for mode in ("single", "many"):
+            out.append({"name": f"1.2B bf16 {mode}", "suspect": str(suspect),
+                        "candidates": {k: str(v) for k, v in cands.items()}, "mode": mode, "budget": "big",
+                        "device": "cpu", "dtype": "bfloat16"})
+    return out
+
+
+def spawn(case: dict[str, Any], timeout: float) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "bench.compare", "--child", json.dumps(case)],
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{case['name']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    rows = []
+    for name, results in runs.items():
+        if not results:
+            continue
+        med = statistics.median
+        n_pairs = len(results[0]["pairs"])
+        row = {"case": name, "repeats": len(results), "pairs": n_pairs,
+               "s_per_pair": med(r["wall_s"] / n_pairs for r in results),
+               **{k: med(sum(p[k] for p in r["pairs"]) / n_pairs for r in results)
+                  for k in ("load_s", "fingerprint_s", "behaviour_s")},
+               "peak_anon_gb": med(r["peak_anon"] for r in results) / 1e9,
+               "base_anon_gb": med(r["base_anon"] for r in results) / 1e9,
+               "vm_hwm_gb": med(r["vm_hwm"] for r in results) / 1e9,
+               "budget_gb": (results[0]["weights_bytes"] + 0.5e9) / 1e9,
+               "verdicts": {p["name"]: p["verdict"] for p in results[0]["pairs"]},
+               "counters": results[0]["counters"]}
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", default="smol,big", help="smol, big or both (comma-separated)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per case run")
+    parser.add_argument("--json", help="write every run and the summary to this file")
+    parser.add_argument("--power-seeds", type=int, default=0,
+                        help="also measure the MMD test's power on the fine-tune over this many seeds, old budget "
+                             "and default budget")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_case(json.loads(args.child))))
+        return 0
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    todo = cases([c.strip() for c in args.cases.split(",")], log)
+    runs: dict[str, list[dict[str, Any]]] = {c["name"]: [] for c in todo}
+    for rep in range(args.repeats):  # interleaved, so load changes hit every case alike
+        for case in todo:
+            log(f"repeat {rep + 1}/{args.repeats}: {case['name']} (load average {os.getloadavg()[0]:.1f})")
+            runs[case["name"]].append(spawn(case, args.timeout))
+    rows = summarise(runs)
+    print(f"{'case':26s} {'s/pair':>7s} {'load':>6s} {'fprint':>7s} {'behav':>6s} {'anon GB':>8s} "
+          f"{'budget':>7s} {'HWM GB':>7s}  verdicts")
+    for r in rows:
+        print(f"{r['case']:26s} {r['s_per_pair']:7.1f} {r['load_s']:6.1f} {r['fingerprint_s']:7.1f} "
+              f"{r['behaviour_s']:6.1f} {r['peak_anon_gb']:8.2f} {r['budget_gb']:7.2f} {r['vm_hwm_gb']:7.2f}  "
+              + ", ".join(f"{k}={v}" for k, v in r["verdicts"].items()))
+    by = {r["case"]: r for r in rows}
+    for before, after in (("smol single old-budget", "smol many old-budget"),
+                          ("smol single old-budget", "smol many default-budget"),
+                          ("1.2B bf16 single", "1.2B bf16 many")):
+        if before in by and after in by:
+            print(f"{after} vs {before}: {by[before]['s_per_pair'] / by[after]['s_per_pair']:.2f}x seconds per pair, "
+                  f"peak anon {by[after]['peak_anon_gb']:.2f} vs {by[before]['peak_anon_gb']:.2f} GB")
+    for r in rows:
+        if r["counters"]:
+            s = r["counters"]["suspect"]
+            print(f"{r['case']}: suspect loads {s['loads']}, checkpoint opens {s['checkpoint_opens']}, tensors read "
+                  f"{s['tensors_read']} ({s['bytes_read'] / 1e6:.0f} MB), outputs computed {s['outputs_computed']}"
+                  f" / reused {s['outputs_reused']}")
+    power = {}
+    if args.power_seeds:
+        suspect, cands = smol_models(cache_root(), log)
+        for label, budget in (("old", OLD_BUDGET), ("default", {})):
+            log(f"MMD power, {label} budget, {args.power_seeds} seeds")
+            power[label] = mmd_power(str(suspect), str(cands["fine-tuned"]), budget, args.power_seeds)
+            print(f"MMD power on the light fine-tune, {label} budget: {power[label]['rejects']}/{args.power_seeds} "
+                  "seeds reject at 0.05")
+    print(f"load average now {os.getloadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": runs, "summary": rows, "mmd_power": power}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

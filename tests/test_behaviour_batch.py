@@ -1,0 +1,137 @@
+"""The shared-prefill behaviour path (Model.prefill_decode, compare's run_outputs): its logits, greedy
+continuations and MoE routing equal the one-prompt-at-a-time paths; sampled rows do not depend on
+batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import modelkin
+from modelkin.compare.behaviour.outputs import run_outputs
+from modelkin.compare.behaviour.prompts import Prompt
+from modelkin.compare.settings import BehaviourSettings
+from modelkin.runtime.generate import Continuation
+from modelkin.runtime.sampling import inverse_cdf
+from modelkin.synth.tiny import make_tiny
+
+# ragged lengths: 1, 2, 5, 9 and 14 tokens
+PROMPTS = [[5], [7, 300], [11, 12, 13, 14, 15], list(range(40, 49)), list(range(100, 114))]
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3", "qwen3_moe"])
+def model(request, tmp_path_factory):
+    overrides = {"sliding_window": 4} if request.param == "gemma3" else None  # windows shorter than prompts
+    path = make_tiny(request.param, tmp_path_factory.mktemp(request.param), seed=3, overrides=overrides)
+    return modelkin.load(path, device="cpu")
+
+
+def greedy_rows(n: int, tokens: int) -> list[Continuation]:
+    return [Continuation(prompt=i, max_new_tokens=tokens) for i in range(n)]
+
+
+def test_greedy_rows_equal_generate_token_for_token(model):
+    got = model.prefill_decode(PROMPTS, greedy_rows(len(PROMPTS), 12))
+    for prompt, ids in zip(PROMPTS, got):
+        assert ids == model.generate(prompt, max_new_tokens=12).tokens
+
+
+def test_greedy_rows_stop_at_eos_like_generate(model):
+    full = model.generate(PROMPTS[2], max_new_tokens=8).tokens
+    eos = full[3]
+    model.eos_token_ids.add(eos)
+    try:
+        got = model.prefill_decode(PROMPTS, greedy_rows(len(PROMPTS), 8))
+        want = [model.generate(p, max_new_tokens=8).tokens for p in PROMPTS]
+    finally:
+        model.eos_token_ids.discard(eos)
+    assert got == want
+    assert got[2] == full[: full.index(eos) + 1]
+
+
+def test_prefill_logits_equal_model_logits(model):
+    seen = {}
+    model.prefill_decode(PROMPTS, [], on_logits=lambda i, lg: seen.__setitem__(i, lg.log_softmax(-1)))
+    assert sorted(seen) == list(range(len(PROMPTS)))
+    for i, prompt in enumerate(PROMPTS):
+        want = model.logits([prompt])[0].log_softmax(-1)
+        assert seen[i].shape == want.shape
+        torch.testing.assert_close(seen[i], want, atol=2e-5, rtol=1e-5)
+
+
+def test_small_budgets_split_batches_with_the_same_results(model):
+    u = torch.rand(6, 10, generator=torch.Generator().manual_seed(0))
+    rows = greedy_rows(len(PROMPTS), 10) + [
+        Continuation(prompt=p, max_new_tokens=6 + p, temperature=0.8, uniforms=u[k]) for k, p in
+        enumerate([1, 1, 1, 4, 4, 0])]
+    big = model.prefill_decode(PROMPTS, rows)
+    small = model.prefill_decode(PROMPTS, rows, logits_budget=1, cache_budget=1)  # one prompt / row a batch
+    assert big == small
+    assert [len(r) for r in big[len(PROMPTS):]] == [7, 7, 7, 10, 10, 6]  # no EOS drawn here
+    assert big[5] != big[6] or big[5] != big[7]  # distinct uniforms, distinct samples
+
+
+def test_sampled_rows_follow_the_model_distribution(model):
+    probs = model.logits([PROMPTS[3]])[0, -1].softmax(-1)
+    n = 4000
+    u = torch.rand(n, 1, generator=torch.Generator().manual_seed(1))
+    rows = [Continuation(prompt=0, max_new_tokens=1, temperature=1.0, uniforms=u[k]) for k in range(n)]
+    got = torch.tensor([r[0] for r in model.prefill_decode([PROMPTS[3]], rows)])
+    freq = torch.bincount(got, minlength=probs.numel()).float() / n
+    assert (freq - probs).abs().max() < 4 * (probs.max() / n) ** 0.5 + 1e-3
+
+
+def test_moe_routing_counts_prompt_tokens_as_one_prompt_at_a_time(model):
+    tele = model.routing_telemetry
+    if tele is None:
+        pytest.skip("dense model")
+    want: dict[int, list[int]] = {}
+    for prompt in PROMPTS:  # the old accounting: model.logits of each prompt alone, every token real
+        tele.reset()
+        with tele.recording(model.module):
+            model.logits([prompt])
+        for layer in tele.to_json()["layers"]:
+            counts = want.setdefault(layer["layer"], [0] * len(layer["expert_counts"]))
+            want[layer["layer"]] = [a + b for a, b in zip(counts, layer["expert_counts"])]
+    model.prefill_decode(PROMPTS, greedy_rows(len(PROMPTS), 6))  # decoding must not be counted
+    layers = model.routing()["layers"]
+    assert {layer["layer"]: layer["expert_counts"] for layer in layers} == want
+    assert all(layer["num_tokens"] == sum(map(len, PROMPTS)) for layer in layers)
+
+
+def test_run_outputs_greedy_text_and_samples(model):
+    prompts = [Prompt(id=f"p{i}", category="user", prompt=t) for i, t in
+               enumerate(["Hello there", "a", "The quick brown fox jumps over"])]
+    settings = BehaviourSettings(max_prompts=3, greedy_tokens=5, mmd_prompts=2, mmd_samples=3, mmd_tokens=4)
+    out = run_outputs(model, prompts, settings, seed=7)
+    again = run_outputs(model, prompts, settings, seed=7)
+    for ids, text, p in zip(out.greedy_ids, out.greedy_text, prompts):
+        ref = model.generate(p.prompt, max_new_tokens=5)
+        assert (ids, text) == (ref.tokens, ref.text)
+    assert len(out.sample_ids) == 2 and all(len(s) == 3 for s in out.sample_ids)
+    assert out.sample_ids == again.sample_ids and out.sample_text == again.sample_text
+    assert run_outputs(model, prompts, settings, seed=8).sample_ids != out.sample_ids
+    for i, ids in enumerate(out.prompt_ids):
+        ref = model.logits([ids])[0].log_softmax(-1)
+        want = ref.to(torch.float16).float()
+        torch.testing.assert_close(out.logprobs[i].float(), want, atol=2e-3, rtol=1e-3)
+    for m in model.module.modules():  # a prepacked MoE copy is rebuilt, not copied, for bfloat16
+        if hasattr(m, "prepack_cpu"):
+            m.prepack_cpu()
+    bf16_settings = BehaviourSettings(**{**settings.to_json(), "sample_dtype": "bfloat16"})
+    bf16 = run_outputs(model, prompts, bf16_settings, seed=7)
+    assert bf16.greedy_ids == out.greedy_ids and [len(s) for s in bf16.sample_ids] == [3, 3]
+
+
+def test_inverse_cdf_matches_softmax_and_skips_impossible_ids():
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0)) * 2
+    logits[0, 500:600] = float("-inf")
+    n = 100_000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    ids = inverse_cdf(logits.expand(n, -1), u, block=64)
+    freq = torch.bincount(ids, minlength=1000).float() / n
+    p = logits.softmax(-1)[0]
+    assert ((freq - p).abs() <= 5 * (p / n).sqrt() + 2e-4).all()
+    assert freq[500:600].sum() == 0
+    edges = inverse_cdf(logits.expand(2, -1), torch.tensor([0.0, 1 - 2**-24]))
+    assert torch.isfinite(logits[0, edges]).all()
