@@ -33,7 +33,8 @@ PANGU_72B = {"architectures": ["PanguProMoEForCausalLM"], "model_type": "PanguPr
              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
 TOKENS = (151646, 153376)  # tokenizer entries of Qwen2.5 and Pangu; the first 151646 are shared here
 SMALL = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 704,
-         "num_experts": 8, "num_experts_per_tok": 4, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 192,
+         "num_experts": 8, "num_experts_per_tok": 4, "moe_intermediate_size": 64,
+         "shared_expert_intermediate_size": 192,
          "vocab_size": (3200, 3300)}
 SHARD_BYTES = 4 << 30
 DATA_ROWS = 1024  # invariants' default n_tokens: the last shared tokens' embedding rows hold data
@@ -72,7 +73,8 @@ def _attention(cfg: dict, p: str, o_bias: bool) -> list[tuple[str, tuple[int, ..
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
     out = [(f"{p}.input_layernorm.weight", (d,))]
     for name, rows in (("q", q), ("k", kv), ("v", kv)):
-        out += [(f"{p}.self_attn.{name}_proj.weight", (rows, d)), (f"{p}.self_attn.{name}_proj.bias", (rows,))]
+        out += [(f"{p}.self_attn.{name}_proj.weight", (rows, d)),
+                (f"{p}.self_attn.{name}_proj.bias", (rows,))]
     out.append((f"{p}.self_attn.o_proj.weight", (d, q)))
     if o_bias:
         out.append((f"{p}.self_attn.o_proj.bias", (d,)))
@@ -150,7 +152,8 @@ class _Shards:
             header, start = {"__metadata__": {"format": "pt"}}, 0
             for name, shape in group:
                 nbytes = 2 * math.prod(shape)
-                header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [start, start + nbytes]}
+                header[name] = {"dtype": "BF16", "shape": list(shape),
+                                "data_offsets": [start, start + nbytes]}
                 start += nbytes
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)
@@ -169,7 +172,8 @@ class _Shards:
         file, offset, shape = self.where[name]
         rows = tensor.shape[0] if len(shape) > 1 else shape[0]
         assert tuple(tensor.shape) == (rows, *shape[1:]) and tensor.dtype == torch.bfloat16, name
-        assert first_row + rows <= shape[0] and (first_row or rows == shape[0] or name.endswith("embed_tokens.weight")), name
+        partial = name.endswith("embed_tokens.weight")  # only the embedding gets some rows
+        assert first_row + rows <= shape[0] and (partial or rows == shape[0]), name
         row = 2 * math.prod(shape[1:]) if len(shape) > 1 else 2
         with open(file, "r+b") as f:
             f.seek(offset + first_row * row)
@@ -178,11 +182,12 @@ class _Shards:
 
 def _tokenizer(folder: Path, n: int) -> None:
     vocab = {f"t{i}": i for i in range(n)}
-    (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": vocab,
-                                                                                  "merges": []}}))
+    data = {"version": "1.0", "model": {"type": "BPE", "vocab": vocab, "merges": []}}
+    (folder / "tokenizer.json").write_text(json.dumps(data))
 
 
-def build(root: Path, *, layers: int | None = None, small: bool = False, seed: int = 0) -> tuple[Path, Path, dict]:
+def build(root: Path, *, layers: int | None = None, small: bool = False,
+          seed: int = 0) -> tuple[Path, Path, dict]:
     """Write (or reuse) the pair under ``root``: (pangu dir, qwen dir, {"pangu": Layout, "qwen": Layout})."""
     dense_cfg, moe_cfg, tokens = configs(layers, small)
     layouts = {"qwen": dense_layout(dense_cfg, tokens[0]), "pangu": moe_layout(moe_cfg, tokens[0])}
@@ -247,7 +252,8 @@ def _fill(shards: dict, layouts: dict, dense_cfg: dict, moe_cfg: dict, pool: _Po
             if not name.startswith(p + ".") or name not in dense.data:
                 continue
             if ".self_attn." in name or "layernorm" in name:
-                t = rand(shape, depth) if len(shape) == 2 else (1 + rand(shape, 0.1).float()).to(torch.bfloat16)
+                t = rand(shape, depth) if len(shape) == 2 else \
+                    (1 + rand(shape, 0.1).float()).to(torch.bfloat16)
                 shards["qwen"].write(name, t)
                 shards["pangu"].write(name, t)
         if f"{p}.self_attn.o_proj.bias" in moe.data:
@@ -305,7 +311,8 @@ class PeakAnon:
         self._thread.join()
 
 
-def run(pangu: Path, qwen: Path, *, methods: str | None = None, options: dict | None = None, echo=print) -> dict:
+def run(pangu: Path, qwen: Path, *, methods: str | None = None, options: dict | None = None,
+        echo=print) -> dict:
     """Fingerprint the pair through open ModelWeights; per method seconds, bytes read, peak RssAnon."""
     from modelkin.checkpoint import open_checkpoint
     from modelkin.compare.api import fingerprint
@@ -352,10 +359,11 @@ def main(argv: list[str] | None = None) -> None:
           f"({sum(f.stat().st_size for f in args.dir.rglob('*.safetensors')) / 1e9:.0f} GB apparent, "
           f"{sum(f.stat().st_blocks * 512 for f in args.dir.rglob('*.safetensors')) / 1e9:.1f} GB on disk)")
     out = run(pangu, qwen, methods=args.methods)
-    print(f"verdict {out['verdict']}; {out['seconds'] / 60:.1f} min; peak RssAnon {out['peak_anon'] / 1e9:.2f} GB; "
-          f"load average {os.getloadavg()}")
+    print(f"verdict {out['verdict']}; {out['seconds'] / 60:.1f} min; "
+          f"peak RssAnon {out['peak_anon'] / 1e9:.2f} GB; load average {os.getloadavg()}")
     if args.json:
-        args.json.write_text(json.dumps({k: v for k, v in out.items() if k != "reads"}, indent=1, default=str))
+        numbers = {k: v for k, v in out.items() if k != "reads"}
+        args.json.write_text(json.dumps(numbers, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def pair(tmp_path_factory):
     sd, cfg = tiny_llama_state(layers=4, hidden=16, heads=4, kv_heads=2, inter=24, vocab=64, seed=0)
     g = torch.Generator().manual_seed(5)
     derived = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()}
-    return (write_safetensors_checkpoint(root / "a", sd, cfg), write_safetensors_checkpoint(root / "b", derived, cfg))
+    return (write_safetensors_checkpoint(root / "a", sd, cfg),
+            write_safetensors_checkpoint(root / "b", derived, cfg))
 
 
 def _numbers(report):
@@ -45,6 +46,10 @@ def test_second_run_reads_nothing_and_scores_do_not_change(pair):
         assert second.io["a"]["bytes_read"] == 0 and second.io["b"]["bytes_read"] == 0
         assert second.io["a"]["tensors_read"] == 0 and wa.stats["bytes_read"] == read
         assert all(r.details["io"]["a"]["bytes_read"] == 0 for r in second.methods.values())
+        wa.drop_tensors()  # derived values stay: std_curve and spectral read nothing again
+        third = fingerprint(wa, wb, methods="std_curve,spectral", device="cpu", options=OPTIONS)
+        assert wa.stats["memo_bytes"] + wa.stats["memo_mapped_bytes"] < 10_000
+        assert third.io["a"]["bytes_read"] == 0 and third.io["b"]["bytes_read"] == 0
     assert _numbers(first) == _numbers(second)
     assert first.to_json()["io"]["b"]["bytes_read"] > 0
 

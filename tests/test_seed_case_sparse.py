@@ -1,5 +1,5 @@
 """The seed case's sparse-file machinery at a reduced layout (real tensor names, small widths, 4 layers):
-each method reads only what it needs, the unread tensors (holes) are never read, repeats come from the memo."""
+each method reads only what it needs, unread tensors (holes) are never read, repeats come from the memo."""
 
 from __future__ import annotations
 

@@ -284,7 +284,8 @@ class GGUFSource(TensorSource):
     def is_mapped(self, name: str) -> bool:
         entry = self._entries.get(name)
         return (entry is not None and (entry.info.dtype in _PLAIN_NUMPY or entry.info.dtype == "BF16")
-                and entry.n_heads is None and not (self.arch in NORM_PLUS_ONE_ARCHS and name.endswith("norm.weight")))
+                and entry.n_heads is None
+                and not (self.arch in NORM_PLUS_ONE_ARCHS and name.endswith("norm.weight")))
 
     def _read_rows(self, name: str, unique: torch.Tensor) -> torch.Tensor | None:
         entry = self._entries[name]
@@ -297,7 +298,8 @@ class GGUFSource(TensorSource):
         try:
             raw = self._ranges.read_runs(data.file, row_runs(unique, data.offset, row_bytes))
             n = int(unique.numel())
-            return _convert(raw.numpy().view(data.dtype).reshape(n, data.shape[1]), entry, (n, entry.info.shape[1]))
+            blocks = raw.numpy().view(data.dtype).reshape(n, data.shape[1])
+            return _convert(blocks, entry, (n, entry.info.shape[1]))
         except (ValueError, NotImplementedError, TypeError, OSError) as err:
             raise CheckpointError(f"cannot read rows of {entry.tensor.name} ({entry.info.dtype}) from "
                                   f"{self.path}: {err}") from None

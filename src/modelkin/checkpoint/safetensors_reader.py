@@ -220,7 +220,8 @@ class SafetensorsSource(TensorSource):
 
     def is_mapped(self, name: str) -> bool:
         entry = self._entries.get(name)
-        return entry is not None and entry.info.dtype in TORCH_DTYPES and self._read_mode in ("mmap", "safe_open")
+        mapped = self._read_mode in ("mmap", "safe_open")
+        return entry is not None and entry.info.dtype in TORCH_DTYPES and mapped
 
     def _read_rows(self, name: str, unique: torch.Tensor) -> torch.Tensor | None:
         entry = self._entries[name]

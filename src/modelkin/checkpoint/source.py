@@ -188,7 +188,7 @@ class TensorSource(ABC):
         return False
 
     def get_rows(self, name: str, ids: Any, device: torch.device | str | None = None) -> torch.Tensor:
-        """Rows ``ids`` (dim 0, in the order given, repeats allowed) of one tensor, e.g. embeddings of some tokens.
+        """Rows ``ids`` (dim 0, in the order given, repeats allowed) of one tensor, e.g. token embeddings.
 
         Formats that can read byte ranges (safetensors, GGUF) read only the distinct rows asked for and add
         only their bytes to ``bytes_read``; the others read the whole tensor, then index it.
@@ -200,8 +200,10 @@ class TensorSource(ABC):
         index = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
         rows = meta.shape[0] if meta.shape else 0
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows):
-            raise CheckpointError(f"cannot read rows of {name!r} {list(meta.shape)}: ids outside 0..{rows - 1}",
-                                  hint="the rows must lie inside the tensor")
+            raise CheckpointError(
+                f"cannot read rows of {name!r} {list(meta.shape)}: ids outside 0..{rows - 1}",
+                hint="the rows must lie inside the tensor",
+            )
         if self.closed:
             raise CheckpointError(f"cannot read {name!r}: {self.path} was closed")
         unique = torch.unique(index)  # sorted

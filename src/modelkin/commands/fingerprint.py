@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     report = fingerprint(args.a, args.b, methods=args.methods, device=args.device, seed=args.seed,
                          allow_fallback=args.allow_fallback, null_library=args.null_library, options=options,
                          background=common.background_from_args(args),
-                         progress=lambda name: console.print(f"[dim]running {name}…[/]"), on_result=_done(console))
+                         progress=lambda name: console.print(f"[dim]running {name}…[/]"),
+                         on_result=_done(console))
     if args.save_curves or args.plot:
         ca, cb, r = _curves(report)
         if args.save_curves:

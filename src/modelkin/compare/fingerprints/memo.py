@@ -61,7 +61,9 @@ class Memo:
     def __init__(self, budget: int | None = None, mapped_budget: int | None = None):
         self.budget = default_budget() if budget is None else int(budget)
         self.mapped_budget = default_mapped_budget() if mapped_budget is None else int(mapped_budget)
-        self._items: dict[bool, OrderedDict[Hashable, tuple[Any, int]]] = {False: OrderedDict(), True: OrderedDict()}
+        # kept by kind: False = memory of their own, True = views of mapped file pages
+        self._items: dict[bool, OrderedDict[Hashable, tuple[Any, int]]] = {False: OrderedDict(),
+                                                                           True: OrderedDict()}
         self._held = {False: 0, True: 0}
         self.hits = self.misses = self.evictions = 0
 
@@ -107,6 +109,12 @@ class Memo:
             _, (_, freed) = items.popitem(last=False)
             self._held[mapped] -= freed
             self.evictions += 1
+
+    def drop(self, *kinds: str) -> None:
+        """Forget the entries whose key is a tuple starting with one of ``kinds`` (e.g. "tensor")."""
+        for mapped, items in self._items.items():
+            for key in [k for k in items if isinstance(k, tuple) and k and k[0] in kinds]:
+                self._held[mapped] -= items.pop(key)[1]
 
     def clear(self) -> None:
         for items in self._items.values():

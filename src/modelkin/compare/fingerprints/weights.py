@@ -110,10 +110,16 @@ class ModelWeights:
         """What this model cost: tensors / row sets read from the checkpoint, bytes read, memo hits, misses,
         evictions, bytes held and budget."""
         memo = self.memo
-        return {"tensors_read": self._tensors_read, "rows_read": self._rows_read, "bytes_read": self._bytes_read,
+        return {"tensors_read": self._tensors_read, "rows_read": self._rows_read,
+                "bytes_read": self._bytes_read,
                 "memo_hits": memo.hits, "memo_misses": memo.misses, "memo_evictions": memo.evictions,
                 "memo_bytes": memo.held, "memo_budget": memo.budget, "memo_mapped_bytes": memo.held_mapped,
                 "memo_mapped_budget": memo.mapped_budget}
+
+    def drop_tensors(self) -> None:
+        """Free the memoised tensors and row sets, keeping derived values (spectra, std curves, vocabulary):
+        what a model kept open across comparisons should hold while another model runs."""
+        self.memo.drop("tensor", "rows")
 
     def derived(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """A value computed from this model's weights alone, memoised under ``key`` (a tuple naming it)."""
@@ -134,7 +140,7 @@ class ModelWeights:
 
     def rows(self, role: str, ids: Sequence[int] | np.ndarray | torch.Tensor,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Rows ``ids`` (in that order) of a global tensor such as the embedding, [len(ids), ...] in ``dtype``.
+        """Rows ``ids`` (in that order) of a global tensor such as the embedding, in ``dtype``.
 
         Served from the whole tensor when the memo holds it or when most rows are wanted; otherwise only
         those rows are read (formats that can read byte ranges read nothing else).
