@@ -121,6 +121,14 @@ def test_run_outputs_greedy_text_and_samples(model):
     bf16_settings = BehaviourSettings(**{**settings.to_json(), "sample_dtype": "bfloat16"})
     bf16 = run_outputs(model, prompts, bf16_settings, seed=7)
     assert bf16.greedy_ids == out.greedy_ids and [len(s) for s in bf16.sample_ids] == [3, 3]
+    assert bf16.sample_dtype == "bfloat16"
+    fresh = modelkin.load(model.path, device="cpu")  # consumed: converted in place, no second copy
+    cast = run_outputs(fresh, prompts, bf16_settings, seed=7, consume=True)
+    assert (cast.greedy_ids, cast.sample_ids, cast.sample_text) == (bf16.greedy_ids, bf16.sample_ids,
+                                                                    bf16.sample_text)
+    assert {p.dtype for p in fresh.module.parameters() if p.is_floating_point()} == {torch.bfloat16}
+    full = run_outputs(model, prompts, BehaviourSettings(**{**settings.to_json(), "sample_dtype": "model"}), seed=7)
+    assert full.sample_dtype == "float32" and full.greedy_ids == out.greedy_ids
 
 
 def test_inverse_cdf_matches_softmax_and_skips_impossible_ids():

@@ -136,7 +136,7 @@ def _model_info(path: str | os.PathLike[str], outputs: ModelOutputs | None) -> d
     info: dict[str, Any] = {"name": _name(path), "path": str(path)}
     if outputs is not None:
         info.update(model_type=outputs.model_type, is_moe=outputs.is_moe, logits_size=outputs.logits_size,
-                    timings=outputs.timings)
+                    timings=outputs.timings, sample_dtype=outputs.sample_dtype)
     return info
 
 

@@ -10,7 +10,7 @@ from modelkin.errors import InputError
 # Metric groups a user can ask for; `logits` and `greedy_tokens` need identical vocabularies.
 METRICS = ("logits", "greedy", "bpb", "mmd", "routing")
 SAME_TOKENIZER_METRICS = ("logits",)
-SAMPLE_DTYPES = ("model", "bfloat16")
+SAMPLE_DTYPES = ("auto", "model", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -28,10 +28,13 @@ class BehaviourSettings:
         mmd_prompts / mmd_samples / mmd_tokens: the two-sample test draws ``mmd_samples`` continuations
             of ``mmd_tokens`` tokens at ``temperature`` for each of the first ``mmd_prompts`` prompts.
         sample_dtype: the weights' dtype for the sampled continuations after their first token:
-            "model" (the model's own), or "bfloat16": a bfloat16 copy of the weights made for the
-            call (half the weights' memory again; on CPUs with native bfloat16 its matmuls run ~3x
-            float32's rate). The prefill, token-level metrics and greedy decoding always run at the
-            model's dtype.
+            "model" (the model's own), "bfloat16", or "auto" (bfloat16 where the device computes it
+            natively: CPUs with AVX512-BF16/AMX/ARM BF16, CUDA GPUs of compute capability 8 or more;
+            else the model's). On such CPUs bfloat16 matmuls run ~3x float32's rate. `compare` converts
+            the model in place once its greedy rows are done (no second copy in memory). The prefill,
+            token-level metrics and greedy decoding always run at the model's dtype, so functional
+            identity (R2) is judged in full precision; the MMD test compares two samplers that round
+            the same way. The dtype used is recorded per model (``sample_dtype`` in the report).
         permutations: permutations for the bpb-correlation and MMD p-values.
         seed: base seed; model B samples with a different stream than model A.
         metrics: the metric groups to run (subset of METRICS).
@@ -46,7 +49,7 @@ class BehaviourSettings:
     mmd_samples: int = 16
     mmd_tokens: int = 16
     temperature: float = 1.0
-    sample_dtype: str = "model"
+    sample_dtype: str = "auto"
     permutations: int = 2000
     seed: int = 0
     metrics: tuple[str, ...] = METRICS

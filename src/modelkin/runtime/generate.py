@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -239,6 +240,7 @@ def prefill_decode(
     cache_budget: int = 3 << 25,
     record: Callable[[], Any] | None = None,
     sample_dtype: torch.dtype | None = None,
+    in_place: bool = False,
 ) -> list[list[int]]:
     """Prefill every prompt once, then decode every row from its prompt's cache; ids per row.
 
@@ -247,8 +249,10 @@ def prefill_decode(
     (a context manager, e.g. MoE routing telemetry) is active around the prefills only. Rows then
     decode in batches whose caches hold at most ``cache_budget`` bytes, finished rows dropping out;
     a row stops after an id in ``eos_ids`` (kept) or ``max_new_tokens``. With a ``sample_dtype``
-    other than the model's, sampled rows decode in batches of their own with a copy of the weights
-    in that dtype made for this call (cache rows cast); greedy rows and the prefill use ``model``.
+    other than the model's, sampled rows decode in batches of their own with the weights in that dtype
+    (cache rows cast); greedy rows and the prefill use ``model`` as it is. The weights in ``sample_dtype``
+    are a copy made for this call, or, with ``in_place``, ``model`` itself converted once the greedy
+    rows are done (no second copy in memory; the caller must not use ``model`` afterwards).
     """
     device = model.model.embed_tokens.weight.device
     vocab = int(model.args.vocab_size)
@@ -275,7 +279,7 @@ def prefill_decode(
         sample_model = None
         weight = model.model.embed_tokens.weight
         if sample_dtype not in (None, weight.dtype) and any(r.uniforms is not None for r in rows):
-            sample_model = module_copy(model, sample_dtype)
+            sample_model = functools.partial(module_cast if in_place else module_copy, model, sample_dtype)
         return _decode_all(model, prompts, rows, prefills, by_prompt, eos_ids=eos_ids,
                            cache_budget=cache_budget, sample_model=sample_model)
 
@@ -289,28 +293,30 @@ def _decode_all(
     *,
     eos_ids: set[int],
     cache_budget: int,
-    sample_model: nn.Module | None,
+    sample_model: Callable[[], nn.Module] | None,
 ) -> list[list[int]]:
     """prefill_decode's second half: rows packed by prompt length into batches of caches under
-    ``cache_budget`` bytes."""
+    ``cache_budget`` bytes; with a ``sample_model`` (made when the first sampled batch runs, after every
+    greedy batch) the sampled rows decode apart with it."""
     out: list[list[int]] = [[] for _ in rows]
     if not rows:
         return out
     slot_floats = sum(2 * k[0, :, 0].numel() for k in prefills[0][0].keys)  # keys + values, all layers
+    apart = [sample_model is not None and r.uniforms is not None for r in rows]
+    element = model.model.embed_tokens.weight.element_size()
+    decoders: dict[bool, nn.Module] = {False: model}
 
-    def runner(r: int) -> nn.Module:  # sampled rows decode with sample_model when there is one
-        return sample_model if sample_model is not None and rows[r].uniforms is not None else model
-
-    def size(batch: list[int]) -> int:  # cache bytes; one runner per batch
-        if len({id(runner(r)) for r in batch}) > 1:
+    def size(batch: list[int]) -> int:  # cache bytes; one kind of row per batch
+        if len({apart[r] for r in batch}) > 1:
             return cache_budget + 1
         slots = max(len(prompts[rows[r].prompt]) + rows[r].max_new_tokens for r in batch)
-        return len(batch) * slots * slot_floats * runner(batch[0]).model.embed_tokens.weight.element_size()
+        return len(batch) * slots * slot_floats * element
 
-    row_order = sorted(range(len(rows)), key=lambda r: (runner(r) is not model, len(prompts[rows[r].prompt]),
-                                                        rows[r].prompt))
+    row_order = sorted(range(len(rows)), key=lambda r: (apart[r], len(prompts[rows[r].prompt]), rows[r].prompt))
     for batch in _packs(row_order, size, cache_budget):
-        decoder = runner(batch[0])
+        if apart[batch[0]] and True not in decoders:
+            decoders[True] = sample_model()  # type: ignore[misc]
+        decoder = decoders[apart[batch[0]]]
         picked = [rows[r] for r in batch]
         sources: list[tuple[KVCache, int, int]] = []
         last = None
@@ -389,6 +395,19 @@ def module_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
             if param.is_floating_point():
                 memo[id(param)] = nn.Parameter(param.detach().to(dtype).contiguous(), requires_grad=False)
         return copy.deepcopy(module, memo)
+
+
+def module_cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module`` itself with its floating-point parameters converted to ``dtype`` (row-major), one tensor
+    at a time, so at most one extra tensor is ever held; MoE prepacked experts are dropped and rebuilt."""
+    for m in module.modules():
+        if getattr(m, "packed", None) is not None:
+            m.packed = None
+    with torch.inference_mode(False):
+        for param in module.parameters():  # tied weights are one Parameter: converted once
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype).contiguous()
+    return module
 
 
 def _packs(order: Sequence[int], cost: Callable[[list[int]], int], budget: int) -> Iterator[list[int]]:

@@ -9,6 +9,7 @@ prefill. Models are run one at a time, so two models never need to fit together.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import hashlib
 import os
@@ -47,6 +48,7 @@ class ModelOutputs:
     timings: dict[str, float]
     vocab_pieces: list[str] | None = None  # token strings by id, for matching vocabularies byte by byte
     special_ids: set[int] | None = None
+    sample_dtype: str | None = None  # the weights' dtype the sampled continuations decoded with
 
 
 def model_identity(path: str | os.PathLike[str]) -> str:
@@ -97,7 +99,7 @@ def collect_outputs(path: str | os.PathLike[str], prompts: Sequence[Prompt], set
     model = modelkin.load(path, device=device, dtype=dtype, allow_fallback=allow_fallback)
     timings = {"load_s": time.perf_counter() - t0}
     try:
-        return run_outputs(model, prompts, settings, seed=seed, tick=tick, timings=timings)
+        return run_outputs(model, prompts, settings, seed=seed, tick=tick, timings=timings, consume=True)
     finally:
         backend = model.backend
         del model
@@ -106,8 +108,10 @@ def collect_outputs(path: str | os.PathLike[str], prompts: Sequence[Prompt], set
 
 
 def run_outputs(model: Any, prompts: Sequence[Prompt], settings: BehaviourSettings, *, seed: int,
-                tick: Tick | None = None, timings: dict[str, float] | None = None) -> ModelOutputs:
-    """Run an already loaded model over ``prompts`` (see collect_outputs)."""
+                tick: Tick | None = None, timings: dict[str, float] | None = None,
+                consume: bool = False) -> ModelOutputs:
+    """Run an already loaded model over ``prompts`` (see collect_outputs). With ``consume`` the model may be
+    converted in place for the sampled rows (settings.sample_dtype) and must not be used afterwards."""
     tick = tick or (lambda _msg: None)
     timings = dict(timings or {})
     tok = model.tokenizer
@@ -123,7 +127,8 @@ def run_outputs(model: Any, prompts: Sequence[Prompt], settings: BehaviourSettin
     tick("prefill and continuations")
     scores = _Scores(prompts, ids, settings.top_k)
     rows, greedy_rows, sample_rows = _continuations(ids, settings, seed)
-    out = model.prefill_decode(ids, rows, on_logits=scores.add, **_sample_options(model, settings))
+    options = _sample_options(model, settings)
+    out = model.prefill_decode(ids, rows, on_logits=scores.add, in_place=consume, **options)
     timings["logits_s"] = scores.done_at - t
     timings["decode_s"] = time.perf_counter() - scores.done_at
     routing = tele.to_json() if tele is not None else None
@@ -140,6 +145,7 @@ def run_outputs(model: Any, prompts: Sequence[Prompt], settings: BehaviourSettin
         logprobs=logprobs, topk_ids=topk, bpb=bpb, greedy_ids=greedy_ids, greedy_text=greedy_text,
         sample_ids=sample_ids, sample_text=sample_text, routing=routing, timings=timings,
         vocab_pieces=pieces, special_ids=special,
+        sample_dtype=str(options["sample_dtype"]).removeprefix("torch.") if sample_rows else None,
     )
 
 
@@ -196,7 +202,37 @@ def _sample_options(model: Any, settings: BehaviourSettings) -> dict[str, Any]:
     """prefill_decode's dtype for sampled rows (see BehaviourSettings.sample_dtype)."""
     import torch
 
-    return {"sample_dtype": torch.bfloat16 if settings.sample_dtype == "bfloat16" else model.dtype}
+    want = settings.sample_dtype
+    if want == "auto":
+        want = "bfloat16" if native_bfloat16(model.device) else "model"
+    return {"sample_dtype": torch.bfloat16 if want == "bfloat16" else model.dtype}
+
+
+def native_bfloat16(device: Any) -> bool:
+    """Whether ``device`` computes bfloat16 matmuls natively (CPU flags avx512_bf16/amx_bf16 or ARM bf16;
+    CUDA compute capability >= 8)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type != "cpu":
+        return False
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return frozenset(flags)
 
 
 def _text(tok: Any, tokens: list[int], eos_ids: set[int]) -> str:
