@@ -118,6 +118,7 @@ ALLOWED = {
     "export/assets.py:_write_json": "called by write_assets only",
     "export/onnx_files.py:externalize": "data file inside the atomic_path(outdir) temporary directory",
     "export/manifest.py:save": "called with the atomic_path(outdir) temporary directory",
+    "synth/lora.py:lora_finetune": "train.save is synth.variants.write_hf_checkpoint (atomic_path(outdir))",
     "synth/upcycle.py:flush": "_ShardWriter lives in the atomic_path(outdir) temporary directory",
     "synth/upcycle.py:close": "_ShardWriter lives in the atomic_path(outdir) temporary directory",
     "tokenizer/write.py:copy_tokenizer_files": "synth and export/assets pass an atomic_path temporary directory",
