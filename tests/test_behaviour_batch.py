@@ -71,6 +71,33 @@ def test_small_budgets_split_batches_with_the_same_results(model):
     assert big[5] != big[6] or big[5] != big[7]  # distinct uniforms, distinct samples
 
 
+def test_sampled_batches_are_sized_at_the_sample_dtype(model, monkeypatch):
+    """A bfloat16 cache row costs half a float32 one, so twice as many sampled rows share a batch."""
+    import modelkin.runtime.generate as generate
+
+    args = model.module.args
+    if model.module.model.embed_tokens.weight.dtype != torch.float32 or getattr(args, "layer_types", None):
+        pytest.skip("needs a float32 model with one cache shape for every layer")
+    seen: list[tuple[torch.dtype, int]] = []
+    real = generate.decode_rows
+
+    def spy(decoder, cache, logits, rows, **kw):
+        seen.append((decoder.model.embed_tokens.weight.dtype, len(rows)))
+        return real(decoder, cache, logits, rows, **kw)
+
+    monkeypatch.setattr(generate, "decode_rows", spy)
+    u = torch.rand(8, 4, generator=torch.Generator().manual_seed(1))
+    rows = [Continuation(prompt=2, max_new_tokens=4, temperature=0.9, uniforms=u[k]) for k in range(8)]
+    slot_floats = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim
+    budget = 2 * (len(PROMPTS[2]) + 4) * slot_floats * 4  # two float32 rows
+    full = model.prefill_decode(PROMPTS, rows, cache_budget=budget)
+    assert seen == [(torch.float32, 2)] * 4
+    seen.clear()
+    half = model.prefill_decode(PROMPTS, rows, cache_budget=budget, sample_dtype=torch.bfloat16)
+    assert seen == [(torch.bfloat16, 4)] * 2
+    assert [len(r) for r in half] == [len(r) for r in full] == [4] * 8
+
+
 def test_sampled_rows_follow_the_model_distribution(model):
     probs = model.logits([PROMPTS[3]])[0, -1].softmax(-1)
     n = 4000

@@ -4,12 +4,9 @@ fingerprints + behaviour -> verdict -> ComparisonReport (which the JSON, termina
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import gc
 import hashlib
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,8 +30,10 @@ from modelkin.compare.report.terminal import progress
 from modelkin.compare.settings import BehaviourSettings
 from modelkin.compare.verdict import RULES, decide
 from modelkin.errors import InputError, ModelkinError
+from modelkin.utils import trim_heap
 
 __all__ = ["ComparisonReport", "FingerprintReport", "OutputCache", "compare", "fingerprint", "resolve_prompts"]
+
 
 def fingerprint(a: str | Path | TensorSource | ModelWeights, b: str | Path | TensorSource | ModelWeights,
                 methods: str | list[str] | None = None, device: Any = "auto", *, seed: int = 0,
@@ -98,6 +97,7 @@ def fingerprint(a: str | Path | TensorSource | ModelWeights, b: str | Path | Ten
                 reason = f"not computable: {str(err).splitlines()[0]}"
                 result = MethodResult.skip(name, reason, module.NULL)
             backend.synchronize()
+            trim_heap(collect=False)  # the method's temporaries are freed: give their pages back
             if result.skipped is not None:
                 result.null_kind = module.NULL_KIND  # the modules set it on their results; skips get it here
             result.seconds = time.perf_counter() - start
@@ -155,17 +155,6 @@ def _cached_outputs(path: Any, prompts: list[Prompt], settings: BehaviourSetting
     if cache is not None:
         cache.put(key, out)
     return out, True
-
-
-def trim_heap() -> None:
-    """Hand freed memory back to the OS: glibc keeps much of a freed model in its heap (still RssAnon),
-    so between models the process would look as if the last one were still resident."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
 
 
 def _fingerprint(a: Any, b: Any, methods: Sequence[str] | None, device: str, allow_fallback: bool | None,

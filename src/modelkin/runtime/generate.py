@@ -19,6 +19,7 @@ from modelkin.errors import NumericalError
 from modelkin.runtime.config import SamplingParams
 from modelkin.runtime.kv_cache import KVCache, gather_rows, make_kv_cache
 from modelkin.runtime.sampling import Sampler, inverse_cdf, make_sampler
+from modelkin.utils import trim_heap
 
 
 def prefill(
@@ -237,7 +238,7 @@ def prefill_decode(
     pad_id: int = 0,
     on_logits: Callable[[int, torch.Tensor], None] | None = None,
     logits_budget: int = 1 << 24,
-    cache_budget: int = 3 << 25,
+    cache_budget: int = 3 << 26,
     record: Callable[[], Any] | None = None,
     sample_dtype: torch.dtype | None = None,
     in_place: bool = False,
@@ -281,7 +282,8 @@ def prefill_decode(
         if sample_dtype not in (None, weight.dtype) and any(r.uniforms is not None for r in rows):
             sample_model = functools.partial(module_cast if in_place else module_copy, model, sample_dtype)
         return _decode_all(model, prompts, rows, prefills, by_prompt, eos_ids=eos_ids,
-                           cache_budget=cache_budget, sample_model=sample_model)
+                           cache_budget=cache_budget, sample_model=sample_model,
+                           sample_dtype=sample_dtype if sample_model is not None else None)
 
 
 def _decode_all(
@@ -294,23 +296,26 @@ def _decode_all(
     eos_ids: set[int],
     cache_budget: int,
     sample_model: Callable[[], nn.Module] | None,
+    sample_dtype: torch.dtype | None = None,
 ) -> list[list[int]]:
     """prefill_decode's second half: rows packed by prompt length into batches of caches under
-    ``cache_budget`` bytes; with a ``sample_model`` (made when the first sampled batch runs, after every
-    greedy batch) the sampled rows decode apart with it."""
+    ``cache_budget`` bytes (each batch's cache at the dtype it decodes in); with a ``sample_model`` (in
+    ``sample_dtype``, made when the first sampled batch runs, after every greedy batch) the sampled rows
+    decode apart with it."""
     out: list[list[int]] = [[] for _ in rows]
     if not rows:
         return out
     slot_floats = sum(2 * k[0, :, 0].numel() for k in prefills[0][0].keys)  # keys + values, all layers
     apart = [sample_model is not None and r.uniforms is not None for r in rows]
-    element = model.model.embed_tokens.weight.element_size()
+    element = {False: model.model.embed_tokens.weight.element_size(),
+               True: torch.empty((), dtype=sample_dtype or model.model.embed_tokens.weight.dtype).element_size()}
     decoders: dict[bool, nn.Module] = {False: model}
 
     def size(batch: list[int]) -> int:  # cache bytes; one kind of row per batch
         if len({apart[r] for r in batch}) > 1:
             return cache_budget + 1
         slots = max(len(prompts[rows[r].prompt]) + rows[r].max_new_tokens for r in batch)
-        return len(batch) * slots * slot_floats * element
+        return len(batch) * slots * slot_floats * element[apart[batch[0]]]
 
     row_order = sorted(range(len(rows)), key=lambda r: (apart[r], len(prompts[rows[r].prompt]), rows[r].prompt))
     for batch in _packs(row_order, size, cache_budget):
@@ -407,6 +412,7 @@ def module_cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         for param in module.parameters():  # tied weights are one Parameter: converted once
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype).contiguous()
+    trim_heap(collect=False)  # the old weights are freed: hand their pages back (glibc keeps blocks < 32 MB)
     return module
 
 

@@ -128,26 +128,29 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
     rng = np.random.default_rng(seed)
     align = fit_alignment(lambda ids: a.rows("embed", ids), lambda ids: b.rows("embed", ids), shared, rng=rng)
     sim = None
+    # features are made when a layer pair is scored, not kept: one layer pair in memory at a time
+    def feats_a(i: int) -> torch.Tensor:
+        return _unit_rows(a, i, None)
+
+    def feats_b(j: int) -> torch.Tensor:
+        return _unit_rows(b, j, align)
+
     if len(layers_a) == len(layers_b):
         pairs = pick_layers(list(zip(layers_a, layers_b)), max_layers)
-        feats_a = {i: _unit_rows(a, i, None) for i, _ in pairs}
-        feats_b = {j: _unit_rows(b, j, align) for _, j in pairs}
     else:  # depth alignment on Gram matrices, which no relabelling of either model's units changes
-        feats_a = {i: _unit_rows(a, i, None) for i in layers_a}
-        feats_b = {j: _unit_rows(b, j, align) for j in layers_b}
-        grams_a = {i: centred_gram(feats_a[i]) for i in layers_a}
-        grams_b = {j: centred_gram(feats_b[j]) for j in layers_b}
+        grams_a = {i: centred_gram(feats_a(i)) for i in layers_a}
+        grams_b = {j: centred_gram(feats_b(j)) for j in layers_b}
         sim = np.array([[_cka(grams_a[i], grams_b[j]) for j in layers_b] for i in layers_a])
         del grams_a, grams_b
         pairs = pick_layers([(layers_a[i], layers_b[j]) for i, j in monotone_map(sim)], max_layers)
     per_layer = {}
     for la_, lb_ in pairs:
-        per_layer[f"{la_}->{lb_}"] = _layer(feats_a[la_], feats_b[lb_], rng, max_units)
+        per_layer[f"{la_}->{lb_}"] = _layer(feats_a(la_), feats_b(lb_), rng, max_units)
     # within-pair contrast (descriptive): the same statistic on deliberately mismatched layer pairs
     shift = max(1, len(pairs) // 2)
     mismatched = [(pairs[k][0], pairs[(k + shift) % len(pairs)][1]) for k in range(len(pairs))] \
         if len(pairs) > 1 else []
-    off = [_layer(feats_a[x], feats_b[y], rng, max_units)["rho"] for x, y in mismatched[:4]]
+    off = [_layer(feats_a(x), feats_b(y), rng, max_units)["rho"] for x, y in mismatched[:4]]
     p = sig.fisher_combine([r["p"] for r in per_layer.values()])
     score = float(np.mean([r["rho"] for r in per_layer.values()]))
     details = {

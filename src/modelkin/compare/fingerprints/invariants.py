@@ -18,6 +18,7 @@ import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.heads import repeat_kv
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.weights import ATTENTION_ROLES, ModelWeights, vocab_strings
+from modelkin.utils import trim_heap
 
 NAME = "invariants"
 NULL_KIND = "descriptive"  # see result.NULL_KINDS
@@ -76,6 +77,9 @@ def _mlp_term(w: ModelWeights, layer: int, x: torch.Tensor) -> torch.Tensor:
     for g, u, d, e in parts:
         act = (x @ w.get(layer, g, e).T) * (x @ w.get(layer, u, e).T)
         total += act @ (x @ w.get(layer, d, e)).T
+        if len(parts) > 1:  # an MoE's experts: each one's float32 copies are freed here (see trim_heap)
+            del act
+            trim_heap(collect=False)
     return total
 
 

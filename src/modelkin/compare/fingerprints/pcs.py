@@ -31,15 +31,31 @@ _COLS = {"embed", "lm_head", "q", "k", "v", "qkv", "gate", "up", "router", "expe
 _ROWS = {"o", "down", "expert_down", "shared_down"}
 
 
-def residual_contributions(role: str | None, product: torch.Tensor, hidden: int) -> torch.Tensor | None:
-    """g_j = the part of <a, b> (product = a*b) carried by residual dimension j, or None without one."""
-    if product.dim() != 2:
-        return None
-    if role in _COLS and product.shape[1] == hidden:
-        return product.sum(0)
-    if role in _ROWS and product.shape[0] == hidden:
-        return product.sum(1)
-    return None
+_ROWS_PER_STEP = 1 << 22  # elements of a tensor's product held at once (16 MB in float32)
+
+
+def _tensor_terms(ta: torch.Tensor, tb: torch.Tensor, role: str | None,
+                  hidden: int) -> tuple[float, float, float, torch.Tensor | None]:
+    """(<a, b>, ‖a‖², ‖b‖², residual contributions g or None) of one tensor pair, over blocks of rows so a
+    large tensor (an embedding) never needs a full-size product in memory. float32 sums are cascaded
+    (pairwise) in torch within a block: relative error ~1e-7, ample for a cosine."""
+    if ta.dim() != 2:
+        product = ta * tb
+        return float(product.sum()), float(ta.square().sum()), float(tb.square().sum()), None
+    step = max(1, _ROWS_PER_STEP // max(1, ta.shape[1]))
+    reads_cols = role in _COLS and ta.shape[1] == hidden  # residual axis 1: g sums over rows
+    reads_rows = role in _ROWS and ta.shape[0] == hidden  # residual axis 0: g is each row's sum
+    d = na = nb = 0.0
+    cols, rows = None, []
+    for start in range(0, ta.shape[0], step):
+        pa, pb = ta[start:start + step], tb[start:start + step]
+        product = pa * pb
+        d, na, nb = d + float(product.sum()), na + float(pa.square().sum()), nb + float(pb.square().sum())
+        if reads_cols:
+            cols = product.sum(0) if cols is None else cols + product.sum(0)
+        elif reads_rows:
+            rows.append(product.sum(1))
+    return d, na, nb, cols if reads_cols else (torch.cat(rows) if reads_rows else None)
 
 
 def shared_tensors(a: ModelWeights, b: ModelWeights) -> tuple[list[str], list[str]]:
@@ -77,16 +93,13 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_flips: int = 9999,
     per_tensor = []
     for name in same:
         ta, tb = a.tensor(name, torch.float32).to(dev), b.tensor(name, torch.float32).to(dev)
-        product = ta * tb
-        # float32 sums are cascaded (pairwise) in torch: relative error ~1e-7, ample for a cosine
-        d, na, nb = float(product.sum()), float(ta.square().sum()), float(tb.square().sum())
+        key = parse_name(name)
+        d, na, nb, part = _tensor_terms(ta, tb, key[1] if key else None, hidden)
         dot, norm_a, norm_b = dot + d, norm_a + na, norm_b + nb
         per_tensor.append((name, ta.numel(), d / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0))
-        key = parse_name(name)
-        part = residual_contributions(key[1] if key else None, product, hidden)
         if part is not None:
             g = part.cpu().double() if g is None else g + part.cpu().double()  # no float64 on NPUs
-        del ta, tb, product
+        del ta, tb
     score = dot / math.sqrt(norm_a * norm_b) if norm_a > 0 and norm_b > 0 else 0.0
     per_tensor.sort(key=lambda t: -t[1])
     details = {"tensors": len(same), "params": sum(n for _, n, _ in per_tensor),

@@ -35,8 +35,13 @@ def _spearman_identity(matched: np.ndarray) -> np.ndarray:
     k = matched.shape[-1]
     if k < 2:
         return np.zeros(matched.shape[:-1])
-    ranks = np.argsort(np.argsort(matched, axis=-1), axis=-1).astype(np.float64)
-    return 1.0 - 6.0 * ((ranks - np.arange(k)) ** 2).sum(-1) / (k * (k * k - 1.0))
+    return _spearman_ranks(np.argsort(np.argsort(matched, axis=-1), axis=-1))
+
+
+def _spearman_ranks(ranks: np.ndarray) -> np.ndarray:
+    """Spearman r of rank rows (each a permutation of 0..K-1) with 0..K-1."""
+    k = ranks.shape[-1]
+    return 1.0 - 6.0 * ((ranks.astype(np.float64) - np.arange(k)) ** 2).sum(-1) / (k * (k * k - 1.0))
 
 
 def check_pair(a: ModelWeights, b: ModelWeights) -> list[int]:
@@ -67,7 +72,9 @@ def _layer(a: ModelWeights, b: ModelWeights, layer: int, split: Split, rng: np.r
     _, matched = linear_sum_assignment(cos, maximize=True)
     rho = float(_spearman_identity(matched))
     # relabelling B's units by a uniform π makes the ranks of π[matched] a uniform permutation of 0..K-1
-    null_rho = _spearman_identity(np.argsort(rng.random((n_permutations, len(idx))), axis=1))
+    # (a uniform permutation is its own rank vector: the two argsorts of _spearman_identity are not needed)
+    null_rho = _spearman_ranks(np.argsort(rng.random((n_permutations, len(idx))), axis=1)) if len(idx) > 1 \
+        else np.zeros(n_permutations)
     moment = cross_moment(fa2[sel], fb2[torch.as_tensor(matched, device=fb2.device)])
     stat, null = float(np.trace(moment)) / len(idx), relabelled(moment, split.perms) / len(idx)
     row = {"csu": rho, "p_csu": sig.permutation_p(rho, null_rho), "match": stat,

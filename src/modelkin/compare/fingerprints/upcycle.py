@@ -17,6 +17,7 @@ import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.unitmatch import Split, cross_moment, relabelled, unit_features
 from modelkin.compare.fingerprints.weights import ModelWeights, pick_layers
+from modelkin.utils import trim_heap
 
 NAME = "upcycle"
 NULL_KIND = "exact"  # see result.NULL_KINDS
@@ -43,6 +44,8 @@ def expert_units(moe: ModelWeights, layer: int, per_expert: int, split: Split, r
         pick = torch.as_tensor(np.sort(rng.choice(f1.shape[0], size=min(per_expert, f1.shape[0]),
                                                   replace=False)), device=f1.device)
         out[label] = (f1[pick], f2[pick])
+        del f1, f2
+        trim_heap(collect=False)  # else each expert's freed features stay in glibc's heap (see trim_heap)
     return out
 
 
@@ -67,6 +70,8 @@ def _find_sources(moe_units: dict, dense: ModelWeights, dense_layers: list[int],
         for m, experts in moe_units.items():
             rows = torch.cat([f1[:search_rows] for f1, _ in experts.values()])
             scores[m][k] = float((rows @ d1.T).max(dim=1).values.mean())
+        del d1
+        trim_heap(collect=False)
     return scores
 
 
@@ -96,6 +101,8 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
                               "null_mean": float(null.mean()), "p_value": sig.permutation_p(float(cos.mean()), null)}
             total = moment if total is None else total + moment
             count += len(cos)
+        del d1, d2
+        trim_heap(collect=False)
         layers[m] = {"source_layer": source, "experts": experts,
                      "search_scores": dict(zip(dense_layers, np.round(search[m], 4).tolist()))}
     observed, null = float(np.trace(total)) / count, relabelled(total, split.perms) / count
