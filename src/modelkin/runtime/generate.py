@@ -378,8 +378,13 @@ def _pick(logits_BV: torch.Tensor, rows: Sequence[Continuation], step: int) -> t
     """Next ids: argmax for greedy rows, inverse_cdf at the row's temperature for sampled rows."""
     logits_BV = logits_BV.float()
     check_finite(logits_BV.amax(dim=-1), step=step, dtype=logits_BV.dtype)
-    ids_B = logits_BV.argmax(dim=-1)
     sampled = [b for b, r in enumerate(rows) if r.uniforms is not None and step < len(r.uniforms)]
+    if len(sampled) == len(rows):  # a batch of sampled rows: no argmax, no row copy, no division by 1
+        temps = [r.temperature for r in rows]
+        if any(t != 1.0 for t in temps):
+            logits_BV = logits_BV / torch.tensor(temps, device=logits_BV.device)[:, None]
+        return inverse_cdf(logits_BV, torch.stack([r.uniforms[step] for r in rows]).to(logits_BV.device))
+    ids_B = logits_BV.argmax(dim=-1)
     if sampled:
         index = torch.tensor(sampled, device=logits_BV.device)
         temps = torch.tensor([rows[b].temperature for b in sampled], device=logits_BV.device)

@@ -19,6 +19,7 @@ import torch
 import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.weights import ModelWeights, parse_name
+from modelkin.utils import trim_heap
 
 NAME = "pcs"
 NULL_KIND = "exact"  # see result.NULL_KINDS
@@ -99,7 +100,10 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_flips: int = 9999,
         per_tensor.append((name, ta.numel(), d / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0))
         if part is not None:
             g = part.cpu().double() if g is None else g + part.cpu().double()  # no float64 on NPUs
+        big = ta.numel() >= 1 << 20
         del ta, tb
+        if big:  # float32 copies of bf16 tensors: hand their pages back (see trim_heap)
+            trim_heap(collect=False)
     score = dot / math.sqrt(norm_a * norm_b) if norm_a > 0 and norm_b > 0 else 0.0
     per_tensor.sort(key=lambda t: -t[1])
     details = {"tensors": len(same), "params": sum(n for _, n, _ in per_tensor),

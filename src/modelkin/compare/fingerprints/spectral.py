@@ -20,6 +20,7 @@ import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.heads import product_singular_values, qk_factors, vo_factors
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.weights import ATTENTION_ROLES, ModelWeights
+from modelkin.utils import trim_heap
 
 NAME = "spectral"
 NULL_KIND = "descriptive"  # see result.NULL_KINDS
@@ -42,6 +43,7 @@ def _layer_spectra(w: ModelWeights) -> list[dict[str, np.ndarray]]:
             continue
         out.append({"qk": product_singular_values(*qk_factors(w, layer)).cpu().double().numpy(),
                     "vo": product_singular_values(*vo_factors(w, layer)).cpu().double().numpy()})
+        trim_heap(collect=False)  # each layer's float32 factors are freed here (see trim_heap)
     return out
 
 
