@@ -73,8 +73,15 @@ def compare_many(
     settings = settings or BehaviourSettings()
     _check_halves(fingerprints, behaviour)
     named = candidate_names(candidates)
-    for path in (suspect, *named.values()):
-        open_checkpoint(path).close()  # headers only: a bad path fails here, before anything is written
+    # headers only: a bad path fails here, before anything is written; the suspect's stays open for the
+    # fingerprints (a GGUF's metadata, ~2 s for a 49k vocabulary, is parsed once)
+    held = open_checkpoint(suspect)
+    try:
+        for path in named.values():
+            open_checkpoint(path).close()
+    except BaseException:
+        held.close()
+        raise
     writer = ReportSet(out_dir, suspect_name=slug(_name(suspect))) if out_dir is not None else None
     chosen = resolve_prompts(prompts, settings.max_prompts) if behaviour else []
     run = PairRun(chosen=chosen, settings=settings, device=device, dtype=dtype, methods=methods,
@@ -88,7 +95,10 @@ def compare_many(
     with progress(show_progress) as tick:
         # weights first, the suspect's ModelWeights (and its memo) open across pairs and closed before any
         # model runs, so that one model is resident at a time
-        prints = _fingerprint_all(run, suspect, named, ours, theirs, tick) if fingerprints else {}
+        try:
+            prints = _fingerprint_all(run, held, named, ours, theirs, tick) if fingerprints else {}
+        finally:
+            held.close()
         out_a = None
         for i, (name, path) in enumerate(named.items(), 1):
             step = (lambda m, i=i, name=name: tick(f"[{i}/{len(named)}] {name}: {m}"))
