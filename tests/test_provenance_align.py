@@ -151,3 +151,18 @@ def test_csu_aligned_needs_shared_tokens(smol):
     b = ModelWeights(NoVocab(smol, lambda n, t: t), cpu, "b")
     with pytest.raises(csu_aligned.NotApplicable, match="shared tokens"):
         csu_aligned.run(a, b)
+
+
+@pytest.mark.parametrize("d_b,d_a", [(6, 6), (8, 5), (5, 8)])
+def test_signed_permutation_applies_as_a_gather_equal_to_the_product(d_b, d_a):
+    from modelkin.compare.fingerprints.align import SIGNED_PERMUTATION, ResidualAlignment
+
+    g = torch.Generator().manual_seed(d_b * 10 + d_a)
+    k = min(d_b, d_a)
+    rows, cols = torch.randperm(d_b, generator=g)[:k], torch.randperm(d_a, generator=g)[:k]
+    matrix = torch.zeros(d_b, d_a)
+    matrix[rows, cols] = torch.where(torch.rand(k, generator=g) < 0.5, -1.0, 1.0)
+    align = ResidualAlignment(kind=SIGNED_PERMUTATION, matrix=matrix, fit_tokens=0, heldout_tokens=0,
+                              heldout_cosine=0.0, heldout_cosine_shuffled=0.0, candidates={})
+    w = torch.randn(7, d_b, generator=g)
+    assert torch.equal(align.apply(w), w @ matrix)

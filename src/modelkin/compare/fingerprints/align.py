@@ -35,8 +35,12 @@ class ResidualAlignment:
     candidates: dict[str, float]  # held-out cosine of every alignment tried
 
     def apply(self, w_b: torch.Tensor) -> torch.Tensor:
-        """A reading matrix of B ([out, d_B], acting on the residual) in A's residual basis ([out, d_A])."""
-        return w_b @ self.matrix.to(w_b.dtype)
+        """A reading matrix of B ([out, d_B], acting on the residual) in A's residual basis ([out, d_A]).
+
+        A signed permutation is applied as a column gather with signs: the same values as the product
+        (each output is one input times ±1, or 0 for an unmatched column) without its out·d_B·d_A cost.
+        """
+        return map_rows(w_b, self.kind, self.matrix)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -47,6 +51,16 @@ class ResidualAlignment:
             "heldout_cosine_shuffled": self.heldout_cosine_shuffled,
             "candidates": self.candidates,
         }
+
+
+def map_rows(x: torch.Tensor, kind: str, matrix: torch.Tensor) -> torch.Tensor:
+    """``x @ matrix`` ([n, d_B] -> [n, d_A]); a signed permutation as a column gather with signs."""
+    if kind == SIGNED_PERMUTATION:
+        columns = torch.arange(matrix.shape[1], device=matrix.device)
+        source = matrix.abs().argmax(dim=0)  # B's dimension feeding each of A's
+        signs = matrix[source, columns]
+        return x[:, source.to(x.device)] * signs.to(x.device, x.dtype)
+    return x @ matrix.to(x.dtype)
 
 
 _CHUNK = 4096  # token rows per step of the streamed products: a few MB of temporaries, never a centred copy
@@ -93,13 +107,14 @@ def _rows(emb: torch.Tensor | Callable[[np.ndarray], torch.Tensor], ids: np.ndar
 
 
 def _mean_row_cosine(xb: torch.Tensor, xa: torch.Tensor, mean_b: torch.Tensor, mean_a: torch.Tensor,
-                     mat: torch.Tensor, order: np.ndarray | None = None) -> float:
+                     kind: str, mat: torch.Tensor, order: np.ndarray | None = None) -> float:
     """Mean over rows k of cos((xb[k] − mean_b)·mat, xa[order[k]] − mean_a), streamed over row chunks."""
     total = 0.0
     for start in range(0, xb.shape[0], _CHUNK):
         stop = min(start + _CHUNK, xb.shape[0])
         rows_a = xa[start:stop] if order is None else xa[torch.as_tensor(order[start:stop])]
-        cos = torch.nn.functional.cosine_similarity((xb[start:stop] - mean_b) @ mat, rows_a - mean_a, dim=1)
+        mapped = map_rows(xb[start:stop] - mean_b, kind, mat)
+        cos = torch.nn.functional.cosine_similarity(mapped, rows_a - mean_a, dim=1)
         total += float(cos.double().sum())
     return total / max(1, xb.shape[0])
 
@@ -137,7 +152,7 @@ def fit_alignment(
     for kind in kinds:
         mat = makers[kind]().float().to(ea.device)
         mats[kind] = mat
-        scores[kind] = _mean_row_cosine(held_b, held_a, mean_b, mean_a, mat)
+        scores[kind] = _mean_row_cosine(held_b, held_a, mean_b, mean_a, kind, mat)
     best = max(scores, key=scores.get)
     shuffled = rng.permutation(len(order) - half)
     return ResidualAlignment(
@@ -146,6 +161,6 @@ def fit_alignment(
         fit_tokens=half,
         heldout_tokens=len(order) - half,
         heldout_cosine=scores[best],
-        heldout_cosine_shuffled=_mean_row_cosine(held_b, held_a, mean_b, mean_a, mats[best], shuffled),
+        heldout_cosine_shuffled=_mean_row_cosine(held_b, held_a, mean_b, mean_a, best, mats[best], shuffled),
         candidates=scores,
     )
