@@ -383,7 +383,9 @@ def _pick(logits_BV: torch.Tensor, rows: Sequence[Continuation], step: int) -> t
         temps = [r.temperature for r in rows]
         if any(t != 1.0 for t in temps):
             logits_BV = logits_BV / torch.tensor(temps, device=logits_BV.device)[:, None]
-        return inverse_cdf(logits_BV, torch.stack([r.uniforms[step] for r in rows]).to(logits_BV.device))
+        # the float32 logits are this step's own (decode_rows reads them once): sample in their buffer
+        return inverse_cdf(logits_BV, torch.stack([r.uniforms[step] for r in rows]).to(logits_BV.device),
+                           overwrite=True)
     ids_B = logits_BV.argmax(dim=-1)
     if sampled:
         index = torch.tensor(sampled, device=logits_BV.device)
@@ -417,7 +419,8 @@ def module_cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         for param in module.parameters():  # tied weights are one Parameter: converted once
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype).contiguous()
-    trim_heap(collect=False)  # the old weights are freed: hand their pages back (glibc keeps blocks < 32 MB)
+                if param.numel() >= 1 << 20:  # hand the old tensor's pages back now, not after the last one
+                    trim_heap(collect=False)
     return module
 
 

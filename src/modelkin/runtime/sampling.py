@@ -76,17 +76,20 @@ def make_sampler(
     return sample
 
 
-def inverse_cdf(logits_BV: torch.Tensor, u_B: torch.Tensor, block: int = 256) -> torch.Tensor:
+def inverse_cdf(logits_BV: torch.Tensor, u_B: torch.Tensor, block: int = 256, *,
+                overwrite: bool = False) -> torch.Tensor:
     """Draw one id per row from softmax(logits) by inverting its CDF at ``u`` in [0, 1).
 
     One uniform per row, so a row's draw depends on its own ``u`` and logits only, not on the
     rows batched with it; on CPU it is several times cheaper than a noise tensor over the
     vocabulary. The CDF is walked in two levels (blocks of ``block`` ids, then one block) so the
-    long float32 prefix sums stay short. Zero-probability ids are never drawn.
+    long float32 prefix sums stay short. Zero-probability ids are never drawn. With ``overwrite`` a
+    float32 ``logits_BV`` is used as the work buffer (its values are lost): one [B, V] allocation less.
     """
     B, V = logits_BV.shape
     logits_BV = logits_BV.float()
-    p_BV = (logits_BV - logits_BV.amax(dim=-1, keepdim=True)).exp_()
+    top_B1 = logits_BV.amax(dim=-1, keepdim=True)
+    p_BV = (logits_BV.sub_(top_B1) if overwrite else logits_BV - top_B1).exp_()
     N = -(-V // block)
     if N * block != V:
         p_BV = torch.nn.functional.pad(p_BV, (0, N * block - V))
