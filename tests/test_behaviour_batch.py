@@ -11,7 +11,7 @@ import modelkin
 from modelkin.compare.behaviour.outputs import run_outputs
 from modelkin.compare.behaviour.prompts import Prompt
 from modelkin.compare.settings import BehaviourSettings
-from modelkin.runtime.generate import Continuation
+from modelkin.runtime.continuations import Continuation
 from modelkin.runtime.sampling import inverse_cdf
 from modelkin.synth.tiny import make_tiny
 
@@ -73,19 +73,19 @@ def test_small_budgets_split_batches_with_the_same_results(model):
 
 def test_sampled_batches_are_sized_at_the_sample_dtype(model, monkeypatch):
     """A bfloat16 cache row costs half a float32 one, so twice as many sampled rows share a batch."""
-    import modelkin.runtime.generate as generate
+    import modelkin.runtime.continuations as continuations
 
     args = model.module.args
     if model.module.model.embed_tokens.weight.dtype != torch.float32 or getattr(args, "layer_types", None):
         pytest.skip("needs a float32 model with one cache shape for every layer")
     seen: list[tuple[torch.dtype, int]] = []
-    real = generate.decode_rows
+    real = continuations.decode_rows
 
     def spy(decoder, cache, logits, rows, **kw):
         seen.append((decoder.model.embed_tokens.weight.dtype, len(rows)))
         return real(decoder, cache, logits, rows, **kw)
 
-    monkeypatch.setattr(generate, "decode_rows", spy)
+    monkeypatch.setattr(continuations, "decode_rows", spy)
     u = torch.rand(8, 4, generator=torch.Generator().manual_seed(1))
     rows = [Continuation(prompt=2, max_new_tokens=4, temperature=0.9, uniforms=u[k]) for k in range(8)]
     slot_floats = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim

@@ -1,15 +1,12 @@
 """Generation in three layers: prefill/decode_step, generate_step (token, logprobs), and
-stream_generate (frozen responses with text deltas, stop handling and timings); plus
-prefill_decode, many continuations per prompt from one shared prefill (token ids only)."""
+stream_generate (frozen responses with text deltas, stop handling and timings). Many continuations
+per prompt from one shared prefill (compare's behaviour rows) live in runtime/continuations.py."""
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -17,9 +14,8 @@ from torch import nn
 
 from modelkin.errors import NumericalError
 from modelkin.runtime.config import SamplingParams
-from modelkin.runtime.kv_cache import KVCache, gather_rows, make_kv_cache
-from modelkin.runtime.sampling import Sampler, inverse_cdf, make_sampler
-from modelkin.utils import trim_heap
+from modelkin.runtime.kv_cache import KVCache, make_kv_cache
+from modelkin.runtime.sampling import Sampler, make_sampler
 
 
 def prefill(
@@ -215,222 +211,3 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
                 held = n
                 break
     return held
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class Continuation:
-    """One continuation for prefill_decode: of prompt ``prompt`` (an index), up to ``max_new_tokens``
-    tokens, greedy when ``uniforms`` is None, else sampled at ``temperature`` by inverse_cdf with
-    ``uniforms[i]`` (in [0, 1)) drawing token i."""
-
-    prompt: int
-    max_new_tokens: int
-    temperature: float = 1.0
-    uniforms: torch.Tensor | None = None
-
-
-def prefill_decode(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    rows: Sequence[Continuation],
-    *,
-    eos_ids: set[int],
-    pad_id: int = 0,
-    on_logits: Callable[[int, torch.Tensor], None] | None = None,
-    logits_budget: int = 1 << 24,
-    cache_budget: int = 3 << 26,
-    record: Callable[[], Any] | None = None,
-    sample_dtype: torch.dtype | None = None,
-    in_place: bool = False,
-) -> list[list[int]]:
-    """Prefill every prompt once, then decode every row from its prompt's cache; ids per row.
-
-    Prompts run in left-padded batches of at most ``logits_budget`` logits elements; each prompt's
-    float32 logits at its real positions [n, V] go to ``on_logits(index, logits)``, and ``record()``
-    (a context manager, e.g. MoE routing telemetry) is active around the prefills only. Rows then
-    decode in batches whose caches hold at most ``cache_budget`` bytes, finished rows dropping out;
-    a row stops after an id in ``eos_ids`` (kept) or ``max_new_tokens``. With a ``sample_dtype``
-    other than the model's, sampled rows decode in batches of their own with the weights in that dtype
-    (cache rows cast); greedy rows and the prefill use ``model`` as it is. The weights in ``sample_dtype``
-    are a copy made for this call, or, with ``in_place``, ``model`` itself converted once the greedy
-    rows are done (no second copy in memory; the caller must not use ``model`` afterwards).
-    """
-    device = model.model.embed_tokens.weight.device
-    vocab = int(model.args.vocab_size)
-    prefills: list[tuple[KVCache, int, torch.Tensor]] = []
-    by_prompt: dict[int, int] = {}
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    with torch.inference_mode():
-        width = lambda batch: len(batch) * max(len(prompts[i]) for i in batch) * vocab  # noqa: E731
-        for batch in _packs(order, width, logits_budget):
-            ids_BL, mask_BL = left_pad([prompts[i] for i in batch], pad_id)
-            cache = make_kv_cache(model, batch_size=len(batch), max_len=ids_BL.shape[1])
-            mask = None if bool(mask_BL.all()) else mask_BL.to(device)
-            with record() if record is not None else contextlib.nullcontext():
-                positions_BL, mask_BLS = cache.reserve(ids_BL.shape[1], mask)
-                logits_BLV = model(ids_BL.to(device), positions_BL=positions_BL, mask_BLS=mask_BLS,
-                                   cache=cache)
-            for b, i in enumerate(batch):
-                n = len(prompts[i])
-                if on_logits is not None:
-                    on_logits(i, logits_BLV[b, -n:].float())
-                by_prompt[i] = len(prefills)
-                prefills.append((cache, b, logits_BLV[b, -1].float().clone()))
-            del logits_BLV
-        sample_model = None
-        weight = model.model.embed_tokens.weight
-        if sample_dtype not in (None, weight.dtype) and any(r.uniforms is not None for r in rows):
-            sample_model = functools.partial(module_cast if in_place else module_copy, model, sample_dtype)
-        return _decode_all(model, prompts, rows, prefills, by_prompt, eos_ids=eos_ids,
-                           cache_budget=cache_budget, sample_model=sample_model,
-                           sample_dtype=sample_dtype if sample_model is not None else None)
-
-
-def _decode_all(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    rows: Sequence[Continuation],
-    prefills: list[tuple[KVCache, int, torch.Tensor]],
-    by_prompt: dict[int, int],
-    *,
-    eos_ids: set[int],
-    cache_budget: int,
-    sample_model: Callable[[], nn.Module] | None,
-    sample_dtype: torch.dtype | None = None,
-) -> list[list[int]]:
-    """prefill_decode's second half: rows packed by prompt length into batches of caches under
-    ``cache_budget`` bytes (each batch's cache at the dtype it decodes in); with a ``sample_model`` (in
-    ``sample_dtype``, made when the first sampled batch runs, after every greedy batch) the sampled rows
-    decode apart with it."""
-    out: list[list[int]] = [[] for _ in rows]
-    if not rows:
-        return out
-    slot_floats = sum(2 * k[0, :, 0].numel() for k in prefills[0][0].keys)  # keys + values, all layers
-    apart = [sample_model is not None and r.uniforms is not None for r in rows]
-    element = {False: model.model.embed_tokens.weight.element_size(),
-               True: torch.empty((), dtype=sample_dtype or model.model.embed_tokens.weight.dtype).element_size()}
-    decoders: dict[bool, nn.Module] = {False: model}
-
-    def size(batch: list[int]) -> int:  # cache bytes; one kind of row per batch
-        if len({apart[r] for r in batch}) > 1:
-            return cache_budget + 1
-        slots = max(len(prompts[rows[r].prompt]) + rows[r].max_new_tokens for r in batch)
-        return len(batch) * slots * slot_floats * element[apart[batch[0]]]
-
-    row_order = sorted(range(len(rows)), key=lambda r: (apart[r], len(prompts[rows[r].prompt]), rows[r].prompt))
-    for batch in _packs(row_order, size, cache_budget):
-        if apart[batch[0]] and True not in decoders:
-            decoders[True] = sample_model()  # type: ignore[misc]
-        decoder = decoders[apart[batch[0]]]
-        picked = [rows[r] for r in batch]
-        sources: list[tuple[KVCache, int, int]] = []
-        last = None
-        for c in picked:  # consecutive rows of one prompt copy its prefill in one go
-            if c.prompt == last:
-                cache, b, copies = sources[-1]
-                sources[-1] = (cache, b, copies + 1)
-            else:
-                cache, b, _ = prefills[by_prompt[c.prompt]]
-                sources.append((cache, b, 1))
-            last = c.prompt
-        dtype = decoder.model.embed_tokens.weight.dtype
-        cache = gather_rows(sources, extra=max(c.max_new_tokens for c in picked), dtype=dtype)
-        first_BV = torch.stack([prefills[by_prompt[c.prompt]][2] for c in picked])
-        for r, ids in zip(batch, decode_rows(decoder, cache, first_BV, picked, eos_ids=eos_ids)):
-            out[r] = ids
-        del cache
-    return out
-
-
-def decode_rows(
-    model: nn.Module,
-    cache: KVCache,
-    logits_BV: torch.Tensor,
-    rows: Sequence[Continuation],
-    *,
-    eos_ids: set[int],
-) -> list[list[int]]:
-    """Batched decoding of ``rows`` (cache row b is rows[b]) from their next-token logits; per-row
-    temperature (None uniforms: greedy), length and EOS. Rows that finish are dropped from the
-    batch once a quarter of it has finished."""
-    tokens: list[list[int]] = [[] for _ in rows]
-    live = list(range(len(rows)))  # rows[live[b]] is cache row b
-    done = [False] * len(rows)  # by batch position
-    step = 0
-    while True:
-        ids_B = _pick(logits_BV, [rows[r] for r in live], step)
-        for b, (r, token) in enumerate(zip(live, ids_B.tolist())):
-            if not done[b]:
-                tokens[r].append(token)
-                done[b] = token in eos_ids or len(tokens[r]) >= rows[r].max_new_tokens
-        step += 1
-        if all(done):
-            return tokens
-        if 4 * sum(done) >= len(live):
-            keep = [b for b, d in enumerate(done) if not d]
-            index = torch.tensor(keep, device=ids_B.device)
-            cache, ids_B = cache.select(index), ids_B[index]
-            live, done = [live[b] for b in keep], [False] * len(keep)
-        logits_BV = decode_step(model, ids_B, cache)  # finished rows still in the batch run on, ignored
-
-
-def _pick(logits_BV: torch.Tensor, rows: Sequence[Continuation], step: int) -> torch.Tensor:
-    """Next ids: argmax for greedy rows, inverse_cdf at the row's temperature for sampled rows."""
-    logits_BV = logits_BV.float()
-    check_finite(logits_BV.amax(dim=-1), step=step, dtype=logits_BV.dtype)
-    sampled = [b for b, r in enumerate(rows) if r.uniforms is not None and step < len(r.uniforms)]
-    if len(sampled) == len(rows):  # a batch of sampled rows: no argmax, no row copy, no division by 1
-        temps = [r.temperature for r in rows]
-        if any(t != 1.0 for t in temps):
-            logits_BV = logits_BV / torch.tensor(temps, device=logits_BV.device)[:, None]
-        # the float32 logits are this step's own (decode_rows reads them once): sample in their buffer
-        return inverse_cdf(logits_BV, torch.stack([r.uniforms[step] for r in rows]).to(logits_BV.device),
-                           overwrite=True)
-    ids_B = logits_BV.argmax(dim=-1)
-    if sampled:
-        index = torch.tensor(sampled, device=logits_BV.device)
-        temps = torch.tensor([rows[b].temperature for b in sampled], device=logits_BV.device)
-        u = torch.stack([rows[b].uniforms[step] for b in sampled]).to(logits_BV.device)
-        ids_B[index] = inverse_cdf(logits_BV.index_select(0, index) / temps[:, None], u)
-    return ids_B
-
-
-def module_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``module`` with its floating-point parameters in ``dtype``, row-major (batched matmuls' best
-    layout), buffers copied as they are, tied weights still tied; no full-precision intermediate."""
-    memo: dict[int, Any] = {}
-    for m in module.modules():  # copies derived from the weights (MoE prepacked experts): rebuilt
-        if getattr(m, "packed", None) is not None:
-            memo[id(m.packed)] = None
-    with torch.inference_mode(False):  # ordinary tensors: MoE weight packing reads their versions
-        for param in module.parameters():
-            if param.is_floating_point():
-                memo[id(param)] = nn.Parameter(param.detach().to(dtype).contiguous(), requires_grad=False)
-        return copy.deepcopy(module, memo)
-
-
-def module_cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``module`` itself with its floating-point parameters converted to ``dtype`` (row-major), one tensor
-    at a time, so at most one extra tensor is ever held; MoE prepacked experts are dropped and rebuilt."""
-    for m in module.modules():
-        if getattr(m, "packed", None) is not None:
-            m.packed = None
-    with torch.inference_mode(False):
-        for param in module.parameters():  # tied weights are one Parameter: converted once
-            if param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype).contiguous()
-                if param.numel() >= 1 << 20:  # hand the old tensor's pages back now, not after the last one
-                    trim_heap(collect=False)
-    return module
-
-
-def _packs(order: Sequence[int], cost: Callable[[list[int]], int], budget: int) -> Iterator[list[int]]:
-    """Consecutive runs of ``order`` whose ``cost`` is at most ``budget`` (at least one item each)."""
-    batch: list[int] = []
-    for i in order:
-        if batch and cost(batch + [i]) > budget:
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch

@@ -185,7 +185,7 @@ def _continuations(ids: list[list[int]], settings: BehaviourSettings,
     """
     import torch
 
-    from modelkin.runtime.generate import Continuation
+    from modelkin.runtime.continuations import Continuation
 
     rows = []
     if settings.wants("greedy"):
