@@ -314,3 +314,35 @@ def test_truncated_and_fake_gguf(tmp_path):
     fake.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 20)
     with pytest.raises(CheckpointError, match="fake.gguf is not a readable GGUF file"):
         open_checkpoint(fake)
+
+
+@pytest.mark.parametrize("endian", ["LITTLE", "BIG"])
+def test_metadata_arrays_read_as_gguf_reads_them(tmp_path, endian):
+    """String arrays (empty and multi-byte strings too) and number arrays, either byte order, equal gguf's own
+    item-by-item walk; a string whose length runs past the end of the file is an error, not a hang."""
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama", endianess=gguf.GGUFEndian[endian])
+    writer.add_array("tokenizer.ggml.tokens", ["a", "", "ünï", "<s>", "x" * 300])
+    writer.add_array("tokenizer.ggml.scores", [0.5, -1.25, 3.0])
+    writer.add_array("tokenizer.ggml.token_type", [1, 2, 3, 6])
+    writer.add_array("general.tags", [])
+    writer.add_string("general.name", "t")
+    writer.add_tensor("token_embd.weight", np.ones((5, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    stock = {key: field.contents() for key, field in gguf.GGUFReader(str(path)).fields.items()}
+    with open_checkpoint(path) as ckpt:
+        meta = ckpt.metadata()
+    assert meta == stock
+    assert meta["tokenizer.ggml.tokens"] == ["a", "", "ünï", "<s>", "x" * 300]
+    assert meta["tokenizer.ggml.scores"] == [0.5, -1.25, 3.0]
+
+    data = bytearray(path.read_bytes())
+    at = data.index(b"x" * 300) - 8  # the last token's 8-byte length
+    data[at:at + 8] = (10**9).to_bytes(8, "big" if endian == "BIG" else "little")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="past the end of the file"):
+        open_checkpoint(bad)

@@ -69,3 +69,13 @@ def test_metadata_carries_the_vocabulary(ours):
     assert len(meta["tokenizer.ggml.tokens"]) == 49152
     assert meta["tokenizer.ggml.model"] == "gpt2"
     assert "<|im_start|>" in meta["tokenizer.chat_template"]
+
+
+def test_metadata_equals_the_gguf_packages_own_walk(smollm2_gguf, ours):
+    """The reader parses arrays in bulk (a view per string, one view per number array); every value must
+    equal what gguf's item-by-item walk gives, on the real 49k-token vocabulary and its merges."""
+    import gguf
+
+    stock = {key: field.contents() for key, field in gguf.GGUFReader(smollm2_gguf).fields.items()}
+    assert ours.metadata() == stock
+    assert len(stock["tokenizer.ggml.merges"]) == 48900
