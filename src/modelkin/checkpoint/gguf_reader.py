@@ -7,6 +7,7 @@ the tensors read.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import sys
 from dataclasses import dataclass, replace
@@ -107,6 +108,7 @@ class _Prefix:
         return self._f.fileno()
 
 
+@functools.cache  # one class: a class per file would leave a reference cycle for the collector each time
 def _reader_class() -> type:
     from gguf import GGUFReader
 

@@ -151,7 +151,7 @@ def _cached_outputs(path: Any, prompts: list[Prompt], settings: BehaviourSetting
         return hit, False
     out = collect_outputs(path, prompts, settings, device=device, dtype=dtype, allow_fallback=allow_fallback,
                           seed=seed, tick=lambda m: tick(f"{_name(path)}: {m}"))
-    trim_heap()  # the model is gone
+    trim_heap(collect=False)  # the model is gone (collect_outputs collected its cycles)
     if cache is not None:
         cache.put(key, out)
     return out, True
@@ -254,7 +254,7 @@ class PairRun:
         t = time.perf_counter()
         fp, fp_error = _fingerprint(a, b, self.methods, self.device, self.allow_fallback, self.settings.seed,
                                     self.fingerprint_options, tick, self.background)
-        trim_heap()  # the fingerprint memos are gone
+        trim_heap(collect=False)  # the fingerprint memos are gone (freed by reference count: no cycles)
         return fp, fp_error, time.perf_counter() - t
 
     def pair(self, a: Any, b: Any, *, tick: Callable[[str], None], out_a: ModelOutputs | None = None,

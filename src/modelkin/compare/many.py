@@ -98,7 +98,7 @@ def compare_many(
             prints = _fingerprint_all(run, held, named, ours, theirs, tick) if fingerprints else {}
         finally:
             held.close()
-        trim_heap()  # the suspect's memo went with _fingerprint_all's frame: hand its pages back before any load
+        trim_heap(collect=False)  # the suspect's memo went with _fingerprint_all's frame: hand its pages back before any load
         out_a = None
         for i, (name, path) in enumerate(named.items(), 1):
             step = (lambda m, i=i, name=name: tick(f"[{i}/{len(named)}] {name}: {m}"))
@@ -118,7 +118,7 @@ def compare_many(
                 found.failures[name] = str(err)
                 continue
             finally:
-                trim_heap()  # the candidate's model and the metrics' temporaries are gone
+                trim_heap(collect=False)  # the candidate's model and the metrics' temporaries are gone
             seconds = time.perf_counter() - t + (prints[name][2] if name in prints else 0.0)
             found.reports[name] = report
             found.seconds[name] = seconds
@@ -181,7 +181,7 @@ def _fingerprint_all(run: PairRun, suspect: Any, named: Mapping[str, Any], ours:
             except ModelkinError as err:  # the pair's report says why, as compare() would
                 prints[name] = (None, str(err), 0.0)
             _count_reads(ours, weights_a)
-            trim_heap()
+            trim_heap(collect=False)
     return prints
 
 

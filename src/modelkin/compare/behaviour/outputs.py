@@ -14,6 +14,7 @@ import gc
 import hashlib
 import os
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -103,9 +104,10 @@ def collect_outputs(path: str | os.PathLike[str], prompts: Sequence[Prompt], set
     try:
         return run_outputs(model, prompts, settings, seed=seed, tick=tick, timings=timings, consume=True)
     finally:
-        backend = model.backend
+        backend, module = model.backend, weakref.ref(model.module)
         del model
-        gc.collect()
+        if module() is not None:  # held by a reference cycle: collect it (a full collection costs ~0.13 s)
+            gc.collect()
         _empty_device_cache(backend)
 
 
