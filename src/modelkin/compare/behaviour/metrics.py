@@ -27,8 +27,20 @@ LN2 = math.log(2.0)
 def position_divergences(lp_a: Any, lp_b: Any) -> dict[str, Any]:
     """JS divergence, KL(A||B) and KL(B||A) in bits for each position of two log-prob tables [T, V].
 
-    Probabilities are exp(log-probs) renormalised in float64; identical inputs give exactly 0.
+    Probabilities are exp(log-probs) renormalised in float64; identical inputs give exactly 0. Rows run in
+    chunks of about 2^20 elements (each row's values do not depend on the others): a 40-token prompt over a
+    49k vocabulary would otherwise hold a dozen float64 tables of 16 MB at once.
     """
+    import torch
+
+    step = max(1, (1 << 20) // max(1, lp_a.shape[-1]))
+    if lp_a.shape[0] > step:
+        parts = [_divergences(lp_a[i:i + step], lp_b[i:i + step]) for i in range(0, lp_a.shape[0], step)]
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return _divergences(lp_a, lp_b)
+
+
+def _divergences(lp_a: Any, lp_b: Any) -> dict[str, Any]:
     import torch
 
     p = lp_a.double().exp()
