@@ -289,6 +289,7 @@ def load(
     *,
     progress: bool | None = None,
     parallel: Any = None,
+    gemv_layout: bool = True,
 ) -> Model:
     """Load a checkpoint (HF directory, .gguf, …) onto a device, ready to run.
 
@@ -302,6 +303,10 @@ def load(
             run on the context's device (call it on every rank). The Model's logits, generation and
             routing equal the single-process ones within float rounding; call its methods on every
             rank with the same arguments (and the same ``seed`` when sampling).
+        gemv_layout: on CPU in float32, store wide Linear weights column-major (``prefer_gemv_layout``),
+            the faster layout for one-sequence generation. Batched work (compare's prefill and decode
+            batches) runs as fast row-major, with bit-identical outputs, and False skips the copy: 0.3 s
+            and 0.13 GB of anonymous memory for SmolLM2-135M, whose mapped weights then stay page cache.
 
     Raises:
         CheckpointError, ConfigError, UnsupportedArchitectureError, DeviceError, InputError.
@@ -319,7 +324,8 @@ def load(
         backend = get_backend(device, allow_fallback=allow_fallback)
     torch_dtype = backend.resolve_dtype(dtype)
     with open_checkpoint(path) as source:
-        return load_source(source, path, backend=backend, dtype=torch_dtype, parallel=parallel, progress=progress)
+        return load_source(source, path, backend=backend, dtype=torch_dtype, parallel=parallel, progress=progress,
+                           gemv_layout=gemv_layout)
 
 
 def load_source(
@@ -331,6 +337,7 @@ def load_source(
     parallel: Any = None,
     shard: Any = None,
     progress: bool | None = None,
+    gemv_layout: bool = True,
 ) -> Model:
     """The one way a Model is made: build this rank's model on the meta device (unless ``shard``,
     a `runtime.parallel.shard.Shard`, was built already, e.g. to plan memory), read its weights
@@ -343,7 +350,7 @@ def load_source(
     if parallel is not None and not parallel.is_main:
         progress = False  # rank 0 alone shows the bar
     module = read_weights(source, shard, device=backend.device, dtype=dtype, progress=progress)
-    if shard.layout.world_size == 1 and backend.name == "cpu" and dtype == torch.float32:
+    if gemv_layout and shard.layout.world_size == 1 and backend.name == "cpu" and dtype == torch.float32:
         prefer_gemv_layout(module)
     return Model(
         module,

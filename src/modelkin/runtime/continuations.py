@@ -81,6 +81,7 @@ def prefill_decode(
                 by_prompt[i] = len(prefills)
                 prefills.append((cache, b, logits_BLV[b, -1].float().clone()))
             del logits_BLV
+        trim_heap(collect=False)  # the prefill batches' logits and activations: hand their pages back
         sample_model = None
         weight = model.model.embed_tokens.weight
         if sample_dtype not in (None, weight.dtype) and any(r.uniforms is not None for r in rows):
