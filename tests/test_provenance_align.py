@@ -125,6 +125,21 @@ def test_alignment_recovers_rotation_and_signed_permutation(smol):
     assert found.candidates[SIGNED_PERMUTATION] < 0.5  # a permutation cannot undo a rotation
 
 
+def test_alignment_from_whole_embeddings_equals_alignment_from_row_readers(smol):
+    """fit_alignment gathers held-out rows chunk by chunk from whole embeddings, or calls row readers once:
+    the fitted matrix and every held-out cosine are the same either way, bit for bit."""
+    emb = smol.get_tensor("model.embed_tokens.weight").float()
+    tokens = [str(t) for t in smol.metadata()["tokenizer.ggml.tokens"]]
+    shared = shared_tokens(tokens, tokens)
+    other = emb @ _rotation(emb.shape[1], 4) + 0.01 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(5))
+    whole = fit_alignment(emb, other, shared, rng=np.random.default_rng(3))
+    readers = fit_alignment(lambda ids: emb[torch.as_tensor(ids)], lambda ids: other[torch.as_tensor(ids)], shared,
+                            rng=np.random.default_rng(3))
+    assert whole.kind == readers.kind == ORTHOGONAL and torch.equal(whole.matrix, readers.matrix)
+    assert whole.summary() == readers.summary()
+    assert 0.9 < whole.heldout_cosine < 1.0 and abs(whole.heldout_cosine_shuffled) < 0.05
+
+
 def test_csu_aligned_finds_the_rotated_copy_and_not_the_std_matched_twin(smol):
     cpu = torch.device("cpu")
     a = ModelWeights(smol, cpu, "smollm2")

@@ -102,21 +102,20 @@ def orthogonal(cross: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-def _rows(emb: torch.Tensor | Callable[[np.ndarray], torch.Tensor], ids: np.ndarray) -> torch.Tensor:
-    return emb[torch.as_tensor(ids)] if isinstance(emb, torch.Tensor) else emb(ids)
+def _gather(emb: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+    return emb[torch.as_tensor(ids).to(emb.device)].float()
 
 
-def _mean_row_cosine(xb: torch.Tensor, xa: torch.Tensor, mean_b: torch.Tensor, mean_a: torch.Tensor,
-                     kind: str, mat: torch.Tensor, order: np.ndarray | None = None) -> float:
-    """Mean over rows k of cos((xb[k] − mean_b)·mat, xa[order[k]] − mean_a), streamed over row chunks."""
+def _mean_row_cosine(emb_b: torch.Tensor, ids_b: np.ndarray, emb_a: torch.Tensor, ids_a: np.ndarray,
+                     mean_b: torch.Tensor, mean_a: torch.Tensor, kind: str, mat: torch.Tensor) -> float:
+    """Mean over k of cos((emb_b[ids_b[k]] − mean_b)·mat, emb_a[ids_a[k]] − mean_a), rows gathered and
+    scored a chunk at a time (no copy of the held-out rows)."""
     total = 0.0
-    for start in range(0, xb.shape[0], _CHUNK):
-        stop = min(start + _CHUNK, xb.shape[0])
-        rows_a = xa[start:stop] if order is None else xa[torch.as_tensor(order[start:stop])]
-        mapped = map_rows(xb[start:stop] - mean_b, kind, mat)
-        cos = torch.nn.functional.cosine_similarity(mapped, rows_a - mean_a, dim=1)
-        total += float(cos.double().sum())
-    return total / max(1, xb.shape[0])
+    for start in range(0, len(ids_b), _CHUNK):
+        mapped = map_rows(_gather(emb_b, ids_b[start:start + _CHUNK]) - mean_b, kind, mat)
+        rows_a = _gather(emb_a, ids_a[start:start + _CHUNK]) - mean_a
+        total += float(torch.nn.functional.cosine_similarity(mapped, rows_a, dim=1).double().sum())
+    return total / max(1, len(ids_b))
 
 
 def fit_alignment(
@@ -131,28 +130,34 @@ def fit_alignment(
     """Fit each alignment kind on a random half of the shared tokens; keep the best on the other half.
 
     Args:
-        emb_a, emb_b: full embedding matrices [V, d] of A and B (rows indexed by token id), or functions
-            returning the rows of given ids (only the rows of the tokens used are then read).
+        emb_a, emb_b: full embedding matrices [V, d] of A and B (rows indexed by token id; float32 copies
+            of the fit rows are made, the held-out rows are gathered a chunk at a time), or functions
+            returning the rows of given ids (called once, for every token used).
         shared: byte-identical token pairs (``modelkin.tokenizer.canonical.shared_tokens``).
         rng: the random split (and subsample when more than ``max_tokens`` are shared).
     """
     n = len(shared)
     order = rng.permutation(n)[:max_tokens]
     half = len(order) // 2
-    # rows of the used tokens only, in ``order``: row k is shared token order[k]; the fit rows come first
-    ea = _rows(emb_a, np.asarray(shared.ids_a)[order]).float()
-    eb = _rows(emb_b, np.asarray(shared.ids_b)[order]).float()
-    mean_a, mean_b = ea[:half].mean(0), eb[:half].mean(0)
-    cross, norm_a, norm_b = centred_cross(ea[:half], eb[:half], mean_a, mean_b)
+    # token k of the split is shared token order[k]; the fit tokens come first
+    ids_a, ids_b = np.asarray(shared.ids_a)[order], np.asarray(shared.ids_b)[order]
+    if not isinstance(emb_a, torch.Tensor):
+        emb_a, ids_a = emb_a(ids_a).float(), np.arange(len(order))
+    if not isinstance(emb_b, torch.Tensor):
+        emb_b, ids_b = emb_b(ids_b).float(), np.arange(len(order))
+    fit_a, fit_b = _gather(emb_a, ids_a[:half]), _gather(emb_b, ids_b[:half])
+    mean_a, mean_b = fit_a.mean(0), fit_b.mean(0)
+    cross, norm_a, norm_b = centred_cross(fit_a, fit_b, mean_a, mean_b)
+    del fit_a, fit_b
     makers = {SIGNED_PERMUTATION: lambda: signed_permutation(cross, norm_a, norm_b),
               ORTHOGONAL: lambda: orthogonal(cross)}
-    held_a, held_b = ea[half:], eb[half:]
+    held_a, held_b = ids_a[half:], ids_b[half:]
     scores: dict[str, float] = {}
     mats: dict[str, torch.Tensor] = {}
     for kind in kinds:
-        mat = makers[kind]().float().to(ea.device)
+        mat = makers[kind]().float().to(mean_a.device)
         mats[kind] = mat
-        scores[kind] = _mean_row_cosine(held_b, held_a, mean_b, mean_a, kind, mat)
+        scores[kind] = _mean_row_cosine(emb_b, held_b, emb_a, held_a, mean_b, mean_a, kind, mat)
     best = max(scores, key=scores.get)
     shuffled = rng.permutation(len(order) - half)
     return ResidualAlignment(
@@ -161,6 +166,7 @@ def fit_alignment(
         fit_tokens=half,
         heldout_tokens=len(order) - half,
         heldout_cosine=scores[best],
-        heldout_cosine_shuffled=_mean_row_cosine(held_b, held_a, mean_b, mean_a, best, mats[best], shuffled),
+        heldout_cosine_shuffled=_mean_row_cosine(emb_b, held_b, emb_a, held_a[shuffled], mean_b, mean_a, best,
+                                                 mats[best]),
         candidates=scores,
     )

@@ -14,6 +14,7 @@ model here (the matching is then that permutation, not the identity).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -113,6 +114,15 @@ def check_pair(a: ModelWeights, b: ModelWeights) -> tuple[list[int], list[int]]:
     return la, lb
 
 
+def _embedding(w: ModelWeights) -> torch.Tensor | Callable[[np.ndarray], torch.Tensor]:
+    """The whole embedding where it costs no copy (held by the memo, or mapped file pages), so the alignment
+    gathers the rows it needs a chunk at a time; else a reader of given rows (a quantised GGUF's rows only)."""
+    name = w.name(None, "embed")
+    if w.memo.peek(("tensor", name)) is not None or (w.device.type == "cpu" and w.source.is_mapped(name)):
+        return w.tensor(name)
+    return lambda ids: w.rows("embed", ids)
+
+
 def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | None = None,
         max_units: int = 1024) -> MethodResult:
     """The aligned csu test of a dense pair (any widths, depths and tokenizers with enough shared tokens)."""
@@ -126,7 +136,7 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
         raise NotApplicable(f"only {len(shared)} byte-identical shared tokens (need {MIN_SHARED}) to align "
                             "the residual bases")
     rng = np.random.default_rng(seed)
-    align = fit_alignment(lambda ids: a.rows("embed", ids), lambda ids: b.rows("embed", ids), shared, rng=rng)
+    align = fit_alignment(_embedding(a), _embedding(b), shared, rng=rng)
     sim = None
     # features are made when a layer pair is scored, not kept: one layer pair in memory at a time
     def feats_a(i: int) -> torch.Tensor:
