@@ -264,3 +264,24 @@ def test_no_tokenizer_and_nan_weights(tmp_path):
     model.module.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(NumericalError, match="NaN/Inf logits at generation step 0"):
         model.generate([1, 2, 3], max_new_tokens=3)
+
+
+def test_loading_skips_meta_initialisers_that_import_the_compiler(tmp_path):
+    """Models are built on the meta device; nn.Embedding's random init there would import torch._dynamo and
+    sympy (~900 modules). A fresh process loads and runs a tiny Llama and a tiny Gemma-3 without them, and an
+    embedding built off the meta device is still randomly initialised."""
+    import subprocess
+    import sys
+
+    from modelkin.runtime.layers import embedding
+
+    paths = [make_tiny(arch, tmp_path / arch, seed=1) for arch in ("llama", "gemma3")]
+    code = ("import sys, modelkin\n"
+            f"for p in {[str(p) for p in paths]!r}:\n"
+            "    m = modelkin.load(p, device='cpu')\n"
+            "    m.generate([1, 2, 3], max_new_tokens=2)\n"
+            "print(sorted(k for k in ('torch._dynamo', 'sympy') if k in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    e = embedding(100, 8)
+    assert e.weight.device.type == "cpu" and 0.5 < float(e.weight.std()) < 1.5

@@ -25,7 +25,7 @@ from modelkin.errors import ConfigError
 from modelkin.runtime.config import DecoderArgs
 from modelkin.runtime.cpu_kernels import Linear
 from modelkin.runtime.kv_cache import KVCache
-from modelkin.runtime.layers import MLP, Attention, Rope, RotaryEmbedding, rope_inv_freq
+from modelkin.runtime.layers import MLP, Attention, Rope, RotaryEmbedding, embedding, rope_inv_freq
 from modelkin.runtime.models.causal_lm import (
     TINY_DENSE,
     CausalLM,
@@ -172,7 +172,7 @@ class Gemma3Stack(nn.Module):
         self.kinds = args.kinds()
         self.window = args.sliding_window
         self.embed_scale = math.sqrt(args.hidden_size)
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         full = rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
