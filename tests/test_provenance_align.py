@@ -131,10 +131,11 @@ def test_alignment_from_whole_embeddings_equals_alignment_from_row_readers(smol)
     emb = smol.get_tensor("model.embed_tokens.weight").float()
     tokens = [str(t) for t in smol.metadata()["tokenizer.ggml.tokens"]]
     shared = shared_tokens(tokens, tokens)
-    other = emb @ _rotation(emb.shape[1], 4) + 0.01 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(emb.shape, generator=torch.Generator().manual_seed(5))
+    other = emb @ _rotation(emb.shape[1], 4) + 0.01 * noise
     whole = fit_alignment(emb, other, shared, rng=np.random.default_rng(3))
-    readers = fit_alignment(lambda ids: emb[torch.as_tensor(ids)], lambda ids: other[torch.as_tensor(ids)], shared,
-                            rng=np.random.default_rng(3))
+    readers = fit_alignment(lambda ids: emb[torch.as_tensor(ids)], lambda ids: other[torch.as_tensor(ids)],
+                            shared, rng=np.random.default_rng(3))
     assert whole.kind == readers.kind == ORTHOGONAL and torch.equal(whole.matrix, readers.matrix)
     assert whole.summary() == readers.summary()
     assert 0.9 < whole.heldout_cosine < 1.0 and abs(whole.heldout_cosine_shuffled) < 0.05

@@ -281,7 +281,8 @@ def test_loading_skips_meta_initialisers_that_import_the_compiler(tmp_path):
             "    m = modelkin.load(p, device='cpu')\n"
             "    m.generate([1, 2, 3], max_new_tokens=2)\n"
             "print(sorted(k for k in ('torch._dynamo', 'sympy') if k in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
     e = embedding(100, 8)
     assert e.weight.device.type == "cpu" and 0.5 < float(e.weight.std()) < 1.5

@@ -107,8 +107,9 @@ def trim_heap(*, collect: bool = True) -> None:
     fragments the heap, so RssAnon grows with every iteration: between models the process would look as if
     the last one were still resident, and the upcycle detector's loop over 64 experts of 27 MB reached 12 GB
     on a 72B layout. Costs milliseconds; call it after freeing large temporaries."""
-    if collect:  # a full collection costs ~0.13 s once torch, scipy and matplotlib are imported (~340k tracked
-        # objects): skip it wherever tensors are freed by reference count (models and fingerprint memos are)
+    # a full collection costs ~0.13 s once torch, scipy and matplotlib are imported (~340k tracked objects):
+    # skip it wherever tensors are freed by reference count (models and fingerprint memos are)
+    if collect:
         gc.collect()
     trim = _malloc_trim()
     if trim is not None:

@@ -180,7 +180,8 @@ def _reader_class() -> type:
         def _string_parts(self, offset: int, count: int) -> tuple[int, list[np.ndarray]]:
             """Views of ``count`` length-prefixed strings from ``offset`` and the offset past them: what gguf
             computes item by item (~2 s for a 49k-token vocabulary and its merges), in one Python loop."""
-            order = ("big" if sys.byteorder == "little" else "little") if self.byte_order == "S" else sys.byteorder
+            swapped = "big" if sys.byteorder == "little" else "little"
+            order = swapped if self.byte_order == "S" else sys.byteorder
             parts: list[np.ndarray] = []
             data = view = None
             for _ in range(count):
@@ -202,7 +203,8 @@ def _reader_class() -> type:
                 raise ValueError(f"a metadata string ends at byte {end}, past the end of the file "
                                  f"({self._file_size} bytes)")
             if end > len(self.data):
-                self.data = np.memmap(self._path, mode="r", shape=(min(self._file_size, max(end, 2 * len(self.data))),))
+                grown = min(self._file_size, max(end, 2 * len(self.data)))
+                self.data = np.memmap(self._path, mode="r", shape=(grown,))
             return self.data
 
     # smallest on-disk size of one array item, by GGUFValueType (strings: their 8-byte length)

@@ -98,7 +98,8 @@ def compare_many(
             prints = _fingerprint_all(run, held, named, ours, theirs, tick) if fingerprints else {}
         finally:
             held.close()
-        trim_heap(collect=False)  # the suspect's memo went with _fingerprint_all's frame: hand its pages back before any load
+        # the suspect's memo went with _fingerprint_all's frame: hand its pages back before any load
+        trim_heap(collect=False)
         out_a = None
         for i, (name, path) in enumerate(named.items(), 1):
             step = (lambda m, i=i, name=name: tick(f"[{i}/{len(named)}] {name}: {m}"))

@@ -324,8 +324,8 @@ def load(
         backend = get_backend(device, allow_fallback=allow_fallback)
     torch_dtype = backend.resolve_dtype(dtype)
     with open_checkpoint(path) as source:
-        return load_source(source, path, backend=backend, dtype=torch_dtype, parallel=parallel, progress=progress,
-                           gemv_layout=gemv_layout)
+        return load_source(source, path, backend=backend, dtype=torch_dtype, parallel=parallel,
+                           progress=progress, gemv_layout=gemv_layout)
 
 
 def load_source(

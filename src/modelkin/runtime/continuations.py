@@ -144,7 +144,7 @@ def _decode_all(
         for r, ids in zip(batch, decode_rows(decoder, cache, first_BV, picked, eos_ids=eos_ids)):
             out[r] = ids
         del cache
-        trim_heap(collect=False)  # the batch's cache and per-step logits: hand their pages back before the next
+        trim_heap(collect=False)  # the batch's cache and per-step logits: give their pages back
     return out
 
 

@@ -115,8 +115,9 @@ def check_pair(a: ModelWeights, b: ModelWeights) -> tuple[list[int], list[int]]:
 
 
 def _embedding(w: ModelWeights) -> torch.Tensor | Callable[[np.ndarray], torch.Tensor]:
-    """The whole embedding where it costs no copy (held by the memo, or mapped file pages), so the alignment
-    gathers the rows it needs a chunk at a time; else a reader of given rows (a quantised GGUF's rows only)."""
+    """The whole embedding where it costs no copy (held by the memo, or mapped file pages), so the
+    alignment gathers the rows it needs a chunk at a time; else a reader of given rows (a quantised
+    GGUF's rows only)."""
     name = w.name(None, "embed")
     if w.memo.peek(("tensor", name)) is not None or (w.device.type == "cpu" and w.source.is_mapped(name)):
         return w.tensor(name)
