@@ -5,6 +5,8 @@ against three candidates, before (one compare() per pair at the old behaviour bu
 
 Models are built once and cached under $MODELKIN_CACHE_DIR/compare (else ~/.cache/modelkin-bench/compare).
 
+With smol cases the run ends with the matmul-only bound per model of the behaviour budget (matmul_bound).
+
 Usage (from the repository root): python -m bench.compare [--repeats N] [--cases smol,big] [--json FILE]
 """
 
@@ -206,6 +208,55 @@ def mmd_power(suspect: str, relative: str, budget: dict[str, Any], seeds: int) -
             "power": sum(p < 0.05 for p in done) / max(1, len(done))}
 
 
+# ---- the physical bound of the behaviour half --------------------------------------------------------
+
+def matmul_bound(path: str, budget: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
+    """Seconds per model that the behaviour budget's linear layers alone take on this machine: every linear
+    layer of the model at its real shapes (random weights at the compute dtype, so the weights stream from
+    memory as in the real run), timed for one prefill of the prompts' tokens and one decode step of the
+    greedy rows (float32) and of the sampled rows (bfloat16 where the CPU has it), times the steps. Attention,
+    norms, sampling, loading and the metrics are left out, so the real behaviour time is above it."""
+    import torch
+
+    from modelkin.checkpoint import open_checkpoint
+    from modelkin.compare.behaviour.outputs import native_bfloat16
+    from modelkin.compare.behaviour.prompts import resolve_prompts
+    from modelkin.compare.settings import BehaviourSettings
+    from modelkin.tokenizer import load_tokenizer
+
+    settings = BehaviourSettings(**budget)
+    with open_checkpoint(path) as source:
+        config, tok = source.config(), load_tokenizer(source, path)
+    prompts = resolve_prompts(None, settings.max_prompts)
+    prompt_tokens = sum(len(tok.encode(p.prompt, add_special_tokens=True)) for p in prompts)
+    d, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    hd = config.get("head_dim") or d // heads
+    shapes = [(heads * hd, d), (kv * hd, d), (kv * hd, d), (d, heads * hd), (inter, d), (inter, d), (d, inter)]
+    sample_dtype = torch.bfloat16 if native_bfloat16(torch.device("cpu")) else torch.float32
+
+    def step_seconds(rows: int, dtype: torch.dtype) -> float:
+        weights = [torch.randn(o, i, dtype=dtype) for _ in range(layers) for o, i in shapes]
+        weights.append(torch.randn(config["vocab_size"], d, dtype=dtype))
+        inputs = {i: torch.randn(rows, i, dtype=dtype) for i in {w.shape[1] for w in weights}}
+        times = []
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[1:])  # the first run pays page faults
+
+    greedy_rows = len(prompts)
+    sampled_rows = min(settings.mmd_prompts, len(prompts)) * settings.mmd_samples
+    parts = {"prefill_fp32": step_seconds(prompt_tokens, torch.float32),
+             "greedy_fp32": step_seconds(greedy_rows, torch.float32) * (settings.greedy_tokens - 1),
+             f"sampled_{str(sample_dtype).removeprefix('torch.')}":
+                 step_seconds(sampled_rows, sample_dtype) * (settings.mmd_tokens - 1)}
+    return {"prompt_tokens": prompt_tokens, "greedy_rows": greedy_rows, "sampled_rows": sampled_rows,
+            "parts_s": parts, "total_s": sum(parts.values())}
+
+
 # ---- the parent: cases, repeats, table --------------------------------------------------------------
 
 def cases(which: list[str], log: Any) -> list[dict[str, Any]]:
@@ -297,6 +348,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['case']}: suspect loads {s['loads']}, checkpoint opens {s['checkpoint_opens']}, tensors read "
                   f"{s['tensors_read']} ({s['bytes_read'] / 1e6:.0f} MB), outputs computed {s['outputs_computed']}"
                   f" / reused {s['outputs_reused']}")
+    bound = {}
+    if "smol" in [c.strip() for c in args.cases.split(",")]:
+        suspect, _ = smol_models(cache_root(), log)
+        for label, budget in (("old", OLD_BUDGET), ("default", {})):
+            bound[label] = matmul_bound(str(suspect), budget)
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in bound[label]["parts_s"].items())
+            row = by.get(f"smol many {label}-budget")
+            measured = f"; measured behaviour per pair (one candidate) {row['behaviour_s']:.1f} s, " \
+                f"{row['behaviour_s'] / bound[label]['total_s']:.1f}x the bound" if row else ""
+            print(f"matmul-only bound per model, {label} budget: {bound[label]['total_s']:.2f} s ({parts}; "
+                  f"{bound[label]['prompt_tokens']} prompt tokens){measured}")
     power = {}
     if args.power_seeds:
         suspect, cands = smol_models(cache_root(), log)
@@ -307,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
                   "seeds reject at 0.05")
     print(f"load average now {os.getloadavg()}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "summary": rows, "mmd_power": power}, indent=1))
+        Path(args.json).write_text(json.dumps({"runs": runs, "summary": rows, "mmd_power": power,
+                                               "matmul_bound": bound}, indent=1))
     return 0
 
 
