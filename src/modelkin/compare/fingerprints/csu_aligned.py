@@ -35,6 +35,7 @@ BLIND = ("blind to a copy whose MLP hidden units were permuted (function-preserv
          "an unrelated one here")
 _ROLES = ("gate", "up")
 MIN_SHARED = 256
+ALIGN_TOKENS = 32768  # shared tokens the residual alignment uses at most (fit on half, scored on half)
 
 
 def _unit_rows(w: ModelWeights, layer: int, align: ResidualAlignment | None) -> torch.Tensor:
@@ -114,12 +115,12 @@ def check_pair(a: ModelWeights, b: ModelWeights) -> tuple[list[int], list[int]]:
     return la, lb
 
 
-def _embedding(w: ModelWeights) -> torch.Tensor | Callable[[np.ndarray], torch.Tensor]:
-    """The whole embedding where it costs no copy (held by the memo, or mapped file pages), so the
-    alignment gathers the rows it needs a chunk at a time; else a reader of given rows (a quantised
-    GGUF's rows only)."""
+def _embedding(w: ModelWeights, rows: int) -> torch.Tensor | Callable[[np.ndarray], torch.Tensor]:
+    """The whole embedding where ``w.rows`` would use it for ``rows`` distinct rows (the memo holds it, or
+    at least half of it is wanted): the alignment then gathers the rows it needs a chunk at a time instead
+    of copying them all. Else a reader of given rows, called once (only those rows are read)."""
     name = w.name(None, "embed")
-    if w.memo.peek(("tensor", name)) is not None or (w.device.type == "cpu" and w.source.is_mapped(name)):
+    if w.memo.peek(("tensor", name)) is not None or 2 * rows >= w.info(None, "embed").shape[0]:
         return w.tensor(name)
     return lambda ids: w.rows("embed", ids)
 
@@ -137,7 +138,8 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
         raise NotApplicable(f"only {len(shared)} byte-identical shared tokens (need {MIN_SHARED}) to align "
                             "the residual bases")
     rng = np.random.default_rng(seed)
-    align = fit_alignment(_embedding(a), _embedding(b), shared, rng=rng)
+    used = min(len(shared), ALIGN_TOKENS)
+    align = fit_alignment(_embedding(a, used), _embedding(b, used), shared, rng=rng, max_tokens=ALIGN_TOKENS)
     sim = None
     # features are made when a layer pair is scored, not kept: one layer pair in memory at a time
     def feats_a(i: int) -> torch.Tensor:
