@@ -101,14 +101,15 @@ def to_json_text(obj: Any) -> str:
     return json.dumps(_clean(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def trim_heap(*, collect: bool = True) -> None:
+def trim_heap(*, collect: bool = False) -> None:
     """Hand freed memory back to the OS. glibc keeps freed blocks of up to 32 MB in its heap (still RssAnon)
     once its mmap threshold has grown, and a loop that frees a large block while keeping small ones
     fragments the heap, so RssAnon grows with every iteration: between models the process would look as if
     the last one were still resident, and the upcycle detector's loop over 64 experts of 27 MB reached 12 GB
-    on a 72B layout. Costs milliseconds; call it after freeing large temporaries."""
-    # a full collection costs ~0.13 s once torch, scipy and matplotlib are imported (~340k tracked objects):
-    # skip it wherever tensors are freed by reference count (models and fingerprint memos are)
+    on a 72B layout. Costs milliseconds; call it after freeing large temporaries. ``collect`` runs a full
+    garbage collection first, for objects held by reference cycles; it costs ~0.13 s once torch, scipy and
+    matplotlib are imported (~340k tracked objects), and models and fingerprint memos need none: they are
+    freed by reference count."""
     if collect:
         gc.collect()
     trim = _malloc_trim()

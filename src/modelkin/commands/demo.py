@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         folder = out / "models" if args.keep_models else Path(tmp)
         with progress() as tick:
             built = build_variants(source, folder, seed=args.seed, tick=tick)
-        trim_heap()  # the fine-tune's optimiser state is freed: give it back before the comparisons
+        trim_heap(collect=True)  # the fine-tune's optimiser state is freed: give it back
         built_s = time.perf_counter() - start
         console.print(f"built {len(built)} models to compare with {source.name} in {built_s:.0f} s")
         if "gemma-3-270m" not in built:

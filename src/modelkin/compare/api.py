@@ -97,7 +97,7 @@ def fingerprint(a: str | Path | TensorSource | ModelWeights, b: str | Path | Ten
                 reason = f"not computable: {str(err).splitlines()[0]}"
                 result = MethodResult.skip(name, reason, module.NULL)
             backend.synchronize()
-            trim_heap(collect=False)  # the method's temporaries are freed: give their pages back
+            trim_heap()  # the method's temporaries are freed: give their pages back
             if result.skipped is not None:
                 result.null_kind = module.NULL_KIND  # the modules set it on their results; skips get it here
             result.seconds = time.perf_counter() - start
@@ -151,7 +151,7 @@ def _cached_outputs(path: Any, prompts: list[Prompt], settings: BehaviourSetting
         return hit, False
     out = collect_outputs(path, prompts, settings, device=device, dtype=dtype, allow_fallback=allow_fallback,
                           seed=seed, tick=lambda m: tick(f"{_name(path)}: {m}"))
-    trim_heap(collect=False)  # the model is gone (collect_outputs collected its cycles)
+    trim_heap()  # the model is gone (collect_outputs collected its cycles)
     if cache is not None:
         cache.put(key, out)
     return out, True
@@ -254,7 +254,7 @@ class PairRun:
         t = time.perf_counter()
         fp, fp_error = _fingerprint(a, b, self.methods, self.device, self.allow_fallback, self.settings.seed,
                                     self.fingerprint_options, tick, self.background)
-        trim_heap(collect=False)  # the fingerprint memos are gone (freed by reference count: no cycles)
+        trim_heap()  # the fingerprint memos are gone (freed by reference count: no cycles)
         return fp, fp_error, time.perf_counter() - t
 
     def pair(self, a: Any, b: Any, *, tick: Callable[[str], None], out_a: ModelOutputs | None = None,

@@ -99,7 +99,7 @@ def compare_many(
         finally:
             held.close()
         # the suspect's memo went with _fingerprint_all's frame: hand its pages back before any load
-        trim_heap(collect=False)
+        trim_heap()
         out_a = None
         for i, (name, path) in enumerate(named.items(), 1):
             step = (lambda m, i=i, name=name: tick(f"[{i}/{len(named)}] {name}: {m}"))
@@ -119,7 +119,7 @@ def compare_many(
                 found.failures[name] = str(err)
                 continue
             finally:
-                trim_heap(collect=False)  # the candidate's model and the metrics' temporaries are gone
+                trim_heap()  # the candidate's model and the metrics' temporaries are gone
             seconds = time.perf_counter() - t + (prints[name][2] if name in prints else 0.0)
             found.reports[name] = report
             found.seconds[name] = seconds
@@ -182,7 +182,7 @@ def _fingerprint_all(run: PairRun, suspect: Any, named: Mapping[str, Any], ours:
             except ModelkinError as err:  # the pair's report says why, as compare() would
                 prints[name] = (None, str(err), 0.0)
             _count_reads(ours, weights_a)
-            trim_heap(collect=False)
+            trim_heap()
     return prints
 
 

@@ -81,7 +81,7 @@ def prefill_decode(
                 by_prompt[i] = len(prefills)
                 prefills.append((cache, b, logits_BLV[b, -1].float().clone()))
             del logits_BLV
-        trim_heap(collect=False)  # the prefill batches' logits and activations: hand their pages back
+        trim_heap()  # the prefill batches' logits and activations: hand their pages back
         sample_model = None
         weight = model.model.embed_tokens.weight
         if sample_dtype not in (None, weight.dtype) and any(r.uniforms is not None for r in rows):
@@ -144,7 +144,7 @@ def _decode_all(
         for r, ids in zip(batch, decode_rows(decoder, cache, first_BV, picked, eos_ids=eos_ids)):
             out[r] = ids
         del cache
-        trim_heap(collect=False)  # the batch's cache and per-step logits: give their pages back
+        trim_heap()  # the batch's cache and per-step logits: give their pages back
     return out
 
 
@@ -226,7 +226,7 @@ def module_cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype).contiguous()
                 if param.numel() >= 1 << 20:  # hand the old tensor's pages back now, not after the last one
-                    trim_heap(collect=False)
+                    trim_heap()
     return module
 
 

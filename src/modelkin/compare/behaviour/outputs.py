@@ -100,7 +100,7 @@ def collect_outputs(path: str | os.PathLike[str], prompts: Sequence[Prompt], set
     tick(f"loading {Path(path).name}")
     # batched prefill and decode only: row-major weights (see load's gemv_layout; same outputs, no copy)
     model = modelkin.load(path, device=device, dtype=dtype, allow_fallback=allow_fallback, gemv_layout=False)
-    trim_heap(collect=False)  # loading (GGUF dequantisation, conversions) leaves ~0.1 GB freed in the heap
+    trim_heap()  # loading (GGUF dequantisation, conversions) leaves ~0.1 GB freed in the heap
     timings = {"load_s": time.perf_counter() - t0}
     try:
         return run_outputs(model, prompts, settings, seed=seed, tick=tick, timings=timings, consume=True)

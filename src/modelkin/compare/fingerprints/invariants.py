@@ -79,7 +79,7 @@ def _mlp_term(w: ModelWeights, layer: int, x: torch.Tensor) -> torch.Tensor:
         total += act @ (x @ w.get(layer, d, e)).T
         if len(parts) > 1:  # an MoE's experts: each one's float32 copies are freed here (see trim_heap)
             del act
-            trim_heap(collect=False)
+            trim_heap()
     return total
 
 

@@ -104,7 +104,7 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_flips: int = 9999,
         since_trim += ta.numel()
         del ta, tb
         if since_trim >= 1 << 23:  # the products (and float32 copies of bf16 tensors) are freed, small
-            trim_heap(collect=False)  # results kept: without a trim the heap fragments (+0.15 GB on SmolLM2)
+            trim_heap()  # results kept: without a trim the heap fragments (+0.15 GB on SmolLM2)
             since_trim = 0
     score = dot / math.sqrt(norm_a * norm_b) if norm_a > 0 and norm_b > 0 else 0.0
     per_tensor.sort(key=lambda t: -t[1])

@@ -43,7 +43,7 @@ def _layer_spectra(w: ModelWeights) -> list[dict[str, np.ndarray]]:
             continue
         out.append({"qk": product_singular_values(*qk_factors(w, layer)).cpu().double().numpy(),
                     "vo": product_singular_values(*vo_factors(w, layer)).cpu().double().numpy()})
-        trim_heap(collect=False)  # each layer's float32 factors are freed here (see trim_heap)
+        trim_heap()  # each layer's float32 factors are freed here (see trim_heap)
     return out
 
 

@@ -45,7 +45,7 @@ def expert_units(moe: ModelWeights, layer: int, per_expert: int, split: Split, r
                                                   replace=False)), device=f1.device)
         out[label] = (f1[pick], f2[pick])
         del f1, f2
-        trim_heap(collect=False)  # else each expert's freed features stay in glibc's heap (see trim_heap)
+        trim_heap()  # else each expert's freed features stay in glibc's heap (see trim_heap)
     return out
 
 
@@ -71,7 +71,7 @@ def _find_sources(moe_units: dict, dense: ModelWeights, dense_layers: list[int],
             rows = torch.cat([f1[:search_rows] for f1, _ in experts.values()])
             scores[m][k] = float((rows @ d1.T).max(dim=1).values.mean())
         del d1
-        trim_heap(collect=False)
+        trim_heap()
     return scores
 
 
@@ -102,7 +102,7 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
             total = moment if total is None else total + moment
             count += len(cos)
         del d1, d2
-        trim_heap(collect=False)
+        trim_heap()
         layers[m] = {"source_layer": source, "experts": experts,
                      "search_scores": dict(zip(dense_layers, np.round(search[m], 4).tolist()))}
     observed, null = float(np.trace(total)) / count, relabelled(total, split.perms) / count
