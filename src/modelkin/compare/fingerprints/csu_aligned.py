@@ -116,13 +116,11 @@ def check_pair(a: ModelWeights, b: ModelWeights) -> tuple[list[int], list[int]]:
 
 
 def _embedding(w: ModelWeights, rows: int) -> torch.Tensor | Callable[[np.ndarray], torch.Tensor]:
-    """The whole embedding where ``w.rows`` would use it for ``rows`` distinct rows (the memo holds it, or
-    at least half of it is wanted): the alignment then gathers the rows it needs a chunk at a time instead
-    of copying them all. Else a reader of given rows, called once (only those rows are read)."""
-    name = w.name(None, "embed")
-    if w.memo.peek(("tensor", name)) is not None or 2 * rows >= w.info(None, "embed").shape[0]:
-        return w.tensor(name)
-    return lambda ids: w.rows("embed", ids)
+    """The whole embedding where ``w.rows`` would read it for ``rows`` distinct rows (the alignment then
+    gathers the rows it needs a chunk at a time instead of copying them all); else a reader of given rows,
+    called once (only those rows are read)."""
+    whole = w.whole("embed", rows)
+    return whole if whole is not None else (lambda ids: w.rows("embed", ids))
 
 
 def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | None = None,

@@ -147,14 +147,22 @@ class ModelWeights:
         """
         name = self.name(None, role)
         index = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-        whole = self.memo.peek(("tensor", name))
-        if whole is None and 2 * int(index.unique().numel()) >= self.source.info(name).shape[0]:
-            whole = self.tensor(name)
+        whole = self.whole(role, int(index.unique().numel()))
         if whole is not None:
             return whole[index.to(whole.device)].to(self.device, dtype)
         digest = hashlib.blake2b(index.numpy().tobytes(), digest_size=16).hexdigest()
         found = self.memo.get(("rows", name, digest), lambda: self._read_rows(name, index))
         return found.to(self.device, dtype)
+
+    def whole(self, role: str, rows: int) -> torch.Tensor | None:
+        """The whole global tensor of ``role`` (as stored) where ``rows`` distinct rows of it are served from
+        it: the memo holds it, or at least half its rows are wanted. None where reading only those rows is
+        cheaper."""
+        name = self.name(None, role)
+        found = self.memo.peek(("tensor", name))
+        if found is None and 2 * rows >= self.source.info(name).shape[0]:
+            found = self.tensor(name)
+        return found
 
     def _read(self, name: str) -> torch.Tensor:
         before = self.source.bytes_read
