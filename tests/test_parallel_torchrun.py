@@ -77,7 +77,12 @@ def _check_logits(par: dict, ref: dict, mask: list[list[int]]) -> None:
     diff64 = (par["logits64"] - ref["logits64"]).abs()[keep].max().item()
     diff32 = (par["logits"] - ref["logits"]).abs()[keep].max().item()
     assert diff64 < 1e-5, diff64
-    assert diff32 <= max(ref["logits_fp32_vs_fp64"], 1e-5), (diff32, ref["logits_fp32_vs_fp64"])
+    # two float32 computations in different summation orders (K split over ranks) differ by at most about
+    # the sum of their errors; each rank's own error against its float64 run is of the single run's size
+    ref_err = max(ref["logits_fp32_vs_fp64"], 1e-5)
+    par_err = (par["logits"].double() - par["logits64"]).abs()[keep].max().item()
+    assert par_err <= 2 * ref_err, (par_err, ref_err)
+    assert diff32 <= 2 * ref_err, (diff32, ref_err)
     assert par["tokens"] == ref["tokens"]
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,3 +119,49 @@ def test_split_gemv_matches_linear(column_major, bias):
     plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert split.shape == plain.shape == (1, 1, 1536)
     assert (split - plain).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_batched_linear_matches_float64_reference(column_major, bias):
+    from modelkin.runtime import cpu_kernels
+    from modelkin.runtime.cpu_kernels import Linear, prefer_gemv_layout
+
+    gen = torch.Generator().manual_seed(1)
+    layer = Linear(576, 1536, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(1536, 576, generator=gen) * 0.05)
+        if bias:
+            layer.bias.copy_(torch.randn(1536, generator=gen))
+    if column_major:
+        prefer_gemv_layout(layer)
+    x = torch.randn(3, 8, 576, generator=gen)  # 24 rows, as compare's greedy batch
+    with torch.inference_mode():
+        y = layer(x)
+    ref = x.double() @ layer.weight.detach().double().T + (layer.bias.detach().double() if bias else 0.0)
+    assert y.dtype == torch.float32 and y.shape == (3, 8, 1536)
+    assert (y.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    if cpu_kernels._ONEDNN:  # the batch went through oneDNN, not the BLAS F.linear: its own rounding
+        assert torch.equal(y, torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], ""))
+
+
+def test_batched_linear_keeps_gradients_on_the_plain_path():
+    from modelkin.runtime.cpu_kernels import Linear
+
+    gen = torch.Generator().manual_seed(2)
+    layer = Linear(64, 32)
+    x = torch.randn(4, 64, generator=gen, requires_grad=True)
+    y = layer(x)
+    assert torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    y.square().sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None and layer.weight.grad.shape == (32, 64)
+
+
+def test_batched_linear_blas_override_runs_f_linear():
+    code = ("import torch; from modelkin.runtime import cpu_kernels as k; l = k.Linear(64, 96); "
+            "x = torch.randn(5, 64)\n"
+            "with torch.no_grad(): y = l(x)\n"
+            "assert not k._ONEDNN and torch.equal(y, torch.nn.functional.linear(x, l.weight, l.bias)); print('ok')")
+    env = {**os.environ, "MODELKIN_CPU_LINEAR": "blas"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -14,6 +14,7 @@ from torch import nn
 
 from modelkin.checkpoint.lazy import LazyTensor, StateDict, cat
 from modelkin.errors import UnsupportedArchitectureError
+from modelkin.runtime.cpu_kernels import onednn_linear
 from modelkin.runtime.layers import MLP, Attention
 from modelkin.runtime.moe import RouterPolicy, SparseMoeBlock, StackedExperts
 from modelkin.runtime.parallel.dist import Reduce
@@ -40,7 +41,7 @@ class RowParallelLinear(nn.Module):
         self.add_bias = add_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = onednn_linear(x, self.weight, None)  # the same CPU kernel as the unsplit Linear
         if self.reduce is not None:
             y = self.reduce(y)
         if self.bias is not None and self.add_bias:
