@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         if r["counters"]:
             s = r["counters"]["suspect"]
             print(f"{r['case']}: suspect loads {s['loads']}, checkpoint opens {s['checkpoint_opens']}, tensors read "
-                  f"{s['tensors_read']} ({s['bytes_read'] / 1e6:.0f} MB), outputs computed {s['outputs_computed']}"
+                  f"{s['tensors_read']} ({s['bytes_read'] / 1e6:.0f} MB), handed to its load "
+                  f"{s.get('tensors_handed', 0)}, outputs computed {s['outputs_computed']}"
                   f" / reused {s['outputs_reused']}")
     bound = {}
     if "smol" in [c.strip() for c in args.cases.split(",")]:

@@ -46,11 +46,19 @@ def detect_style(pieces: Sequence[str]) -> TokenStyle:
     return TokenStyle.BYTE_LEVEL if n_g >= n_spm else TokenStyle.SENTENCEPIECE
 
 
+@functools.cache
+def _byte_level_table() -> dict[int, int]:
+    """str.translate table: each byte-level character to the code point of its byte; every other character
+    up to U+00FF to U+0100, which no latin-1 encoding takes (characters above U+00FF fail it already)."""
+    table = {code: 0x100 for code in range(0x100)}
+    table.update({ord(c): b for c, b in _unicode_to_byte().items()})
+    return table
+
+
 def _byte_level(piece: str) -> bytes:
-    table = _unicode_to_byte()
-    try:
-        return bytes(table[c] for c in piece)
-    except KeyError:  # not a byte-level string: an added token, which vocabularies store as plain text
+    try:  # one C-level pass: the bytes of the characters, or an error at the first that is not one
+        return piece.translate(_byte_level_table()).encode("latin-1")
+    except UnicodeEncodeError:  # not a byte-level string: an added token, which vocabularies store as text
         return piece.encode("utf-8")
 
 
