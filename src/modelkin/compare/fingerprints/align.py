@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelkin.runtime.cpu_kernels import onednn_linear
 from modelkin.tokenizer.canonical import SharedTokens
 
 SIGNED_PERMUTATION = "signed_permutation"
@@ -60,7 +61,7 @@ def map_rows(x: torch.Tensor, kind: str, matrix: torch.Tensor) -> torch.Tensor:
         source = matrix.abs().argmax(dim=0)  # B's dimension feeding each of A's
         signs = matrix[source, columns]
         return x[:, source.to(x.device)] * signs.to(x.device, x.dtype)
-    return x @ matrix.to(x.dtype)
+    return onednn_linear(x, matrix.T.to(x.dtype).contiguous(), None)  # x @ matrix
 
 
 _CHUNK = 4096  # token rows per step of the streamed products: a few MB of temporaries, never a centred copy

@@ -23,6 +23,7 @@ from modelkin.compare import stats as sig
 from modelkin.compare.fingerprints.align import ResidualAlignment, fit_alignment
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.weights import ModelWeights, pick_layers, vocabulary
+from modelkin.runtime.cpu_kernels import onednn_linear
 from modelkin.tokenizer.canonical import shared_tokens
 
 NAME = "csu_aligned"
@@ -182,7 +183,7 @@ def _layer(fa: torch.Tensor, fb: torch.Tensor, rng: np.random.Generator, max_uni
 
     k = min(fa.shape[0], fb.shape[0], max_units)
     idx = np.sort(rng.choice(fa.shape[0], size=k, replace=False))
-    cos = (fa[torch.as_tensor(idx)] @ fb.T).cpu().double().numpy()
+    cos = onednn_linear(fa[torch.as_tensor(idx)], fb, None).cpu().double().numpy()  # fa[idx] @ fb.T
     _, matched = linear_sum_assignment(cos, maximize=True)
     rho = _spearman(matched)
     return {"rho": rho, "p": spearman_p(rho, k), "units": k,

@@ -20,6 +20,7 @@ import modelkin.compare.stats as sig
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.unitmatch import Split, cross_moment, relabelled, unit_features
 from modelkin.compare.fingerprints.weights import ModelWeights, pick_layers
+from modelkin.runtime.cpu_kernels import onednn_linear
 
 NAME = "permtest"
 NULL_KIND = "exact"  # see result.NULL_KINDS
@@ -68,7 +69,7 @@ def _layer(a: ModelWeights, b: ModelWeights, layer: int, split: Split, rng: np.r
     units = fa1.shape[0]
     idx = np.sort(rng.choice(units, size=min(units, max_units), replace=False))
     sel = torch.as_tensor(idx, device=fa1.device)
-    cos = (fa1[sel] @ fb1.T).cpu().double().numpy()
+    cos = onednn_linear(fa1[sel], fb1, None).cpu().double().numpy()  # fa1[sel] @ fb1.T
     _, matched = linear_sum_assignment(cos, maximize=True)
     rho = float(_spearman_identity(matched))
     # relabelling B's units by a uniform π makes the ranks of π[matched] a uniform permutation of 0..K-1
