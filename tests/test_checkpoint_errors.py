@@ -175,20 +175,3 @@ def test_flipped_bytes_only_raise_modelkin_errors(tmp_path, state):
                         assert isinstance(t, torch.Tensor)
             except ModelkinError as err:
                 _one_line(err)
-
-
-def test_given_tensors_are_returned_once_instead_of_read(tmp_path, state):
-    sd, config = state
-    write_safetensors_checkpoint(tmp_path / "m", sd, config)
-    name = "model.layers.0.mlp.up_proj.weight"
-    mine = torch.full_like(sd[name], 7.0)
-    with open_checkpoint(tmp_path / "m") as ckpt:
-        with pytest.raises(CheckpointError, match="has shape .* the checkpoint's is"):
-            ckpt.give({name: mine[:1]})
-        with pytest.raises(CheckpointError, match="no tensor named"):
-            ckpt.give({"model.nope.weight": mine})
-        ckpt.give({name: mine})
-        assert ckpt.get_tensor(name) is mine and (ckpt.bytes_read, ckpt.tensors_read) == (0, 0)
-        assert torch.equal(ckpt.get_tensor(name), sd[name]) and ckpt.tensors_read == 1  # read from the file
-        ckpt.give({name: mine})
-    assert not ckpt._given  # closing forgets what was given

@@ -165,3 +165,18 @@ def test_batched_linear_blas_override_runs_f_linear():
     env = {**os.environ, "MODELKIN_CPU_LINEAR": "blas"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_batched_linear_falls_back_to_f_linear_where_onednn_refuses(monkeypatch):
+    from modelkin.runtime import cpu_kernels
+
+    def refuse(*args):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(cpu_kernels, "_ONEDNN", True)
+    monkeypatch.setattr(cpu_kernels, "_onednn_op", refuse)
+    layer = cpu_kernels.Linear(64, 96)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias)) and not cpu_kernels._ONEDNN

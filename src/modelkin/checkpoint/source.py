@@ -95,7 +95,6 @@ class TensorSource(ABC):
         self.closed = False
         # exposed name -> original format name, for tensors no canonical mapping was known for
         self.unmapped: dict[str, str] = {}
-        self._given: dict[str, torch.Tensor] = {}  # see give()
 
     @abstractmethod
     def keys(self) -> list[str]:
@@ -144,28 +143,10 @@ class TensorSource(ABC):
         meta = self.info(name)
         if self.closed:
             raise CheckpointError(f"cannot read {name!r}: {self.path} was closed")
-        given = self._given.pop(name, None)
-        if given is not None:  # read before, through another open of this file: not read again
-            return given if device is None else given.to(device)
         tensor = self._read(name)
         self.bytes_read += meta.nbytes
         self.tensors_read += 1
         return tensor if device is None else tensor.to(device)
-
-    def give(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Tensors of this checkpoint already read as ``get_tensor`` returns them (compare's fingerprints
-        hand over a GGUF's dequantised tensors to the model load): the next ``get_tensor`` of each name
-        returns it once instead of reading it, and neither ``bytes_read`` nor ``tensors_read`` counts it.
-
-        Raises:
-            CheckpointError: a name this checkpoint does not have, or a shape that differs from its own.
-        """
-        for name, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(self.info(name).shape):
-                raise CheckpointError(f"{self.path}: a tensor handed over for {name!r} has shape "
-                                      f"{tuple(tensor.shape)}, the checkpoint's is {tuple(self.info(name).shape)}",
-                                      hint="hand over tensors read from this checkpoint only")
-        self._given.update(tensors)
 
     def get_slice(
         self, name: str, dim: int, start: int, stop: int, device: torch.device | str | None = None
@@ -242,7 +223,6 @@ class TensorSource(ABC):
     def close(self) -> None:
         """Release open files and memory maps; names and infos stay available, data does not."""
         self.closed = True
-        self._given.clear()
         self._release()
 
     def _release(self) -> None:

@@ -142,19 +142,15 @@ def _model_info(path: str | os.PathLike[str], outputs: ModelOutputs | None) -> d
 
 def _cached_outputs(path: Any, prompts: list[Prompt], settings: BehaviourSettings, *, seed: int,
                     device: str, dtype: str, allow_fallback: bool | None, cache: OutputCache | None,
-                    tick: Callable[[str], None], tensors: dict[str, Any] | None = None
-                    ) -> tuple[ModelOutputs, bool]:
-    """The model's outputs and whether they were computed here (False: served from ``cache``); ``tensors``
-    as for collect_outputs (emptied either way)."""
+                    tick: Callable[[str], None]) -> tuple[ModelOutputs, bool]:
+    """The model's outputs and whether they were computed here (False: served from ``cache``)."""
     digest = hashlib.sha256("\x00".join(p.prompt for p in prompts).encode()).hexdigest()
     key = (model_identity(path), settings.collect_key(), digest, seed, device, dtype)
     hit = cache.get(key) if cache is not None else None
     if hit is not None:
-        if tensors:
-            tensors.clear()
         return hit, False
     out = collect_outputs(path, prompts, settings, device=device, dtype=dtype, allow_fallback=allow_fallback,
-                          seed=seed, tick=lambda m: tick(f"{_name(path)}: {m}"), tensors=tensors)
+                          seed=seed, tick=lambda m: tick(f"{_name(path)}: {m}"))
     trim_heap()  # the model is gone (collect_outputs collected its cycles)
     if cache is not None:
         cache.put(key, out)
@@ -246,11 +242,10 @@ class PairRun:
     cache: OutputCache | None
     background: Any = None
 
-    def outputs(self, path: Any, *, side: str, tick: Callable[[str], None],
-                tensors: dict[str, Any] | None = None) -> tuple[ModelOutputs, bool]:
+    def outputs(self, path: Any, *, side: str, tick: Callable[[str], None]) -> tuple[ModelOutputs, bool]:
         seed = self.settings.seed + (0 if side == "a" else 1)
         return _cached_outputs(path, self.chosen, self.settings, seed=seed, device=self.device, dtype=self.dtype,
-                               allow_fallback=self.allow_fallback, cache=self.cache, tick=tick, tensors=tensors)
+                               allow_fallback=self.allow_fallback, cache=self.cache, tick=tick)
 
     def fingerprint(self, a: Any, b: Any, *, tick: Callable[[str], None]
                     ) -> tuple[FingerprintReport | None, str | None, float]:

@@ -94,14 +94,11 @@ def compare_many(
     with progress(show_progress) as tick:
         # weights first, the suspect's ModelWeights (and its memo) open across pairs and closed before any
         # model runs, so that one model is resident at a time
-        # the suspect's tensors read in memory of their own (a GGUF's, dequantised) go on to its model load
-        handed: dict[str, Any] = {}
         try:
-            prints = _fingerprint_all(run, held, named, ours, theirs, tick, handed if behaviour else None) \
-                if fingerprints else {}
+            prints = _fingerprint_all(run, held, named, ours, theirs, tick) if fingerprints else {}
         finally:
             held.close()
-        # the rest of the suspect's memo went with _fingerprint_all's frame: hand its pages back before any load
+        # the suspect's memo went with _fingerprint_all's frame: hand its pages back before any load
         trim_heap()
         out_a = None
         for i, (name, path) in enumerate(named.items(), 1):
@@ -110,13 +107,8 @@ def compare_many(
             t = time.perf_counter()
             try:
                 if behaviour and out_a is None:  # the suspect runs once, at the first pair that needs it
-                    offered = len(handed)
-                    try:
-                        out_a, computed = run.outputs(suspect, side="a", tick=step, tensors=handed)
-                    finally:
-                        handed.clear()  # taken by the load, or not needed: never held beside a candidate
+                    out_a, computed = run.outputs(suspect, side="a", tick=step)
                     _count_outputs(ours, computed)
-                    ours["tensors_handed"] = offered if computed else 0
                 if behaviour:
                     ours["outputs_reused"] += i > 1
                 report = run.pair(suspect, path, tick=step, out_a=out_a, fingerprinted=prints.get(name),
@@ -173,11 +165,9 @@ def models_in(directory: str | os.PathLike[str]) -> list[Path]:
 
 
 def _fingerprint_all(run: PairRun, suspect: Any, named: Mapping[str, Any], ours: dict[str, Any],
-                     theirs: dict[str, dict[str, Any]], tick: Callable[[str], None],
-                     handed: dict[str, Any] | None = None) -> dict[str, tuple[Any, str | None, float]]:
-    """Every pair's weight fingerprints, the suspect's checkpoint opened once (its memo serves every pair).
-    With ``handed`` on a CPU, the whole tensors the suspect's memo holds in memory of its own go there at
-    the end (``ModelWeights.hand_over``)."""
+                     theirs: dict[str, dict[str, Any]], tick: Callable[[str], None]
+                     ) -> dict[str, tuple[Any, str | None, float]]:
+    """Every pair's weight fingerprints, the suspect's checkpoint opened once (its memo serves every pair)."""
     device = get_backend(run.device, allow_fallback=run.allow_fallback).device
     prints = {}
     with open_weights(suspect, device) as weights_a:
@@ -193,8 +183,6 @@ def _fingerprint_all(run: PairRun, suspect: Any, named: Mapping[str, Any], ours:
                 prints[name] = (None, str(err), 0.0)
             _count_reads(ours, weights_a)
             trim_heap()
-        if handed is not None and device.type == "cpu":
-            handed.update(weights_a.hand_over())
     return prints
 
 

@@ -55,6 +55,7 @@ def onednn_linear(x: torch.Tensor, w_OI: torch.Tensor, bias: torch.Tensor | None
     through oneDNN; other dtypes, gradients and builds without oneDNN take ``F.linear``;
     ``MODELKIN_CPU_LINEAR=blas`` forces it.
     """
+    global _ONEDNN
     if (
         not _ONEDNN
         or x.device.type != "cpu"
@@ -63,7 +64,15 @@ def onednn_linear(x: torch.Tensor, w_OI: torch.Tensor, bias: torch.Tensor | None
         or (torch.is_grad_enabled() and (x.requires_grad or w_OI.requires_grad))
     ):
         return F.linear(x, w_OI, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, w_OI, bias, "none", [], "")
+    try:
+        return _onednn_op(x, w_OI, bias, "none", [], "")
+    except RuntimeError:  # a build whose oneDNN refuses this CPU or shape: the BLAS path from now on
+        _ONEDNN = False
+        return F.linear(x, w_OI, bias)
+
+
+def _onednn_op(*args: object) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(*args)
 
 
 def split_gemv(x: torch.Tensor, w_OI: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:

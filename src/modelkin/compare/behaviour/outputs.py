@@ -91,26 +91,15 @@ def vocab_hash(pieces: Sequence[str]) -> str:
 
 def collect_outputs(path: str | os.PathLike[str], prompts: Sequence[Prompt], settings: BehaviourSettings, *,
                     device: str = "auto", dtype: str = "auto", allow_fallback: bool | None = None,
-                    seed: int, tick: Tick | None = None, tensors: dict[str, Any] | None = None) -> ModelOutputs:
-    """Load the model at ``path``, run it over ``prompts``, free it, and return its outputs.
-
-    ``tensors``: tensors of that checkpoint already read (``ModelWeights.hand_over``), which the load takes
-    instead of reading them again (the dict is emptied).
-    """
-    from modelkin.backends import get_backend
-    from modelkin.checkpoint import open_checkpoint
-    from modelkin.runtime.api import load_source
+                    seed: int, tick: Tick | None = None) -> ModelOutputs:
+    """Load the model at ``path``, run it over ``prompts``, free it, and return its outputs."""
+    import modelkin
 
     tick = tick or (lambda _msg: None)
     t0 = time.perf_counter()
     tick(f"loading {Path(path).name}")
-    backend = get_backend(device, allow_fallback=allow_fallback)
-    with open_checkpoint(path) as source:
-        if tensors:
-            source.give(tensors)
-            tensors.clear()  # the source holds them now, until the load takes each one
-        # batched prefill and decode only: row-major weights (see load's gemv_layout; same outputs, no copy)
-        model = load_source(source, path, backend=backend, dtype=backend.resolve_dtype(dtype), gemv_layout=False)
+    # batched prefill and decode only: row-major weights (see load's gemv_layout; same outputs, no copy)
+    model = modelkin.load(path, device=device, dtype=dtype, allow_fallback=allow_fallback, gemv_layout=False)
     trim_heap()  # loading (GGUF dequantisation, conversions) leaves ~0.1 GB freed in the heap
     timings = {"load_s": time.perf_counter() - t0}
     try:

@@ -116,14 +116,6 @@ class Memo:
             for key in [k for k in items if isinstance(k, tuple) and k and k[0] in kinds]:
                 self._held[mapped] -= items.pop(key)[1]
 
-    def take(self, kind: str) -> dict[Hashable, Any]:
-        """Remove and return the entries in memory of their own whose key is a tuple starting with ``kind``
-        (views of mapped pages stay: they live only as long as the file's map)."""
-        items = self._items[False]
-        taken = {key: items.pop(key)[0] for key in [k for k in items if isinstance(k, tuple) and k and k[0] == kind]}
-        self._held[False] = sum(size for _, size in items.values())
-        return taken
-
     def clear(self) -> None:
         for items in self._items.values():
             items.clear()

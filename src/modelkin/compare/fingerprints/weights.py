@@ -121,12 +121,6 @@ class ModelWeights:
         what a model kept open across comparisons should hold while another model runs."""
         self.memo.drop("tensor", "rows")
 
-    def hand_over(self) -> dict[str, torch.Tensor]:
-        """The memoised whole tensors held in memory of their own (a GGUF's dequantised tensors; mapped
-        views stay), by checkpoint name, removed from the memo: for the model load that follows
-        (``TensorSource.give``), so they are not read and dequantised a second time."""
-        return {key[1]: t for key, t in self.memo.take("tensor").items()}
-
     def derived(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """A value computed from this model's weights alone, memoised under ``key`` (a tuple naming it)."""
         return self.memo.get(("derived", *(key if isinstance(key, tuple) else (key,))), make)

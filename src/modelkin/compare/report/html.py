@@ -199,12 +199,10 @@ def _counters_table(counters: Mapping[str, Any] | None) -> str:
     if not counters or "suspect" not in counters:
         return ""
     models = [("suspect", counters["suspect"])] + list((counters.get("candidates") or {}).items())
-    keys = ("loads", "checkpoint_opens", "tensors_read", "bytes_read", "tensors_handed", "outputs_computed",
-            "outputs_reused")
+    keys = ("loads", "checkpoint_opens", "tensors_read", "bytes_read", "outputs_computed", "outputs_reused")
     rows = [[_td(name), _td(c.get("path"))] + [_td(c.get(k), True) for k in keys] for name, c in models]
-    header = ["model", "path", "loads", "checkpoint opens", "tensors read", "bytes read", "tensors handed",
-              "outputs computed", "outputs reused"]
+    header = ["model", "path", "loads", "checkpoint opens", "tensors read", "bytes read", "outputs computed",
+              "outputs reused"]
     return ("<h2>What each model cost</h2><p class='muted'>loads: runs of the model for behaviour; tensors and "
-            "bytes read: by the weight fingerprints; tensors handed: read by the fingerprints (a GGUF's, "
-            "dequantised) and taken by the load instead of reading them again; outputs reused: pairs served from "
-            f"the suspect's outputs computed once.</p>{_table(header, rows)}")
+            "bytes read: by the weight fingerprints; outputs reused: pairs served from the suspect's outputs "
+            f"computed once.</p>{_table(header, rows)}")

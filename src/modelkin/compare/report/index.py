@@ -16,8 +16,7 @@ from modelkin.errors import InputError
 from modelkin.utils import atomic_write_text, to_json_text
 
 SCHEMA = "modelkin-compare-index/1"
-COUNTERS = ("loads", "checkpoint_opens", "tensors_read", "bytes_read", "tensors_handed", "outputs_computed",
-            "outputs_reused")
+COUNTERS = ("loads", "checkpoint_opens", "tensors_read", "bytes_read", "outputs_computed", "outputs_reused")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -28,9 +27,7 @@ class ComparisonSet:
         reports: candidate name -> ComparisonReport (the suspect is side A of each).
         failures: candidate name -> one-line error of a pair that could not be compared.
         counters: {"suspect": {...}, "candidates": {name: {...}}}: loads, checkpoint_opens,
-            tensors_read and bytes_read (weight fingerprints), tensors_handed (the suspect's tensors the
-            fingerprints had read in memory of their own, a GGUF's dequantised ones, taken by its model load
-            instead of reading them again), outputs_computed and outputs_reused.
+            tensors_read and bytes_read (weight fingerprints), outputs_computed and outputs_reused.
     """
 
     suspect: str
