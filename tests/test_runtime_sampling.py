@@ -161,7 +161,8 @@ def test_batched_linear_blas_override_runs_f_linear():
     code = ("import torch; from modelkin.runtime import cpu_kernels as k; l = k.Linear(64, 96); "
             "x = torch.randn(5, 64)\n"
             "with torch.no_grad(): y = l(x)\n"
-            "assert not k._ONEDNN and torch.equal(y, torch.nn.functional.linear(x, l.weight, l.bias)); print('ok')")
+            "assert not k._ONEDNN and torch.equal(y, torch.nn.functional.linear(x, l.weight, l.bias))\n"
+            "print('ok')")
     env = {**os.environ, "MODELKIN_CPU_LINEAR": "blas"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
@@ -180,3 +181,38 @@ def test_batched_linear_falls_back_to_f_linear_where_onednn_refuses(monkeypatch)
     with torch.no_grad():
         y = layer(x)
     assert torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias)) and not cpu_kernels._ONEDNN
+
+
+def test_prefill_batches_minimise_padded_tokens_plus_batch_cost():
+    import itertools
+    import random
+
+    from modelkin.runtime.continuations import BATCH_COST_TOKENS, prefill_batches
+
+    lengths = [5, 8, 8, 9, 10, 11, 12, 14, 15, 15, 17, 17, 18, 18, 18, 20, 21, 21, 22, 25, 33, 40, 40, 43]
+    runs = prefill_batches(lengths, 341)  # SmolLM2's default prompts under compare's logits budget
+    assert [[lengths[i] for i in r] for r in runs] == [
+        [5, 8, 8, 9, 10, 11, 12], [14, 15, 15, 17, 17, 18, 18, 18], [20, 21, 21, 22, 25], [33, 40, 40, 43]]
+    assert sum(len(r) * lengths[r[-1]] for r in runs) == 525  # greedy filling pads to 643
+    assert prefill_batches([3, 500], 100, order=[7, 2]) == [[7], [2]]  # a prompt over the budget runs alone
+
+    def cost(parts):
+        return sum(len(p) * p[-1] + BATCH_COST_TOKENS for p in parts)
+
+    rng = random.Random(0)
+    for _ in range(40):  # against every split of the sorted lengths into consecutive runs
+        ls = sorted(rng.randint(1, 60) for _ in range(rng.randint(1, 8)))
+        budget = rng.randint(30, 200)
+        feasible = []
+        for cuts in itertools.product([False, True], repeat=len(ls) - 1):
+            parts, start = [], 0
+            for k, c in enumerate(cuts, 1):
+                if c:
+                    parts.append(ls[start:k])
+                    start = k
+            parts.append(ls[start:])
+            if all(len(p) == 1 or len(p) * p[-1] <= budget for p in parts):
+                feasible.append(cost(parts))
+        got = prefill_batches(ls, budget)
+        assert [i for r in got for i in r] == list(range(len(ls)))
+        assert cost([[ls[i] for i in r] for r in got]) == min(feasible)

@@ -65,8 +65,7 @@ def prefill_decode(
     by_prompt: dict[int, int] = {}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     with torch.inference_mode():
-        width = lambda batch: len(batch) * max(len(prompts[i]) for i in batch) * vocab  # noqa: E731
-        for batch in _packs(order, width, logits_budget):
+        for batch in prefill_batches([len(prompts[i]) for i in order], max(1, logits_budget // vocab), order):
             ids_BL, mask_BL = left_pad([prompts[i] for i in batch], pad_id)
             cache = make_kv_cache(model, batch_size=len(batch), max_len=ids_BL.shape[1])
             mask = None if bool(mask_BL.all()) else mask_BL.to(device)
@@ -228,6 +227,35 @@ def module_cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
                 if param.numel() >= 1 << 20:  # hand the old tensor's pages back now, not after the last one
                     trim_heap()
     return module
+
+
+BATCH_COST_TOKENS = 16  # a prefill batch's fixed cost (a pass over every layer's weights), in padded tokens
+
+
+def prefill_batches(lengths: Sequence[int], max_tokens: int,
+                    order: Sequence[int] | None = None) -> list[list[int]]:
+    """Consecutive runs of prompts sorted by length (``lengths`` ascending; ``order`` their indices), each of
+    at most ``max_tokens`` padded tokens (rows x longest; one prompt may exceed it alone), that minimise the
+    padded tokens plus ``BATCH_COST_TOKENS`` per batch: fewer padding positions run through the model than
+    when each batch is filled greedily (SmolLM2's 24 default prompts, 460 tokens: 643 padded in 3 batches
+    -> 525 in 4)."""
+    order = list(range(len(lengths))) if order is None else list(order)
+    n = len(lengths)
+    best, cut = [0] * (n + 1), [0] * (n + 1)  # cost of the first i prompts; where their last run starts
+    for i in range(1, n + 1):
+        best[i] = -1
+        for j in range(i - 1, -1, -1):
+            padded = (i - j) * lengths[i - 1]
+            if padded > max_tokens and i - j > 1:
+                break
+            cost = best[j] + padded + BATCH_COST_TOKENS
+            if best[i] < 0 or cost < best[i]:
+                best[i], cut[i] = cost, j
+    runs, i = [], n
+    while i > 0:
+        runs.append(order[cut[i]:i])
+        i = cut[i]
+    return runs[::-1]
 
 
 def _packs(order: Sequence[int], cost: Callable[[list[int]], int], budget: int) -> Iterator[list[int]]:

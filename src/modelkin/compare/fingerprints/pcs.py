@@ -36,27 +36,43 @@ _ROWS_PER_STEP = 1 << 22  # elements of a tensor's product held at once (16 MB i
 
 
 def _tensor_terms(ta: torch.Tensor, tb: torch.Tensor, role: str | None,
-                  hidden: int) -> tuple[float, float, float, torch.Tensor | None]:
+                  hidden: int, na: float | None = None) -> tuple[float, float, float, torch.Tensor | None]:
     """(<a, b>, ‖a‖², ‖b‖², residual contributions g or None) of one tensor pair, over blocks of rows so a
     large tensor (an embedding) never needs a full-size product in memory. float32 sums are cascaded
-    (pairwise) in torch within a block: relative error ~1e-7, ample for a cosine."""
+    (pairwise) in torch within a block: relative error ~1e-7, ample for a cosine. ``na``: ‖a‖² as
+    ``squared_norm`` gave it before (a suspect compared with several candidates), not summed again."""
     if ta.dim() != 2:
         product = ta * tb
-        return float(product.sum()), float(ta.square().sum()), float(tb.square().sum()), None
-    step = max(1, _ROWS_PER_STEP // max(1, ta.shape[1]))
+        return float(product.sum()), squared_norm(ta) if na is None else na, squared_norm(tb), None
+    step = _step(ta)
     reads_cols = role in _COLS and ta.shape[1] == hidden  # residual axis 1: g sums over rows
     reads_rows = role in _ROWS and ta.shape[0] == hidden  # residual axis 0: g is each row's sum
-    d = na = nb = 0.0
+    d = 0.0
     cols, rows = None, []
     for start in range(0, ta.shape[0], step):
-        pa, pb = ta[start:start + step], tb[start:start + step]
-        product = pa * pb
-        d, na, nb = d + float(product.sum()), na + float(pa.square().sum()), nb + float(pb.square().sum())
+        product = ta[start:start + step] * tb[start:start + step]
+        d += float(product.sum())
         if reads_cols:
             cols = product.sum(0) if cols is None else cols + product.sum(0)
         elif reads_rows:
             rows.append(product.sum(1))
-    return d, na, nb, cols if reads_cols else (torch.cat(rows) if reads_rows else None)
+    na = squared_norm(ta) if na is None else na
+    return d, na, squared_norm(tb), cols if reads_cols else (torch.cat(rows) if reads_rows else None)
+
+
+def _step(t: torch.Tensor) -> int:
+    return max(1, _ROWS_PER_STEP // max(1, t.shape[1]))
+
+
+def squared_norm(t: torch.Tensor) -> float:
+    """‖t‖² summed in float32 blocks of ``_ROWS_PER_STEP`` elements (rows for a matrix), block sums added
+    in float64: the same value whichever model it is paired with, so it is memoised per model."""
+    if t.dim() != 2:
+        return float(t.square().sum())
+    step, total = _step(t), 0.0
+    for start in range(0, t.shape[0], step):
+        total += float(t[start:start + step].square().sum())
+    return total
 
 
 def shared_tensors(a: ModelWeights, b: ModelWeights) -> tuple[list[str], list[str]]:
@@ -96,7 +112,8 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_flips: int = 9999,
     for name in same:
         ta, tb = a.tensor(name, torch.float32).to(dev), b.tensor(name, torch.float32).to(dev)
         key = parse_name(name)
-        d, na, nb, part = _tensor_terms(ta, tb, key[1] if key else None, hidden)
+        na = a.derived(("pcs_squared_norm", name), lambda ta=ta: squared_norm(ta))
+        d, na, nb, part = _tensor_terms(ta, tb, key[1] if key else None, hidden, na)
         dot, norm_a, norm_b = dot + d, norm_a + na, norm_b + nb
         per_tensor.append((name, ta.numel(), d / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0))
         if part is not None:
