@@ -9,6 +9,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -241,16 +242,15 @@ def prefill_batches(lengths: Sequence[int], max_tokens: int,
     -> 525 in 4)."""
     order = list(range(len(lengths))) if order is None else list(order)
     n = len(lengths)
-    best, cut = [0] * (n + 1), [0] * (n + 1)  # cost of the first i prompts; where their last run starts
+    best = [0.0] + [math.inf] * n  # cost of the first i prompts
+    cut = [0] * (n + 1)  # where their last run starts
     for i in range(1, n + 1):
-        best[i] = -1
-        for j in range(i - 1, -1, -1):
+        for j in range(i - 1, -1, -1):  # the last run is prompts j..i-1, longest lengths[i - 1]
             padded = (i - j) * lengths[i - 1]
             if padded > max_tokens and i - j > 1:
                 break
-            cost = best[j] + padded + BATCH_COST_TOKENS
-            if best[i] < 0 or cost < best[i]:
-                best[i], cut[i] = cost, j
+            if best[j] + padded + BATCH_COST_TOKENS < best[i]:
+                best[i], cut[i] = best[j] + padded + BATCH_COST_TOKENS, j
     runs, i = [], n
     while i > 0:
         runs.append(order[cut[i]:i])

@@ -36,14 +36,12 @@ _ROWS_PER_STEP = 1 << 22  # elements of a tensor's product held at once (16 MB i
 
 
 def _tensor_terms(ta: torch.Tensor, tb: torch.Tensor, role: str | None,
-                  hidden: int, na: float | None = None) -> tuple[float, float, float, torch.Tensor | None]:
-    """(<a, b>, ‖a‖², ‖b‖², residual contributions g or None) of one tensor pair, over blocks of rows so a
-    large tensor (an embedding) never needs a full-size product in memory. float32 sums are cascaded
-    (pairwise) in torch within a block: relative error ~1e-7, ample for a cosine. ``na``: ‖a‖² as
-    ``squared_norm`` gave it before (a suspect compared with several candidates), not summed again."""
+                  hidden: int) -> tuple[float, torch.Tensor | None]:
+    """(<a, b>, residual contributions g or None) of one tensor pair, over blocks of rows so a large tensor
+    (an embedding) never needs a full-size product in memory. float32 sums are cascaded (pairwise) in torch
+    within a block: relative error ~1e-7, ample for a cosine. The squared norms: ``squared_norm``."""
     if ta.dim() != 2:
-        product = ta * tb
-        return float(product.sum()), squared_norm(ta) if na is None else na, squared_norm(tb), None
+        return float((ta * tb).sum()), None
     step = _step(ta)
     reads_cols = role in _COLS and ta.shape[1] == hidden  # residual axis 1: g sums over rows
     reads_rows = role in _ROWS and ta.shape[0] == hidden  # residual axis 0: g is each row's sum
@@ -56,8 +54,7 @@ def _tensor_terms(ta: torch.Tensor, tb: torch.Tensor, role: str | None,
             cols = product.sum(0) if cols is None else cols + product.sum(0)
         elif reads_rows:
             rows.append(product.sum(1))
-    na = squared_norm(ta) if na is None else na
-    return d, na, squared_norm(tb), cols if reads_cols else (torch.cat(rows) if reads_rows else None)
+    return d, cols if reads_cols else (torch.cat(rows) if reads_rows else None)
 
 
 def _step(t: torch.Tensor) -> int:
@@ -112,8 +109,10 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_flips: int = 9999,
     for name in same:
         ta, tb = a.tensor(name, torch.float32).to(dev), b.tensor(name, torch.float32).to(dev)
         key = parse_name(name)
+        # A's norms are the same for every B: kept per model (compare_many's suspect sums them once)
         na = a.derived(("pcs_squared_norm", name), lambda ta=ta: squared_norm(ta))
-        d, na, nb, part = _tensor_terms(ta, tb, key[1] if key else None, hidden, na)
+        nb = squared_norm(tb)
+        d, part = _tensor_terms(ta, tb, key[1] if key else None, hidden)
         dot, norm_a, norm_b = dot + d, norm_a + na, norm_b + nb
         per_tensor.append((name, ta.numel(), d / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0))
         if part is not None:
