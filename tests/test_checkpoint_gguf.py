@@ -11,7 +11,7 @@ import torch
 
 from modelkin.checkpoint import open_checkpoint
 from modelkin.checkpoint.gguf_names import TOP_NAMES, block_names, gguf_to_hf, hf_to_gguf
-from modelkin.checkpoint.gguf_reader import permute_rows, unpermute_rows
+from modelkin.checkpoint.gguf_reader import dequantize_blocks, permute_rows, unpermute_rows
 from modelkin.errors import CheckpointError
 from tests.ckpt_factory import (
     gguf_kv_from_config,
@@ -223,6 +223,42 @@ def test_quant_types_dequantise_like_gguf(tmp_path, qtype):
         else:
             expected = gguf.quants.dequantize(raw.data, raw.tensor_type)
             assert got.dtype == torch.float32 and torch.equal(got, torch.from_numpy(expected))
+
+
+def _bits(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32).reshape(-1).view(np.uint32)
+
+
+def test_smollm2_blocks_dequantise_bit_for_bit_like_gguf(smollm2_gguf):
+    """The reader's torch dequantisation of SmolLM2's real Q4_1 and Q8_0 tensors equals gguf.quants' numpy
+    one bit for bit (a Q8_0 embedding and one Q4_1 tensor of each kind in a layer)."""
+    kinds = {}
+    for t in gguf.GGUFReader(smollm2_gguf).tensors:
+        if t.tensor_type.name in ("Q4_1", "Q8_0") and (t.name.startswith("blk.3.") or "blk" not in t.name):
+            kinds[t.name] = t
+    assert {t.tensor_type.name for t in kinds.values()} == {"Q4_1", "Q8_0"} and len(kinds) >= 5
+    for name, t in kinds.items():
+        expected = gguf.quants.dequantize(t.data, t.tensor_type)
+        got = dequantize_blocks(torch.from_numpy(np.array(t.data)), t.tensor_type.name)
+        assert np.array_equal(_bits(got.numpy()), _bits(expected)), name
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_block_dequantisation_keeps_special_scales_like_gguf(qtype):
+    """Scales of -0, subnormal, inf and NaN and every quant value give gguf.quants' results (NaN as NaN)."""
+    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[qtype]
+    rng = np.random.default_rng(1)
+    blocks = rng.integers(0, 256, size=(6, size), dtype=np.uint8)
+    specials = np.array([-0.0, 6e-8, np.inf, -np.inf, np.nan, 1.5], dtype=np.float16)
+    blocks[:, :2] = specials.view(np.uint8).reshape(6, 2)
+    if qtype == "Q4_1":
+        blocks[:, 2:4] = specials[::-1].copy().view(np.uint8).reshape(6, 2)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 and inf - inf, as intended
+        expected = gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, qtype)).reshape(-1)
+    got = dequantize_blocks(torch.from_numpy(blocks), qtype).numpy()
+    assert got.shape == expected.shape
+    nan = np.isnan(expected)
+    assert np.array_equal(np.isnan(got), nan) and np.array_equal(_bits(got)[~nan], _bits(expected)[~nan])
 
 
 def test_unknown_names_are_kept_and_reported(tmp_path):

@@ -26,6 +26,9 @@ PERMUTED_ARCHS = frozenset({"llama"})
 # llama.cpp stores Gemma's RMSNorm weights as (1 + w); HF checkpoints (and modelkin) hold w.
 NORM_PLUS_ONE_ARCHS = frozenset({"gemma2", "gemma3"})
 _PLAIN_NUMPY = {"F64", "F32", "F16", "I64", "I32", "I16", "I8"}
+# block formats dequantised here with torch (bit-identical to gguf.quants, 3x faster on SmolLM2's Q4_1 and
+# Q8_0 tensors, multi-threaded); every other quantisation goes through gguf.quants.dequantize
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,8 +221,28 @@ def _convert(data: Any, entry: _Entry, shape: tuple[int, ...], *, fresh: bool = 
     elif dtype == "BF16":
         bits = (data if fresh else np.array(data)).view(np.uint16)
         return torch.from_numpy(bits).view(torch.bfloat16).reshape(shape)
+    elif dtype in _BLOCK_BYTES:
+        return dequantize_blocks(torch.from_numpy(data if fresh else np.array(data)), dtype).reshape(shape)
     else:
         array = dequantize(data, entry.tensor.tensor_type)
     out = torch.from_numpy(np.ascontiguousarray(array)).reshape(shape)
     expected = TORCH_DTYPES.get(dtype, torch.float32)
     return out if out.dtype == expected else out.to(expected)
+
+
+def dequantize_blocks(raw: torch.Tensor, dtype: str) -> torch.Tensor:
+    """float32 values of GGUF Q4_0, Q4_1 or Q8_0 blocks (uint8, any shape holding whole blocks), flat.
+
+    The same operations in the same order as gguf.quants (scale d and minimum m are float16; Q4 values
+    are the low nibbles of a block's 16 bytes, then the high ones): d * q (+ m), each rounded to float32.
+    """
+    blocks = raw.reshape(-1, _BLOCK_BYTES[dtype])
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    if dtype == "Q8_0":
+        return blocks[:, 2:].contiguous().view(torch.int8).float().mul_(d).reshape(-1)
+    quants = blocks[:, 2 if dtype == "Q4_0" else 4:]
+    nibbles = torch.cat((quants & 0x0F, quants >> 4), dim=1)
+    if dtype == "Q4_0":
+        return nibbles.to(torch.int8).sub_(8).float().mul_(d).reshape(-1)
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    return nibbles.float().mul_(d).add_(m).reshape(-1)
