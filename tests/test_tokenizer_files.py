@@ -163,6 +163,7 @@ def test_pangu_chat_format_and_special_ids(tiny, tmp_path):
     assert ids[:2] == [1, tok.token_to_id("[unused9]")] and ids == _slow_pangu(folder).encode(prompt)
     assert tok.bos_token_id == 1 and tok.pad_token_id == 0
     assert tok.eos_token_ids == {5, 2} and tok.id_to_token(5) == "[unused10]"
+    assert tok.pieces() == [tok.id_to_token(i) or "" for i in range(tok.vocab_size)]
     assert {0, 1, 2, 3, 4, 5} <= tok.special_ids
     assert tok.encode_chat(messages) == ids  # BOS from the tokenizer, once
     assert tok.decode(ids, skip_special_tokens=True) == "系统：你是一个助手。用户：你好助手："

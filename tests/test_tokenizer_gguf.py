@@ -104,6 +104,9 @@ def test_smollm2_special_tokens(smol, smollm2_hf_tokenizer):
     assert smol.encode("<|im_start|>") == [1]
     assert smol.id_to_token(1) == "<|im_start|>"
     assert smol.id_to_token(504) == smollm2_hf_tokenizer.convert_ids_to_tokens(504)
+    pieces = smol.pieces()
+    assert len(pieces) == 49152 and pieces[1] == "<|im_start|>"
+    assert pieces == smollm2_hf_tokenizer.convert_ids_to_tokens(list(range(49152)))
     ids = smol.encode("<|im_start|>user\nHi<|im_end|>")
     assert smol.decode(ids, skip_special_tokens=True) == smollm2_hf_tokenizer.decode(
         ids, skip_special_tokens=True

@@ -97,6 +97,17 @@ class Tokenizer:
         """The vocabulary entry of id ``i`` as the tokenizer spells it (e.g. 'Ġthe', '▁the', '<0x0A>')."""
         return self._backend.id_to_token(self._check_ids([i])[0])
 
+    def pieces(self) -> list[str]:
+        """Every vocabulary entry by id (``id_to_token`` of 0 .. vocab_size - 1; "" for an id the backend
+        cannot name, e.g. a hole in the vocabulary)."""
+        backend, out = self._backend, []
+        for i in range(self.vocab_size):
+            try:
+                out.append(backend.id_to_token(i) or "")
+            except Exception:  # noqa: BLE001 - backends raise their own types for unnamed ids
+                out.append("")
+        return out
+
     def token_to_id(self, token: str) -> int | None:
         """The id of a vocabulary entry, or None."""
         return self._backend.token_to_id(token)
