@@ -55,6 +55,6 @@ def product_singular_values(left: torch.Tensor, right: torch.Tensor) -> torch.Te
     """
     if left.device.type == "npu":
         left, right = left.cpu(), right.cpu()
-    _, r1 = torch.linalg.qr(left.T.double())
-    _, r2 = torch.linalg.qr(right.T.double())
+    _, r1 = torch.linalg.qr(left.T.double(), mode="r")  # R only: Q is never formed
+    _, r2 = torch.linalg.qr(right.T.double(), mode="r")
     return torch.linalg.svdvals(r1 @ r2.T).float()
