@@ -94,18 +94,8 @@ def canonical_bytes(pieces: Sequence[str], *, special_ids: set[int] = frozenset(
 
 
 def vocabulary(tokenizer: Any) -> tuple[list[str], set[int]]:
-    """(strings by id, special ids) of a modelkin Tokenizer (or anything with id_to_token/vocab_size)."""
-    special = set(getattr(tokenizer, "special_ids", ()) or ())
-    if callable(getattr(tokenizer, "pieces", None)):
-        return tokenizer.pieces(), special
-    n = int(tokenizer.vocab_size)
-    pieces = []
-    for i in range(n):
-        try:
-            pieces.append(tokenizer.id_to_token(i) or "")
-        except Exception:  # an id the backend cannot name (holes in a vocabulary)
-            pieces.append("")
-    return pieces, special
+    """(strings by id, special ids) of a modelkin Tokenizer (``pieces()`` and ``special_ids``)."""
+    return tokenizer.pieces(), set(getattr(tokenizer, "special_ids", ()) or ())
 
 
 @dataclass(frozen=True)
