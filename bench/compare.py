@@ -8,6 +8,8 @@ Models are built once and cached under $MODELKIN_CACHE_DIR/compare (else ~/.cach
 With smol cases the run ends with the matmul-only bound per model of the behaviour budget (matmul_bound).
 
 Usage (from the repository root): python -m bench.compare [--repeats N] [--cases smol,big] [--json FILE]
+[--baseline DIR]. With ``--baseline`` (another checkout, e.g. ``git worktree add /tmp/base REV``) every case
+also runs on that tree's code, interleaved with this tree's, and the table gains a row and a ratio per case.
 """
 
 from __future__ import annotations
@@ -262,6 +264,8 @@ def matmul_bound(path: str, budget: dict[str, Any], repeats: int = 3) -> dict[st
 
 # ---- the parent: cases, repeats, table --------------------------------------------------------------
 
+BASELINE = " [baseline]"  # the rows of --baseline's tree
+
 def cases(which: list[str], log: Any) -> list[dict[str, Any]]:
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -281,9 +285,12 @@ def cases(which: list[str], log: Any) -> list[dict[str, Any]]:
     return out
 
 
-def spawn(case: dict[str, Any], timeout: float) -> dict[str, Any]:
+def spawn(case: dict[str, Any], timeout: float, tree: Path | None = None) -> dict[str, Any]:
+    """Run one case in a child process: with this tree's code, or with the checkout at ``tree`` (its own
+    bench.compare and modelkin; its own default behaviour budget)."""
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree / "src")}
     proc = subprocess.run([sys.executable, "-m", "bench.compare", "--child", json.dumps(case)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, cwd=tree, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{case['name']} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -319,29 +326,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--power-seeds", type=int, default=0,
                         help="also measure the MMD test's power on the fine-tune over this many seeds, old budget "
                              "and default budget")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="another checkout of modelkin: every case also runs on its code, interleaved")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.baseline is not None and not (args.baseline / "bench" / "compare.py").is_file():
+        parser.error(f"--baseline {args.baseline} is not a modelkin checkout with bench/compare.py "
+                     "(make one with: git worktree add DIR REV)")
     if args.child:
         print(json.dumps(run_case(json.loads(args.child))))
         return 0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     todo = cases([c.strip() for c in args.cases.split(",")], log)
-    runs: dict[str, list[dict[str, Any]]] = {c["name"]: [] for c in todo}
-    for rep in range(args.repeats):  # interleaved, so load changes hit every case alike
+    trees: dict[str, Path | None] = {"": None}
+    if args.baseline is not None:
+        trees[BASELINE] = args.baseline.resolve()
+    runs: dict[str, list[dict[str, Any]]] = {c["name"] + tag: [] for c in todo for tag in trees}
+    for rep in range(args.repeats):  # interleaved, so load changes hit every case (and tree) alike
         for case in todo:
-            log(f"repeat {rep + 1}/{args.repeats}: {case['name']} (load average {os.getloadavg()[0]:.1f})")
-            runs[case["name"]].append(spawn(case, args.timeout))
+            for tag, tree in trees.items():
+                load = os.getloadavg()[0]
+                log(f"repeat {rep + 1}/{args.repeats}: {case['name']}{tag} (load average {load:.1f})")
+                runs[case["name"] + tag].append(spawn(case, args.timeout, tree))
     rows = summarise(runs)
-    print(f"{'case':26s} {'s/pair':>7s} {'load':>6s} {'fprint':>7s} {'behav':>6s} {'anon GB':>8s} "
+    width = max([26] + [len(r["case"]) for r in rows])
+    print(f"{'case':{width}s} {'s/pair':>7s} {'load':>6s} {'fprint':>7s} {'behav':>6s} {'anon GB':>8s} "
           f"{'budget':>7s} {'HWM GB':>7s}  verdicts")
     for r in rows:
-        print(f"{r['case']:26s} {r['s_per_pair']:7.1f} {r['load_s']:6.1f} {r['fingerprint_s']:7.1f} "
+        print(f"{r['case']:{width}s} {r['s_per_pair']:7.1f} {r['load_s']:6.1f} {r['fingerprint_s']:7.1f} "
               f"{r['behaviour_s']:6.1f} {r['peak_anon_gb']:8.2f} {r['budget_gb']:7.2f} {r['vm_hwm_gb']:7.2f}  "
               + ", ".join(f"{k}={v}" for k, v in r["verdicts"].items()))
     by = {r["case"]: r for r in rows}
-    for before, after in (("smol single old-budget", "smol many old-budget"),
-                          ("smol single old-budget", "smol many default-budget"),
-                          ("1.2B bf16 single", "1.2B bf16 many")):
+    pairs = [("smol single old-budget", "smol many old-budget"),
+             ("smol single old-budget", "smol many default-budget"), ("1.2B bf16 single", "1.2B bf16 many")]
+    pairs += [(c["name"] + BASELINE, c["name"]) for c in todo if args.baseline is not None]
+    for before, after in pairs:
         if before in by and after in by:
             print(f"{after} vs {before}: {by[before]['s_per_pair'] / by[after]['s_per_pair']:.2f}x seconds per pair, "
                   f"peak anon {by[after]['peak_anon_gb']:.2f} vs {by[before]['peak_anon_gb']:.2f} GB")
