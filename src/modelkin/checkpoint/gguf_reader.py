@@ -252,13 +252,12 @@ def dequantize_blocks(raw: torch.Tensor, dtype: str) -> torch.Tensor:
             values.copy_(chunk[:, 2:].view(torch.int8)).mul_(d)
             continue
         quants = chunk[:, 2 if dtype == "Q4_0" else 4:]
-        half = _BLOCK_SIZE // 2
+        nibbles = (quants & 0x0F, quants >> 4)  # the block's first 16 values, then its last 16
         if dtype == "Q4_0":  # (q - 8) in int8, then float32, as gguf.quants does
-            values[:, :half].copy_((quants & 0x0F).view(torch.int8).sub_(8))
-            values[:, half:].copy_((quants >> 4).view(torch.int8).sub_(8))
-            values.mul_(d)
-        else:
-            values[:, :half].copy_(quants & 0x0F)
-            values[:, half:].copy_(quants >> 4)
-            values.mul_(d).add_(chunk[:, 2:4].contiguous().view(torch.float16).float())
+            nibbles = tuple(n.view(torch.int8).sub_(8) for n in nibbles)
+        values[:, :_BLOCK_SIZE // 2].copy_(nibbles[0])
+        values[:, _BLOCK_SIZE // 2:].copy_(nibbles[1])
+        values.mul_(d)
+        if dtype == "Q4_1":
+            values.add_(chunk[:, 2:4].contiguous().view(torch.float16).float())
     return out.reshape(-1)
