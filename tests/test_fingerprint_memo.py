@@ -11,6 +11,7 @@ import torch
 
 from modelkin.checkpoint import open_checkpoint
 from modelkin.compare import fingerprint
+from modelkin.compare.fingerprints import permtest
 from modelkin.compare.fingerprints.memo import MAPPED_BYTES_ENV, MEMO_BYTES_ENV, Memo
 from modelkin.compare.fingerprints.weights import ModelWeights
 from tests.ckpt_factory import tiny_llama_state, write_safetensors_checkpoint
@@ -62,6 +63,27 @@ def test_scores_identical_without_the_memo(pair, monkeypatch):
     assert _numbers(with_memo) == _numbers(without)
     assert without.io["a"]["memo_bytes"] == 0 and without.io["a"]["memo_mapped_bytes"] == 0
     assert without.io["a"]["bytes_read"] > with_memo.io["a"]["bytes_read"]  # re-read by every method
+
+
+def test_permtest_draws_its_null_once_per_seed_and_shapes(pair):
+    """permtest's split, sampled units and Spearman null draws depend on no weight: a second pair with the
+    same seed and shapes reuses them (compare A B C ...), and the numbers equal those of fresh draws."""
+    permtest._draws.cache_clear()
+    with open_checkpoint(pair[0]) as sa, open_checkpoint(pair[1]) as sb:
+        wa, wb = ModelWeights(sa, CPU), ModelWeights(sb, CPU)
+        first = permtest.run(wa, wb, seed=3, n_permutations=99)
+        assert permtest._draws.cache_info().misses == 1 and permtest._draws.cache_info().hits == 0
+        again = permtest.run(wb, wa, seed=3, n_permutations=99)  # another pair, same shapes: no new draws
+        assert permtest._draws.cache_info().misses == 1 and permtest._draws.cache_info().hits == 1
+        permtest._draws.cache_clear()
+        fresh = permtest.run(wb, wa, seed=3, n_permutations=99)
+        other_seed = permtest.run(wa, wb, seed=4, n_permutations=99)
+    assert (again.score, again.p_value, again.details) == (fresh.score, fresh.p_value, fresh.details)
+    assert first.details["per_layer"] != other_seed.details["per_layer"]
+    split, draws = permtest._draws(3, 16, (24,) * 4, 512, 99, CPU)
+    assert [len(idx) for idx, _ in draws] == [24] * 4 and split.perms.shape == (99, 8)
+    with pytest.raises(ValueError, match="read-only"):
+        draws[0][1][0] = 1.0  # shared by later calls: nobody may change them
 
 
 def test_memo_is_bounded_and_least_recently_used_goes_first():

@@ -13,6 +13,8 @@ p = min(1, 2·min(p_csu, p_match)) (Bonferroni over the two tests).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -61,21 +63,38 @@ def check_pair(a: ModelWeights, b: ModelWeights) -> list[int]:
     return layers
 
 
-def _layer(a: ModelWeights, b: ModelWeights, layer: int, split: Split, rng: np.random.Generator,
-           max_units: int, n_permutations: int) -> tuple[dict, np.ndarray]:
+@functools.lru_cache(maxsize=4)
+def _draws(seed: int, hidden: int, units: tuple[int, ...], max_units: int, n_permutations: int,
+           device: torch.device) -> tuple[Split, tuple[tuple[np.ndarray, np.ndarray], ...]]:
+    """The test's random draws: the residual split, then per layer the sampled units of A and the null
+    draws of Spearman's r. They depend on the seed and the shapes alone, not on the weights, so a model
+    compared with several others (``compare A B C ...``) draws them once (sorting 999 x 512 uniforms per
+    layer took a quarter of the test's time)."""
+    rng = np.random.default_rng(seed)
+    split = Split.make(hidden, n_permutations, rng, device)
+    per_layer = []
+    for n in units:
+        idx = np.sort(rng.choice(n, size=min(n, max_units), replace=False))
+        # relabelling B's units by a uniform π makes the ranks of π[matched] a uniform permutation of
+        # 0..K-1 (a uniform permutation is its own rank vector: _spearman_identity's two argsorts are not
+        # needed)
+        null_rho = _spearman_ranks(np.argsort(rng.random((n_permutations, len(idx))), axis=1)) \
+            if len(idx) > 1 else np.zeros(n_permutations)
+        per_layer.append((idx, null_rho))
+    for array in (split.perms, *(x for pair in per_layer for x in pair)):
+        array.flags.writeable = False  # shared by every later call with the same arguments
+    return split, tuple(per_layer)
+
+
+def _layer(a: ModelWeights, b: ModelWeights, layer: int, split: Split, idx: np.ndarray,
+           null_rho: np.ndarray) -> tuple[dict, np.ndarray]:
     from scipy.optimize import linear_sum_assignment
 
     (fa1, fa2), (fb1, fb2) = (unit_features(w, layer, _ROLES, None, split) for w in (a, b))
-    units = fa1.shape[0]
-    idx = np.sort(rng.choice(units, size=min(units, max_units), replace=False))
     sel = torch.as_tensor(idx, device=fa1.device)
     cos = onednn_linear(fa1[sel], fb1, None).cpu().double().numpy()  # fa1[sel] @ fb1.T
     _, matched = linear_sum_assignment(cos, maximize=True)
     rho = float(_spearman_identity(matched))
-    # relabelling B's units by a uniform π makes the ranks of π[matched] a uniform permutation of 0..K-1
-    # (a uniform permutation is its own rank vector: the two argsorts of _spearman_identity are not needed)
-    null_rho = _spearman_ranks(np.argsort(rng.random((n_permutations, len(idx))), axis=1)) if len(idx) > 1 \
-        else np.zeros(n_permutations)
     moment = cross_moment(fa2[sel], fb2[torch.as_tensor(matched, device=fb2.device)])
     stat, null = float(np.trace(moment)) / len(idx), relabelled(moment, split.perms) / len(idx)
     row = {"csu": rho, "p_csu": sig.permutation_p(rho, null_rho), "match": stat,
@@ -87,14 +106,15 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
         n_permutations: int = 999) -> MethodResult:
     """The permutation test of a same-width dense pair."""
     layers = pick_layers(check_pair(a, b), max_layers)
-    rng = np.random.default_rng(seed)
-    split = Split.make(a.info(layers[0], "up").shape[1], n_permutations, rng, a.device)
+    widths = tuple(int(a.info(layer, "up").shape[0]) for layer in layers)
+    hidden = int(a.info(layers[0], "up").shape[1])
+    split, draws = _draws(seed, hidden, widths, max_units, n_permutations, a.device)
     per_layer, total, units = {}, None, 0
-    for layer in layers:
-        row, moment = _layer(a, b, layer, split, rng, max_units, n_permutations)
+    for layer, (idx, null_rho) in zip(layers, draws):
+        row, moment = _layer(a, b, layer, split, idx, null_rho)
         per_layer[layer] = row
         total = moment if total is None else total + moment
-        units += min(max_units, a.info(layer, "up").shape[0])
+        units += len(idx)
     p_csu = sig.fisher_combine([r["p_csu"] for r in per_layer.values()])
     observed, null = float(np.trace(total)) / units, relabelled(total, split.perms) / units
     p_match = sig.permutation_p(observed, null)
