@@ -19,12 +19,15 @@ class BehaviourSettings:
 
     The default budget per model: 24 prompts (each prefilled once; its logits give the token-level
     metrics), a 16-token greedy continuation of each, and for the MMD two-sample test 16 samples of
-    16 tokens for each of the first 8 prompts (8 x 16 = 128 continuations, 4x the earlier 4 x 8).
+    8 tokens for each of the first 8 prompts (8 x 16 = 128 continuations, 4x the earlier 4 x 8).
     Greedy rows were 32 tokens before; they feed no p-value, only R2's agreement (>= 95 % of tokens)
     and the text similarity, and 24 x 16 float32 rows cost half of 24 x 32 (on a 2-core CPU the greedy
     rows were the largest block of a model's run). Two related models' greedy rows drift apart as they
     go on, so agreement over 16 tokens reads higher than over 32 for a fine-tune (SmolLM2 and a 12-step
     fine-tune: 0.58 vs 0.40); an identical function agrees on both, unrelated models on neither.
+    Sampled rows were 16 tokens before: the Hamming kernel's later positions add noise more than signal,
+    and 8 tokens reject SmolLM2's light fine-tune as often as 16 (18/80 vs 15/80 seeds at 0.05, size 5/80
+    vs 1/80; ``python -m bench.mmd_power``, bench/README.md) at half the sampled rows' cost.
 
     Attributes:
         max_prompts: prompts used (round-robin over categories); None for all.
@@ -52,7 +55,7 @@ class BehaviourSettings:
     greedy_tokens: int = 16
     mmd_prompts: int = 8
     mmd_samples: int = 16
-    mmd_tokens: int = 16
+    mmd_tokens: int = 8
     temperature: float = 1.0
     sample_dtype: str = "auto"
     permutations: int = 2000
