@@ -91,7 +91,7 @@ def _layer(a: ModelWeights, b: ModelWeights, layer: int, split: Split, idx: np.n
     from scipy.optimize import linear_sum_assignment
 
     (fa1, fa2), (fb1, fb2) = (unit_features(w, layer, _ROLES, None, split) for w in (a, b))
-    sel = torch.as_tensor(idx, device=fa1.device)
+    sel = torch.tensor(idx, device=fa1.device)  # a copy: idx is a shared read-only array
     cos = onednn_linear(fa1[sel], fb1, None).cpu().double().numpy()  # fa1[sel] @ fb1.T
     _, matched = linear_sum_assignment(cos, maximize=True)
     rho = float(_spearman_identity(matched))
