@@ -18,13 +18,16 @@ class BehaviourSettings:
     """What `compare` runs on each model. Defaults are sized for a quick CPU run of a small model.
 
     The default budget per model: 24 prompts (each prefilled once; its logits give the token-level
-    metrics), a 16-token greedy continuation of each, and for the MMD two-sample test 16 samples of
+    metrics), an 8-token greedy continuation of each, and for the MMD two-sample test 16 samples of
     8 tokens for each of the first 8 prompts (8 x 16 = 128 continuations, 4x the earlier 4 x 8).
-    Greedy rows were 32 tokens before; they feed no p-value, only R2's agreement (>= 95 % of tokens)
-    and the text similarity, and 24 x 16 float32 rows cost half of 24 x 32 (on a 2-core CPU the greedy
-    rows were the largest block of a model's run). Two related models' greedy rows drift apart as they
-    go on, so agreement over 16 tokens reads higher than over 32 for a fine-tune (SmolLM2 and a 12-step
-    fine-tune: 0.58 vs 0.40); an identical function agrees on both, unrelated models on neither.
+    Greedy rows were 32 tokens, then 16; they feed no p-value: R2 reads them as its third guard (>= 95 %
+    of tokens agree) after the per-position JS divergence and top-1 agreement over every prompt token,
+    and the text similarity describes them. Where two functions differ, the first differing token is the
+    evidence and the rest of the row follows another context, so long rows add cost, not evidence; on a
+    2-core CPU each greedy step streams every float32 weight once (8 tokens: 0.74 s less per SmolLM2
+    model than 16). Related models' rows drift apart as they go on, so agreement over 8 tokens reads
+    higher than over 16 or 32 for a fine-tune (SmolLM2 and a 12-step fine-tune: 0.73, 0.58, 0.40); an
+    identical function agrees on all of them, unrelated models on none (std-matched twin: 0.0).
     Sampled rows were 16 tokens before: the Hamming kernel's later positions add noise more than signal,
     and 8 tokens reject SmolLM2's light fine-tune as often as 16 (18/80 vs 15/80 seeds at 0.05, size 5/80
     vs 1/80; ``python -m bench.mmd_power``, bench/README.md) at half the sampled rows' cost.
@@ -52,7 +55,7 @@ class BehaviourSettings:
 
     max_prompts: int | None = 24
     top_k: int = 10
-    greedy_tokens: int = 16
+    greedy_tokens: int = 8
     mmd_prompts: int = 8
     mmd_samples: int = 16
     mmd_tokens: int = 8
