@@ -17,7 +17,8 @@ import numpy as np
 
 from modelkin.tokenizer.gguf_vocab import bytes_to_unicode
 
-__all__ = ["SharedTokens", "TokenStyle", "canonical_bytes", "detect_style", "shared_tokens"]
+__all__ = ["SharedTokens", "TokenStyle", "canonical_bytes", "canonical_vocabulary", "detect_style",
+           "shared_tokens"]
 
 _SPM_SPACE = "\u2581"  # ▁
 
@@ -93,6 +94,13 @@ def canonical_bytes(pieces: Sequence[str], *, special_ids: set[int] = frozenset(
     return out
 
 
+def canonical_vocabulary(pieces: Sequence[str], special_ids: set[int] = frozenset()
+                         ) -> tuple[TokenStyle, list[bytes | None]]:
+    """(the vocabulary's encoding, ``canonical_bytes`` of every id)."""
+    style = detect_style(pieces)
+    return style, canonical_bytes(pieces, special_ids=special_ids, style=style)
+
+
 def vocabulary(tokenizer: Any) -> tuple[list[str], set[int]]:
     """(strings by id, special ids) of a modelkin Tokenizer (``pieces()`` and ``special_ids``)."""
     return tokenizer.pieces(), set(getattr(tokenizer, "special_ids", ()) or ())
@@ -132,15 +140,19 @@ def shared_tokens(
     special_b: set[int] = frozenset(),
     rows_a: int | None = None,
     rows_b: int | None = None,
+    canonical_a: tuple[TokenStyle, list[bytes | None]] | None = None,
 ) -> SharedTokens:
     """Match two vocabularies on exact byte strings (the first id wins where a vocabulary repeats one).
 
     ``rows_a``/``rows_b`` cap the ids at the embedding matrix's row count (vocabularies padded past the
-    tokenizer, or tokenizers longer than the matrix).
+    tokenizer, or tokenizers longer than the matrix). ``canonical_a``: A's ``canonical_vocabulary``, when
+    the caller keeps it (a model compared with several others); B's is A's when the vocabularies are equal.
     """
-    style_a, style_b = detect_style(pieces_a), detect_style(pieces_b)
-    bytes_a = canonical_bytes(pieces_a, special_ids=special_a, style=style_a)
-    bytes_b = canonical_bytes(pieces_b, special_ids=special_b, style=style_b)
+    style_a, bytes_a = canonical_a or canonical_vocabulary(pieces_a, special_a)
+    if special_b == special_a and pieces_b == pieces_a:  # one vocabulary (~0.07 s less for 49k tokens)
+        style_b, bytes_b = style_a, bytes_a
+    else:
+        style_b, bytes_b = canonical_vocabulary(pieces_b, special_b)
     limit_a = len(bytes_a) if rows_a is None else min(rows_a, len(bytes_a))
     limit_b = len(bytes_b) if rows_b is None else min(rows_b, len(bytes_b))
     index_b: dict[bytes, int] = {}

@@ -13,6 +13,7 @@ model here (the matching is then that permutation, not the identity).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -24,7 +25,7 @@ from modelkin.compare.fingerprints.align import ResidualAlignment, fit_alignment
 from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.weights import ModelWeights, pick_layers, vocabulary
 from modelkin.runtime.cpu_kernels import onednn_linear
-from modelkin.tokenizer.canonical import shared_tokens
+from modelkin.tokenizer.canonical import canonical_vocabulary, shared_tokens
 
 NAME = "csu_aligned"
 NULL_KIND = "exact"  # see result.NULL_KINDS
@@ -39,12 +40,16 @@ MIN_SHARED = 256
 ALIGN_TOKENS = 32768  # shared tokens the residual alignment uses at most (fit on half, scored on half)
 
 
-def _unit_rows(w: ModelWeights, layer: int, align: ResidualAlignment | None) -> torch.Tensor:
-    """[units, 2·d_A]: normalised gate and up rows (norm gain folded; B's mapped into A's basis) / √2."""
+def _unit_rows(w: ModelWeights, layer: int, align: ResidualAlignment | None,
+               units: torch.Tensor | None = None) -> torch.Tensor:
+    """[units, 2·d_A]: normalised gate and up rows (norm gain folded; B's mapped into A's basis) / √2; only
+    the rows ``units`` (indices) when given."""
     gain = w.norm_gain(layer, w.mlp_input_norm(layer))
     parts = []
     for role in _ROLES:
         rows = w.get(layer, role)
+        if units is not None:
+            rows = rows.index_select(0, units)
         if gain is not None and gain.numel() == rows.shape[1]:
             rows = rows * gain[None, :]
         if align is not None:
@@ -140,7 +145,8 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
     if va is None or vb is None:
         raise NotApplicable(f"{'A' if va is None else 'B'} carries no vocabulary (GGUF tokens or tokenizer.json)")
     shared = shared_tokens(va[0], vb[0], special_a=va[1], special_b=vb[1],
-                           rows_a=a.info(None, "embed").shape[0], rows_b=b.info(None, "embed").shape[0])
+                           rows_a=a.info(None, "embed").shape[0], rows_b=b.info(None, "embed").shape[0],
+                           canonical_a=a.derived("canonical_vocabulary", lambda: canonical_vocabulary(*va)))
     if len(shared) < MIN_SHARED:
         raise NotApplicable(f"only {len(shared)} byte-identical shared tokens (need {MIN_SHARED}) to align "
                             "the residual bases")
@@ -149,8 +155,11 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
     align = fit_alignment(_embedding(a, used), _embedding(b, used), shared, rng=rng, max_tokens=ALIGN_TOKENS)
     sim = None
     # features are made when a layer pair is scored, not kept: one layer pair in memory at a time
-    def feats_a(i: int) -> torch.Tensor:
-        return _unit_rows(a, i, None)
+    def feats_a(i: int, units: np.ndarray | None = None) -> torch.Tensor:
+        return _unit_rows(a, i, None, None if units is None else torch.as_tensor(units, device=a.device))
+
+    def layer(i: int, j: int) -> dict:  # A's sampled units only: a third of its rows at 512 of 1536
+        return _layer(functools.partial(feats_a, i), int(a.info(i, "up").shape[0]), feats_b(j), rng, max_units)
 
     def feats_b(j: int) -> torch.Tensor:
         return _unit_rows(b, j, align)
@@ -165,12 +174,12 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
         pairs = pick_layers([(layers_a[i], layers_b[j]) for i, j in monotone_map(sim)], max_layers)
     per_layer = {}
     for la_, lb_ in pairs:
-        per_layer[f"{la_}->{lb_}"] = _layer(feats_a(la_), feats_b(lb_), rng, max_units)
+        per_layer[f"{la_}->{lb_}"] = layer(la_, lb_)
     # within-pair contrast (descriptive): the same statistic on deliberately mismatched layer pairs
     shift = max(1, len(pairs) // 2)
     mismatched = [(pairs[k][0], pairs[(k + shift) % len(pairs)][1]) for k in range(len(pairs))] \
         if len(pairs) > 1 else []
-    off = [_layer(feats_a(x), feats_b(y), rng, max_units)["rho"] for x, y in mismatched[:4]]
+    off = [layer(x, y)["rho"] for x, y in mismatched[:4]]
     p = sig.fisher_combine([r["p"] for r in per_layer.values()])
     score = float(np.mean([r["rho"] for r in per_layer.values()]))
     details = {
@@ -186,12 +195,15 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
     return MethodResult(name=NAME, null_kind=NULL_KIND, score=score, p_value=p, null=NULL, details=details).decide()
 
 
-def _layer(fa: torch.Tensor, fb: torch.Tensor, rng: np.random.Generator, max_units: int) -> dict:
+def _layer(feats_a: Callable[[np.ndarray], torch.Tensor], units_a: int, fb: torch.Tensor, rng: np.random.Generator,
+           max_units: int) -> dict:
+    """One layer pair: ``k`` of A's ``units_a`` units drawn at random, their features ``feats_a(idx)``
+    matched to all of B's ``fb``."""
     from scipy.optimize import linear_sum_assignment
 
-    k = min(fa.shape[0], fb.shape[0], max_units)
-    idx = np.sort(rng.choice(fa.shape[0], size=k, replace=False))
-    cos = onednn_linear(fa[torch.as_tensor(idx)], fb, None).cpu().double().numpy()  # fa[idx] @ fb.T
+    k = min(units_a, fb.shape[0], max_units)
+    idx = np.sort(rng.choice(units_a, size=k, replace=False))
+    cos = onednn_linear(feats_a(idx), fb, None).cpu().double().numpy()  # A's units idx @ fb.T
     _, matched = linear_sum_assignment(cos, maximize=True)
     rho = _spearman(matched)
     return {"rho": rho, "p": spearman_p(rho, k), "units": k,

@@ -102,6 +102,12 @@ def layer_terms(w: ModelWeights, layer: int, x: torch.Tensor) -> list[torch.Tens
     return [standardise_rows(t) for t in (qk, vo, _mlp_term(w, layer, xm))]
 
 
+def stacked_terms(w: ModelWeights, ids: list[int], layers: list[int]) -> torch.Tensor:
+    """[3·layers, N, N]: every chosen layer's terms over the embedding rows of ``ids``."""
+    x = embedding(w, ids)
+    return torch.stack([t for layer in layers for t in layer_terms(w, layer, x)])
+
+
 def _gain(w: ModelWeights, layer: int, role: str) -> torch.Tensor | float:
     gain = w.norm_gain(layer, role)
     return 1.0 if gain is None else gain
@@ -145,10 +151,10 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, n_tokens: int = 512,
     (1024 before; the score moves little, and it never decides)."""
     ids_a, ids_b, how = shared_tokens(a, b, n_tokens)
     la, lb = pick(a, layers), pick(b, layers)
-    xa, xb = embedding(a, ids_a), embedding(b, ids_b)
-    ta = torch.stack([t for layer in la for t in layer_terms(a, layer, xa)])
-    tb = torch.stack([t for layer in lb for t in layer_terms(b, layer, xb)])
-    del xa, xb
+    # A's terms depend on A and the tokens alone: compare_many's suspect makes them once for candidates that
+    # share a vocabulary (6 MB at 512 tokens)
+    ta = a.derived((NAME, "terms", tuple(ids_a), tuple(la)), lambda: stacked_terms(a, ids_a, la))
+    tb = stacked_terms(b, ids_b, lb)
     norm = float(ta.norm()) * float(tb.norm())
     observed = float(torch.dot(ta.reshape(-1), tb.reshape(-1))) / norm
     per_term = (ta * tb).flatten(1).sum(1) / (ta.flatten(1).norm(dim=1) * tb.flatten(1).norm(dim=1))

@@ -45,8 +45,8 @@ def size_of(value: Any) -> int:
         return int(value.nbytes)
     if isinstance(value, dict):
         return sum(size_of(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(size_of(v) for v in value)
+    if isinstance(value, (list, tuple, set)):  # plain items (a vocabulary's 49k strings) hold no tensor
+        return sum(size_of(v) for v in value if not isinstance(v, (str, bytes, int, float)))
     return 0
 
 

@@ -90,12 +90,13 @@ def _layer(a: ModelWeights, b: ModelWeights, layer: int, split: Split, idx: np.n
            null_rho: np.ndarray) -> tuple[dict, np.ndarray]:
     from scipy.optimize import linear_sum_assignment
 
-    (fa1, fa2), (fb1, fb2) = (unit_features(w, layer, _ROLES, None, split) for w in (a, b))
-    sel = torch.tensor(idx, device=fa1.device)  # a copy: idx is a shared read-only array
-    cos = onednn_linear(fa1[sel], fb1, None).cpu().double().numpy()  # fa1[sel] @ fb1.T
+    sel = torch.tensor(idx, device=a.device)  # a copy: idx is a shared read-only array
+    (fa1, fa2), (fb1, fb2) = unit_features(a, layer, _ROLES, None, split, sel), \
+        unit_features(b, layer, _ROLES, None, split)
+    cos = onednn_linear(fa1, fb1, None).cpu().double().numpy()  # A's sampled units @ B's units.T
     _, matched = linear_sum_assignment(cos, maximize=True)
     rho = float(_spearman_identity(matched))
-    moment = cross_moment(fa2[sel], fb2[torch.as_tensor(matched, device=fb2.device)])
+    moment = cross_moment(fa2, fb2[torch.as_tensor(matched, device=fb2.device)])
     stat, null = float(np.trace(moment)) / len(idx), relabelled(moment, split.perms) / len(idx)
     row = {"csu": rho, "p_csu": sig.permutation_p(rho, null_rho), "match": stat,
            "p_match": sig.permutation_p(stat, null), "identity_fraction": float(np.mean(matched == idx))}

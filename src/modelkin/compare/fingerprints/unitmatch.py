@@ -36,15 +36,19 @@ class Split:
 
 
 def unit_features(w: ModelWeights, layer: int, roles: tuple[str, str], expert: int | None,
-                  split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-    """([units, 2|D1|], [units, 2|D2|]): gate and up rows restricted to each half, each normalised, / √2.
+                  split: Split, units: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([units, 2|D1|], [units, 2|D2|]): gate and up rows restricted to each half, each normalised, / √2;
+    only the rows ``units`` (indices) when given.
 
     A dot product of two such rows is the mean of the gate cosine and the up cosine on that half.
     """
     rows = [w.get(layer, r, expert) for r in roles]
+    if units is not None:
+        rows = [t.index_select(0, units) for t in rows]
     halves = []
     for cols in (split.d1, split.d2):
-        parts = [torch.nn.functional.normalize(t[:, cols], dim=1) for t in rows]
+        # index_select: the same values as t[:, cols], gathered ~2x faster
+        parts = [torch.nn.functional.normalize(t.index_select(1, cols), dim=1) for t in rows]
         halves.append(torch.cat(parts, dim=1) / math.sqrt(2.0))
     return halves[0], halves[1]
 
