@@ -183,15 +183,17 @@ def decode_rows(
 def _pick(logits_BV: torch.Tensor, rows: Sequence[Continuation], step: int) -> torch.Tensor:
     """Next ids: argmax for greedy rows, inverse_cdf at the row's temperature for sampled rows."""
     logits_BV = logits_BV.float()
-    check_finite(logits_BV.amax(dim=-1), step=step, dtype=logits_BV.dtype)
     sampled = [b for b, r in enumerate(rows) if r.uniforms is not None and step < len(r.uniforms)]
     if len(sampled) == len(rows):  # a batch of sampled rows: no argmax, no row copy, no division by 1
         temps = [r.temperature for r in rows]
         if any(t != 1.0 for t in temps):
             logits_BV = logits_BV / torch.tensor(temps, device=logits_BV.device)[:, None]
+        top_B1 = logits_BV.amax(dim=-1, keepdim=True)  # one pass: the check's and the sampler's
+        check_finite(top_B1[:, 0], step=step, dtype=logits_BV.dtype)
         # the float32 logits are this step's own (decode_rows reads them once): sample in their buffer
         return inverse_cdf(logits_BV, torch.stack([r.uniforms[step] for r in rows]).to(logits_BV.device),
-                           overwrite=True)
+                           overwrite=True, top_B1=top_B1)
+    check_finite(logits_BV.amax(dim=-1), step=step, dtype=logits_BV.dtype)
     ids_B = logits_BV.argmax(dim=-1)
     if sampled:
         index = torch.tensor(sampled, device=logits_BV.device)

@@ -55,10 +55,13 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         window: int | None = None,
+        zeroed: bool = True,
     ):
+        # zeroed=False: the caller writes every slot a query can see before it is read (gather_rows)
         shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        alloc = torch.zeros if zeroed else torch.empty
+        self.keys = [alloc(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [alloc(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.valid_BS = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_pos_B = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
@@ -148,7 +151,7 @@ def gather_rows(
     k0 = first.keys[0]
     out = KVCache(
         num_layers=len(first.keys), batch_size=batch, num_kv_heads=k0.shape[1], head_dim=k0.shape[3],
-        max_len=width + extra, dtype=dtype or k0.dtype, device=k0.device, window=first.window,
+        max_len=width + extra, dtype=dtype or k0.dtype, device=k0.device, window=first.window, zeroed=False,
     )
     dst = 0
     for (cache, row, copies), n in zip(sources, lengths):
@@ -156,6 +159,9 @@ def gather_rows(
         for layer in range(len(first.keys)):
             out.keys[layer][dst : dst + copies, :, width - n : width] = cache.keys[layer][row, :, src]
             out.values[layer][dst : dst + copies, :, width - n : width] = cache.values[layer][row, :, src]
+            if n < width:  # left padding: masked, but zeros (not garbage) so that 0 x value stays 0
+                out.keys[layer][dst : dst + copies, :, : width - n] = 0
+                out.values[layer][dst : dst + copies, :, : width - n] = 0
         out.valid_BS[dst : dst + copies, width - n : width] = True
         out.next_pos_B[dst : dst + copies] = cache.next_pos_B[row]
         dst += copies

@@ -77,7 +77,7 @@ def make_sampler(
 
 
 def inverse_cdf(logits_BV: torch.Tensor, u_B: torch.Tensor, block: int = 256, *,
-                overwrite: bool = False) -> torch.Tensor:
+                overwrite: bool = False, top_B1: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one id per row from softmax(logits) by inverting its CDF at ``u`` in [0, 1).
 
     One uniform per row, so a row's draw depends on its own ``u`` and logits only, not on the
@@ -85,10 +85,12 @@ def inverse_cdf(logits_BV: torch.Tensor, u_B: torch.Tensor, block: int = 256, *,
     vocabulary. The CDF is walked in two levels (blocks of ``block`` ids, then one block) so the
     long float32 prefix sums stay short. Zero-probability ids are never drawn. With ``overwrite`` a
     float32 ``logits_BV`` is used as the work buffer (its values are lost): one [B, V] allocation less.
+    ``top_B1``: the rows' maxima [B, 1] when the caller has them (one pass over the logits less).
     """
     B, V = logits_BV.shape
     logits_BV = logits_BV.float()
-    top_B1 = logits_BV.amax(dim=-1, keepdim=True)
+    if top_B1 is None:
+        top_B1 = logits_BV.amax(dim=-1, keepdim=True)
     p_BV = (logits_BV.sub_(top_B1) if overwrite else logits_BV - top_B1).exp_()
     N = -(-V // block)
     if N * block != V:
