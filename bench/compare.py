@@ -7,7 +7,7 @@ Models are built once and cached under $MODELKIN_CACHE_DIR/compare (else ~/.cach
 
 With smol cases the run ends with the matmul-only bound per model of the behaviour budget (matmul_bound).
 
-Usage (from the repository root): python -m bench.compare [--repeats N] [--cases smol,big] [--json FILE]
+Usage (from the repository root): python -m bench.compare [--repeats N] [--cases smol,big] [--only NAMES] [--json FILE]
 [--baseline DIR]. With ``--baseline`` (another checkout, e.g. ``git worktree add /tmp/base REV``) every case
 also runs on that tree's code, interleaved with this tree's, and the table gains a row and a ratio per case.
 """
@@ -273,7 +273,7 @@ def cases(which: list[str], log: Any) -> list[dict[str, Any]]:
     if "smol" in which:
         suspect, cands = smol_models(root, log)
         cands = {k: str(v) for k, v in cands.items()}
-        for mode, budget in (("single", "old"), ("many", "old"), ("many", "default")):
+        for mode, budget in (("single", "old"), ("single", "default"), ("many", "old"), ("many", "default")):
             out.append({"name": f"smol {mode} {budget}-budget", "suspect": str(suspect), "candidates": cands,
                         "mode": mode, "budget": budget, "device": "cpu", "dtype": "auto"})
     if "big" in which:
@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", default="smol,big", help="smol, big or both (comma-separated)")
+    parser.add_argument("--only", help="run only the cases whose name contains one of these (comma-separated), "
+                        "e.g. 'single default,many default'")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per case run")
     parser.add_argument("--json", help="write every run and the summary to this file")
     parser.add_argument("--power-seeds", type=int, default=0,
@@ -338,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     todo = cases([c.strip() for c in args.cases.split(",")], log)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        todo = [c for c in todo if any(w in c["name"] for w in wanted)]
+        if not todo:
+            parser.error(f"--only {args.only!r} matches no case")
     trees: dict[str, Path | None] = {"": None}
     if args.baseline is not None:
         trees[BASELINE] = args.baseline.resolve()
@@ -358,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k}={v}" for k, v in r["verdicts"].items()))
     by = {r["case"]: r for r in rows}
     pairs = [("smol single old-budget", "smol many old-budget"),
-             ("smol single old-budget", "smol many default-budget"), ("1.2B bf16 single", "1.2B bf16 many")]
+             ("smol single old-budget", "smol many default-budget"),
+             ("smol single old-budget", "smol single default-budget"), ("1.2B bf16 single", "1.2B bf16 many")]
     pairs += [(c["name"] + BASELINE, c["name"]) for c in todo if args.baseline is not None]
     for before, after in pairs:
         if before in by and after in by:

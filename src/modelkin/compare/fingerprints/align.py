@@ -94,8 +94,8 @@ def centred_cross(ea: torch.Tensor, eb: torch.Tensor, mean_a: torch.Tensor,
     for start in range(0, ea.shape[0], _CHUNK):
         ca, cb = ea[start:start + _CHUNK] - mean_a, eb[start:start + _CHUNK] - mean_b
         cross += (cb.T @ ca).double()
-        sq_a += ca.square().sum(0).double()
-        sq_b += cb.square().sum(0).double()
+        sq_a += ca.square_().sum(0).double()  # in place: the chunks are not read again
+        sq_b += cb.square_().sum(0).double()
     return cross, sq_a.sqrt(), sq_b.sqrt()
 
 
@@ -130,8 +130,9 @@ def _mean_row_cosine(emb_b: torch.Tensor, ids_b: np.ndarray, emb_a: torch.Tensor
     scored a chunk at a time (no copy of the held-out rows)."""
     total = 0.0
     for start in range(0, len(ids_b), _CHUNK):
-        mapped = map_rows(_gather(emb_b, ids_b[start:start + _CHUNK]) - mean_b, kind, mat)
-        rows_a = _gather(emb_a, ids_a[start:start + _CHUNK]) - mean_a
+        # the gathered rows are copies: centred in place (one chunk-sized temporary less each)
+        mapped = map_rows(_gather(emb_b, ids_b[start:start + _CHUNK]).sub_(mean_b), kind, mat)
+        rows_a = _gather(emb_a, ids_a[start:start + _CHUNK]).sub_(mean_a)
         total += float(torch.nn.functional.cosine_similarity(mapped, rows_a, dim=1).double().sum())
     return total / max(1, len(ids_b))
 

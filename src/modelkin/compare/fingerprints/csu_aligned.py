@@ -26,6 +26,7 @@ from modelkin.compare.fingerprints.result import MethodResult, NotApplicable
 from modelkin.compare.fingerprints.weights import ModelWeights, pick_layers, vocabulary
 from modelkin.runtime.cpu_kernels import onednn_linear
 from modelkin.tokenizer.canonical import canonical_vocabulary, shared_tokens
+from modelkin.utils import trim_heap
 
 NAME = "csu_aligned"
 NULL_KIND = "exact"  # see result.NULL_KINDS
@@ -153,6 +154,7 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
     rng = np.random.default_rng(seed)
     used = min(len(shared), ALIGN_TOKENS)
     align = fit_alignment(_embedding(a, used), _embedding(b, used), shared, rng=rng, max_tokens=ALIGN_TOKENS)
+    trim_heap()  # the alignment's gathered token rows (~0.1 GB at 32k tokens) are freed: hand their pages back
     sim = None
     # features are made when a layer pair is scored, not kept: one layer pair in memory at a time
     def feats_a(i: int, units: np.ndarray | None = None) -> torch.Tensor:
