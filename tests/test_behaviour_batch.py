@@ -190,3 +190,27 @@ def test_row_major_loading_gives_the_same_outputs_as_the_gemv_layout(tmp_path):
     for a, b in zip(col.logprobs, row.logprobs):
         assert torch.equal(a, b)
     assert col.greedy_ids == row.greedy_ids and col.sample_ids == row.sample_ids
+
+
+def test_gathered_cache_holds_each_rows_slots_right_aligned_and_zero_padding():
+    from modelkin.runtime.kv_cache import KVCache, gather_rows
+
+    g = torch.Generator().manual_seed(0)
+    src = KVCache(num_layers=2, batch_size=2, num_kv_heads=1, head_dim=3, max_len=5, dtype=torch.float32,
+                  device="cpu")
+    for layer in range(2):
+        src.keys[layer].copy_(torch.randn(2, 1, 5, 3, generator=g))
+        src.values[layer].copy_(torch.randn(2, 1, 5, 3, generator=g))
+    src.valid_BS[0, 1:] = True  # row 0: 4 real tokens, row 1: 2 (left padding)
+    src.valid_BS[1, 3:] = True
+    src.next_pos_B[:] = torch.tensor([4, 2])
+    src.length = 5
+    out = gather_rows([(src, 1, 2), (src, 0, 1)], extra=3)
+    assert out.batch_size == 3 and out.length == 4 and out.max_len == 7 and out.has_padding
+    for layer in range(2):
+        for cache_t, src_t in ((out.keys[layer], src.keys[layer]), (out.values[layer], src.values[layer])):
+            assert torch.equal(cache_t[:2, :, 2:4], src_t[1, :, 3:5].expand(2, -1, -1, -1))
+            assert torch.equal(cache_t[2, :, :4], src_t[0, :, 1:5])
+            assert not cache_t[:2, :, :2].any()  # the padding is zeros: 0 x value stays 0 under the mask
+    assert out.valid_BS[:, :4].tolist() == [[False, False, True, True]] * 2 + [[True] * 4]
+    assert out.next_pos_B.tolist() == [2, 2, 4]

@@ -182,3 +182,41 @@ def test_signed_permutation_applies_as_a_gather_equal_to_the_product(d_b, d_a):
                               heldout_cosine=0.0, heldout_cosine_shuffled=0.0, candidates={})
     w = torch.randn(7, d_b, generator=g)
     assert torch.equal(align.apply(w), w @ matrix)
+
+
+def test_shared_tokens_with_a_kept_canonical_vocabulary_are_the_same():
+    from modelkin.tokenizer.canonical import canonical_vocabulary
+
+    a = ["<|endoftext|>", "Ġthe", "the", "Ċ", "ä¸Ń", "Ġ", "Ġthe"]  # a repeated string: the first id wins
+    b = list(a)  # equal, another list: B's bytes are A's
+    kept = canonical_vocabulary(a, {0})
+    assert kept == (TokenStyle.BYTE_LEVEL, canonical_bytes(a, special_ids={0}))
+    plain = shared_tokens(a, b, special_a={0}, special_b={0})
+    reused = shared_tokens(a, b, special_a={0}, special_b={0}, canonical_a=kept)
+    assert plain.ids_a.tolist() == reused.ids_a.tolist() == [1, 2, 3, 4, 5]
+    assert plain.ids_b.tolist() == reused.ids_b.tolist() == [1, 2, 3, 4, 5]
+    assert plain.summary() == reused.summary()
+    # other special ids: B's bytes are its own (its id 1 is special there, so " the" matches A's 1 to B's 6)
+    other = shared_tokens(a, b, special_a={0}, special_b={0, 1}, canonical_a=kept)
+    assert other.ids_a.tolist() == [1, 2, 3, 4, 5] and other.ids_b.tolist() == [6, 2, 3, 4, 5]
+
+
+def test_unit_features_of_chosen_units_equal_the_chosen_rows_of_all():
+    """permtest builds A's features for its sampled units only: bit-identical to selecting them after."""
+    from modelkin.compare.fingerprints.unitmatch import Split, unit_features
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"gate": torch.randn(48, 20, generator=g), "up": torch.randn(48, 20, generator=g)}
+
+    class Weights:
+        def get(self, layer, role, expert=None):
+            return tensors[role]
+
+    split = Split.make(20, 5, np.random.default_rng(1), torch.device("cpu"))
+    units = torch.tensor([0, 3, 4, 17, 30, 47])
+    full, chosen = unit_features(Weights(), 0, ("gate", "up"), None, split), \
+        unit_features(Weights(), 0, ("gate", "up"), None, split, units)
+    assert all(torch.equal(f[units], c) for f, c in zip(full, chosen))
+    d1 = split.d1
+    expected = torch.cat([torch.nn.functional.normalize(tensors[r][:, d1], dim=1) for r in ("gate", "up")], 1)
+    assert torch.equal(full[0], expected / np.sqrt(2.0))
