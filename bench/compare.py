@@ -7,8 +7,8 @@ Models are built once and cached under $MODELKIN_CACHE_DIR/compare (else ~/.cach
 
 With smol cases the run ends with the matmul-only bound per model of the behaviour budget (matmul_bound).
 
-Usage (from the repository root): python -m bench.compare [--repeats N] [--cases smol,big] [--only NAMES] [--json FILE]
-[--baseline DIR]. With ``--baseline`` (another checkout, e.g. ``git worktree add /tmp/base REV``) every case
+Usage (from the repository root): python -m bench.compare [--repeats N] [--cases smol,big] [--only NAMES]
+[--json FILE] [--baseline DIR]. With ``--baseline`` (another checkout, e.g. ``git worktree add /tmp/base REV``) every case
 also runs on that tree's code, interleaved with this tree's, and the table gains a row and a ratio per case.
 """
 
@@ -321,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", default="smol,big", help="smol, big or both (comma-separated)")
-    parser.add_argument("--only", help="run only the cases whose name contains one of these (comma-separated), "
-                        "e.g. 'single default,many default'")
+    parser.add_argument("--only", help="run only the cases whose name contains one of these "
+                        "(comma-separated), e.g. 'single default,many default'")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per case run")
     parser.add_argument("--json", help="write every run and the summary to this file")
     parser.add_argument("--power-seeds", type=int, default=0,

@@ -332,7 +332,8 @@ def test_telemetry_counts_entropy_and_padding_mask() -> None:
     want_counts = torch.bincount(ids_all[keep].reshape(-1), minlength=case["experts"])
     assert layer.expert_counts == want_counts.tolist()
     p = torch.cat([scores, scores])[keep].double()
-    p = p / p.sum(-1, keepdim=True)  # the router's float32 softmax sums to 1 only to ~1e-7 (telemetry renormalises)
+    # the router's float32 softmax sums to 1 only to ~1e-7: the telemetry renormalises, and so does this
+    p = p / p.sum(-1, keepdim=True)
     want_token_entropy = float((-(p * p.log()).sum(-1)).mean())
     assert layer.token_entropy == pytest.approx(want_token_entropy, rel=1e-9)
     load = want_counts.double() / want_counts.sum()

@@ -93,8 +93,8 @@ def test_logits_match_transformers(ours, reference):
         logits = ours.logits([ids])[0]
         with torch.inference_mode():
             ref = reference(torch.tensor([ids])).logits[0]
-        # float32 rounding differs with the kernels a CPU gets: logits reach |37|, the 663-token prompt (past the
-        # 512-token window) differed by 1.0e-3 on an AMX-capable EPYC VM and less elsewhere; short prompts by <2e-4
+        # float32 rounding differs with the kernels a CPU gets: logits reach |37|; the 663-token prompt
+        # (past the 512-token window) differed by 1.0e-3 on an AMX-capable EPYC VM, short prompts by < 2e-4
         assert (logits - ref).abs().max().item() <= 2e-3, prompt[:40]
         assert torch.equal(logits.argmax(-1), ref.argmax(-1)), prompt[:40]
     assert len(ours.tokenizer.encode(LONG)) > 512 + 64

@@ -154,17 +154,18 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
     rng = np.random.default_rng(seed)
     used = min(len(shared), ALIGN_TOKENS)
     align = fit_alignment(_embedding(a, used), _embedding(b, used), shared, rng=rng, max_tokens=ALIGN_TOKENS)
-    trim_heap()  # the alignment's gathered token rows (~0.1 GB at 32k tokens) are freed: hand their pages back
+    trim_heap()  # the alignment's gathered token rows (~0.1 GB at 32k tokens) are freed: give their pages back
     sim = None
     # features are made when a layer pair is scored, not kept: one layer pair in memory at a time
     def feats_a(i: int, units: np.ndarray | None = None) -> torch.Tensor:
         return _unit_rows(a, i, None, None if units is None else torch.as_tensor(units, device=a.device))
 
-    def layer(i: int, j: int) -> dict:  # A's sampled units only: a third of its rows at 512 of 1536
-        return _layer(functools.partial(feats_a, i), int(a.info(i, "up").shape[0]), feats_b(j), rng, max_units)
-
     def feats_b(j: int) -> torch.Tensor:
         return _unit_rows(b, j, align)
+
+    def layer(i: int, j: int) -> dict:  # A's sampled units only: a third of its rows at 512 of 1536
+        units_a = int(a.info(i, "up").shape[0])
+        return _layer(functools.partial(feats_a, i), units_a, feats_b(j), rng, max_units)
 
     if len(layers_a) == len(layers_b):
         pairs = pick_layers(list(zip(layers_a, layers_b)), max_layers)
@@ -197,8 +198,8 @@ def run(a: ModelWeights, b: ModelWeights, *, seed: int = 0, max_layers: int | No
     return MethodResult(name=NAME, null_kind=NULL_KIND, score=score, p_value=p, null=NULL, details=details).decide()
 
 
-def _layer(feats_a: Callable[[np.ndarray], torch.Tensor], units_a: int, fb: torch.Tensor, rng: np.random.Generator,
-           max_units: int) -> dict:
+def _layer(feats_a: Callable[[np.ndarray], torch.Tensor], units_a: int, fb: torch.Tensor,
+           rng: np.random.Generator, max_units: int) -> dict:
     """One layer pair: ``k`` of A's ``units_a`` units drawn at random, their features ``feats_a(idx)``
     matched to all of B's ``fb``."""
     from scipy.optimize import linear_sum_assignment
