@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import zlib
 
 import numpy as np
 import pytest
@@ -94,7 +95,9 @@ def _std_matched(name: str, t: torch.Tensor) -> torch.Tensor:
     """Independent Gaussian weights with each tensor's mean and std: the HonestAGI curve, no derivation."""
     if t.ndim < 2:
         return t
-    g = torch.Generator().manual_seed(abs(hash(name)) % 2**31)
+    # crc32, not hash(): str hashes change with every process (PYTHONHASHSEED), and with them the twin, whose
+    # csu p is a fresh uniform draw each run (p = 0.0053 in one CI run; the test then failed 1 run in ~100)
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     return torch.randn(t.shape, generator=g) * t.std() + t.mean()
 
 
